@@ -1,0 +1,1 @@
+"""sensitivity: layer-wise quantization sensitivity for PyTorch."""

@@ -1,0 +1,50 @@
+"""Fake quantization that reproduces ONNX QuantizeLinear -> DequantizeLinear as deployed.
+
+ONNX Runtime computes q = saturate(round_half_even(x / scale)). torch's fake_quantize_* ops round
+x * (1 / scale) and pytorch-quantization rounds x * (qmax / amax); all three agree except where x / scale
+lands within an ulp of a .5 tie. The toolkit follows the deployed ONNX convention (x / scale) so that the
+errors it reports are the errors TensorRT / ORT will show (tests check this against ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sensitivity.quant.spec import qrange
+
+__all__ = ["amax_to_scale", "fake_quant", "quantize_codes"]
+
+
+def amax_to_scale(amax: torch.Tensor, num_bits: int, unsigned: bool) -> torch.Tensor:
+    """scale = amax / qmax; a zero amax (dead channel) gets scale 1, which maps its zeros to zero."""
+    qmax = qrange(num_bits, unsigned)[1]
+    amax = amax.float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or scale.dim() == 0:
+        return scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, num_bits: int, unsigned: bool = False, axis: int | None = None
+) -> torch.Tensor:
+    """Integer codes (as float) of ONNX QuantizeLinear: saturate(round_half_even(x / scale))."""
+    qmin, qmax = qrange(num_bits, unsigned)
+    return torch.clamp(torch.round(x / _broadcast(scale, x, axis)), qmin, qmax)
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, num_bits: int, unsigned: bool = False, axis: int | None = None
+) -> torch.Tensor:
+    """Dequantized codes: what a Q/DQ pair outputs. NaN stays NaN, +-inf saturates like ONNX."""
+    qmin, qmax = qrange(num_bits, unsigned)
+    s = _broadcast(scale.to(x.dtype), x, axis)
+    y = x / s
+    y = torch.round_(y) if not y.requires_grad else torch.round(y)
+    y = torch.clamp_(y, qmin, qmax) if not y.requires_grad else torch.clamp(y, qmin, qmax)
+    return y * s

@@ -1,0 +1,63 @@
+"""`TensorQuantizer`: a module that fake-quantizes a tensor with a calibrated `amax` buffer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sensitivity.quant.fake import amax_to_scale, fake_quant
+
+__all__ = ["NotCalibratedError", "TensorQuantizer"]
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer ran before its amax was set: a bug in the caller, not a user error."""
+
+
+class TensorQuantizer(nn.Module):
+    """Symmetric fake quantizer: per tensor (`axis=None`) or per channel along `axis`.
+
+    `amax` is a buffer so it travels with the state dict; it is `None` until calibrated. Disabled
+    quantizers pass their input through unchanged, which is how a layer is kept in FP.
+    """
+
+    amax: torch.Tensor | None
+
+    def __init__(self, num_bits: int = 8, axis: int | None = None, unsigned: bool = False) -> None:
+        super().__init__()
+        self.num_bits = int(num_bits)
+        self.axis = axis
+        self.unsigned = bool(unsigned)
+        self.enabled = True
+        self.register_buffer("amax", None)
+
+    def set_amax(self, amax: torch.Tensor | float) -> None:
+        self.amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
+
+    @property
+    def calibrated(self) -> bool:
+        return self.amax is not None
+
+    def scale(self) -> torch.Tensor:
+        if self.amax is None:
+            raise NotCalibratedError("quantizer used before calibration")
+        return amax_to_scale(self.amax, self.num_bits, self.unsigned)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        scale = self.scale().to(x.device)
+        return fake_quant(x, scale, self.num_bits, self.unsigned, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # amax starts as None; accept a saved amax of any shape instead of refusing a shape mismatch.
+        key = prefix + "amax"
+        if key in state_dict:
+            self.amax = state_dict[key].detach().clone().float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        where = "per-tensor" if self.axis is None else f"axis={self.axis}"
+        sign = "unsigned" if self.unsigned else "signed"
+        state = "" if self.enabled else ", disabled"
+        return f"{self.num_bits}-bit {sign} {where}{state}"

@@ -1,0 +1,86 @@
+"""The quantization spec: bit widths, activation sign and calibrator, parsed from strings like `W8A8`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from sensitivity.errors import SpecError
+
+__all__ = ["CALIBRATORS", "QuantSpec", "qrange"]
+
+CALIBRATORS = ("max", "percentile", "entropy", "mse")
+ActSign = Literal["signed", "auto"]
+_SPEC_RE = re.compile(r"^\s*W(\d+)A(\d+)\s*$", re.IGNORECASE)
+
+
+def qrange(num_bits: int, unsigned: bool) -> tuple[int, int]:
+    """Integer code range, as ONNX QuantizeLinear saturates: int8 [-128, 127], uint8 [0, 255]."""
+    if unsigned:
+        return 0, 2**num_bits - 1
+    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Symmetric quantization: weights per output channel, activations per tensor.
+
+    scale = amax / qmax with qmax = 2^(b-1) - 1 (signed) or 2^b - 1 (unsigned). Activations are signed by
+    default because TensorRT runs only signed int8; `act_sign="auto"` makes a layer's activation unsigned
+    when its calibrated input is never negative (for uint8 backends).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    act_sign: ActSign = "signed"
+    calibrator: str = "max"
+    percentile: float = 99.99
+    num_bins: int = 2048
+
+    def __post_init__(self) -> None:
+        for what, bits in (("weight", self.w_bits), ("activation", self.a_bits)):
+            if not isinstance(bits, int) or not 2 <= bits <= 16:
+                raise SpecError(f"{what} bits must be an integer in 2..16, got {bits!r}")
+        if self.act_sign not in ("signed", "auto"):
+            raise SpecError(f"act_sign must be 'signed' or 'auto', got {self.act_sign!r}")
+        if self.calibrator not in CALIBRATORS:
+            raise SpecError(f"unknown calibrator {self.calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise SpecError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.num_bins < 16:
+            raise SpecError(f"num_bins must be at least 16, got {self.num_bins!r}")
+
+    @classmethod
+    def parse(cls, text: str, **options: object) -> QuantSpec:
+        """`W8A8`, `W4A8`, `w8a16` ... plus keyword options (act_sign, calibrator, percentile)."""
+        match = _SPEC_RE.match(str(text))
+        if not match:
+            raise SpecError(f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8")
+        return cls(w_bits=int(match.group(1)), a_bits=int(match.group(2)), **options)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    def with_options(self, **changes: object) -> QuantSpec:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "spec": self.name,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "act_sign": self.act_sign,
+            "calibrator": self.calibrator,
+            "percentile": self.percentile,
+            "num_bins": self.num_bins,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> QuantSpec:
+        keys = ("w_bits", "a_bits", "act_sign", "calibrator", "percentile", "num_bins")
+        return cls(**{k: data[k] for k in keys if k in data})  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return self.name
