@@ -1,0 +1,7 @@
+"""`python -m sensitivity` (also what torchrun launches)."""
+
+import sys
+
+from sensitivity.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hook-based capture: calibration, FP/isolated and quantized/cumulative passes."""

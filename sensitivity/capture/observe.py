@@ -1,0 +1,80 @@
+"""Per-layer input statistics gathered in the calibration pass: amax calibrator, sign, channel maxima."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sensitivity.quant.calibrate import Calibrator, make_calibrator
+from sensitivity.quant.spec import QuantSpec
+
+__all__ = ["LayerObserver", "channel_dim"]
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Input-channel axis of a layer's input: last for Linear, 1 for (N, C, ...) convs."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+@dataclass
+class LayerObserver:
+    """Streams one layer's inputs: the activation calibrator, the minimum, and per-channel max |x|."""
+
+    spec: QuantSpec
+    channel_axis: int
+    calibrator: Calibrator = field(init=False)
+    min_value: float = math.inf
+    max_abs: float = 0.0
+    chan_absmax: torch.Tensor | None = None
+    batches: int = 0
+
+    def __post_init__(self) -> None:
+        self.calibrator = make_calibrator(
+            self.spec.calibrator,
+            self.spec.a_bits,
+            False,
+            percentile=self.spec.percentile,
+            num_bins=self.spec.num_bins,
+        )
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.batches += 1
+        self.calibrator.collect(x)
+        mn, mx = torch.aminmax(x)
+        self.min_value = min(self.min_value, float(mn))
+        self.max_abs = max(self.max_abs, abs(float(mn)), abs(float(mx)))
+        axis = self.channel_axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        cmax = x.abs().amax(dim=dims).float().cpu() if dims else x.abs().float().cpu()
+        self.chan_absmax = cmax if self.chan_absmax is None else torch.maximum(self.chan_absmax, cmax)
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.batches > 0 and self.min_value >= 0.0
+
+    def unsigned(self) -> bool:
+        """Unsigned activation codes: only with act_sign=auto and an input never seen negative."""
+        return self.spec.act_sign == "auto" and self.nonnegative
+
+    def amax(self, unsigned: bool | None = None) -> torch.Tensor:
+        """Calibrated activation amax for the signed (default) or unsigned code range."""
+        unsigned = self.unsigned() if unsigned is None else unsigned
+        if not unsigned or self.spec.calibrator == "max":
+            return self.calibrator.compute_amax()
+        twin = make_calibrator(
+            self.spec.calibrator, self.spec.a_bits, True, percentile=self.spec.percentile, num_bins=self.spec.num_bins
+        )
+        twin.merge_state(self.calibrator.state())
+        return twin.compute_amax()
+
+    def outlier_ratio(self) -> float:
+        """max / median of the per-channel max |x|: how far the worst channel stands out."""
+        if self.chan_absmax is None or self.chan_absmax.numel() == 0:
+            return float("nan")
+        med = float(self.chan_absmax.median())
+        mx = float(self.chan_absmax.max())
+        return mx / med if med > 0 else (math.inf if mx > 0 else 1.0)

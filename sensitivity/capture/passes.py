@@ -1,0 +1,208 @@
+"""The scan's passes over calibration batches: calibrate, FP (+ isolated), quantized (cumulative).
+
+Per batch, the FP pass keeps each target layer's output only until the quantized pass of the same batch
+has compared against it, so memory grows with one batch's activations, never with the number of batches.
+Isolated errors are computed inside the FP pass's hooks (the layer alone quantized, on its FP input), so
+they cost one extra layer call per candidate, not one extra model forward per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensitivity.capture.hooks import forward_hooks, pre_hooks
+from sensitivity.capture.observe import LayerObserver, channel_dim
+from sensitivity.capture.outputs import as_tensor, flatten_outputs
+from sensitivity.data import Batch, describe_batch, run_model
+from sensitivity.errors import CalibrationDataError, FPModelError
+from sensitivity.metrics import ErrorStats
+from sensitivity.prepare import LayerInfo, layer_macs
+from sensitivity.quant.spec import QuantSpec
+
+__all__ = ["Candidate", "PassResult", "calibrate", "compare_pass", "run_checked"]
+
+#: An isolated candidate: given the layer's FP call args, return the candidate's output for them.
+Candidate = Callable[[tuple], Any]
+Progress = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
+    """Run the model on a batch, turning shape/dtype rejections into a one-line CalibrationDataError."""
+    try:
+        return run_model(model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationDataError(
+            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {first}"
+        ) from exc
+
+
+def calibrate(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[Batch],
+    spec: QuantSpec,
+    progress: Progress = _noop,
+    observers: dict[str, LayerObserver] | None = None,
+    first_index: int = 0,
+) -> dict[str, LayerObserver]:
+    """Observe every target layer's input over `batches`; also fills shapes, calls and MACs of `layers`."""
+    if observers is None:
+        observers = {
+            layer.name: LayerObserver(spec, channel_dim(model.get_submodule(layer.name))) for layer in layers
+        }
+    info = {layer.name: layer for layer in layers}
+
+    def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        x = as_tensor(args[0])
+        y = as_tensor(out)
+        if x is None or y is None:
+            return
+        observers[name].observe(x)
+        li = info[name]
+        if not li.in_shape:
+            li.in_shape, li.out_shape = tuple(x.shape), tuple(y.shape)
+            li.macs = layer_macs(mod, li.in_shape, li.out_shape)
+
+    names = [layer.name for layer in layers]
+    with torch.no_grad(), forward_hooks(model, names, hook):
+        for i, batch in enumerate(batches):
+            out = run_checked(model, batch, first_index + i)
+            _check_fp_outputs(out, first_index + i)
+            progress()
+    return observers
+
+
+def _check_fp_outputs(out: Any, index: int) -> None:
+    for key, t in flatten_outputs(out).items():
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise FPModelError(
+                f"the FP model itself produced {bad} NaN/Inf values in output '{key}' on batch {index}: "
+                "fix the model or its inputs before quantizing"
+            )
+
+
+@dataclass
+class PassResult:
+    """Accumulated errors: isolated per (layer, candidate), cumulative per layer, per model output."""
+
+    iso: dict[tuple[str, str], ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
+    cum: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
+    out: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
+    first_nonfinite: str | None = None
+    first_nonfinite_rank: float = math.inf
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def output_stats(self) -> ErrorStats:
+        total = ErrorStats()
+        for s in self.out.values():
+            total.merge(s)
+        return total
+
+
+def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
+    """Modules to watch for NaN/Inf: target layers and childless modules outside them (not quantizers)."""
+    out = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if name in targets:
+            out.append(name)
+        elif next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets):
+            out.append(name)
+    return out
+
+
+def compare_pass(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    layers: Sequence[LayerInfo],
+    batches: Sequence[Batch],
+    *,
+    candidates: dict[str, dict[str, Candidate]] | None = None,
+    observers: dict[str, LayerObserver] | None = None,
+    output_keys: list[str] | None = None,
+    progress: Progress = _noop,
+    first_index: int = 0,
+    result: PassResult | None = None,
+) -> PassResult:
+    """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP)."""
+    res = result if result is not None else PassResult()
+    names = [layer.name for layer in layers]
+    candidates = candidates or {}
+    stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
+    target_set = set(names)
+
+    def fp_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        y = as_tensor(out)
+        if y is None:
+            return
+        if observers is not None:
+            x = as_tensor(args[0])
+            if x is not None:
+                observers[name].observe(x)
+        for cname, fn in candidates.get(name, {}).items():
+            yc = as_tensor(fn(args))
+            if yc is not None:
+                res.iso[(name, cname)].update(y, yc)
+        stored[name].append(y.detach().clone())
+
+    counter = [0]
+    nonfinite_at: list[tuple[int, str]] = []
+
+    def q_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        y = as_tensor(out)
+        if y is None:
+            return
+        queue = stored.get(name)
+        if not queue:
+            return
+        ref = queue.popleft()
+        res.cum[name].update(ref, y)
+        res.calls[name] += 1
+
+    def leaf_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        counter[0] += 1
+        y = as_tensor(out)
+        if y is not None and y.is_floating_point() and not nonfinite_at and not torch.isfinite(y).all():
+            nonfinite_at.append((counter[0], name))
+
+    leaves = _leaf_names(q_model, target_set)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            index = first_index + i
+            with forward_hooks(fp_model, names, fp_hook):
+                fp_out = run_checked(fp_model, batch, index)
+            _check_fp_outputs(fp_out, index)
+            counter[0] = 0
+            nonfinite_at.clear()
+            with forward_hooks(q_model, names, q_hook), forward_hooks(q_model, leaves, leaf_hook):
+                q_out = run_checked(q_model, batch, index)
+            ref_flat = flatten_outputs(fp_out, output_keys)
+            q_flat = flatten_outputs(q_out, output_keys)
+            for key, ref in ref_flat.items():
+                if key in q_flat:
+                    res.out[key].update(ref, q_flat[key])
+            bad_outputs = [k for k, t in q_flat.items() if not torch.isfinite(t).all()]
+            found: tuple[float, str] | None = None
+            if nonfinite_at:
+                found = (float(nonfinite_at[0][0]), nonfinite_at[0][1])
+            elif bad_outputs:
+                found = (math.inf, f"output:{bad_outputs[0]}")
+            if found is not None and (res.first_nonfinite is None or found[0] < res.first_nonfinite_rank):
+                res.first_nonfinite_rank, res.first_nonfinite = found
+            stored.clear()
+            progress()
+    return res

@@ -1,0 +1,232 @@
+"""Command line: parses options and delegates. User errors become one red line and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sensitivity.errors import SensitivityError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find the layers that quantization breaks, and decide per layer: FP, naive W8A8, or SmoothQuant.",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """A rich progress bar per scan phase (the library only calls phase()/note())."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    @contextmanager
+    def phase(self, name: str, total: int) -> Iterator[Callable[[], None]]:
+        if not self.enabled:
+            yield lambda: None
+            return
+        with Progress(
+            TextColumn("[bold blue]{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda: bar.advance(task)
+
+    def note(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    items: list[str] = []
+    for v in values or []:
+        items.extend(p.strip() for p in v.split(",") if p.strip())
+    return tuple(items)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
+    """The comparison table and the worst layers by isolated relative L1."""
+    comp = Table(title=f"{result.model_name}: {result.spec.name} ({result.spec.calibrator}) on held-out batches")
+    for col in ("config", "quantized", "FP layers", "out rel L1", "out SQNR dB", "cosine", "non-finite"):
+        comp.add_column(col, justify="right" if col != "config" else "left")
+    for row in result.comparison.to_dict(orient="records"):
+        comp.add_row(
+            row["config"],
+            str(row["quantized_layers"]),
+            str(row["fp_layers"]),
+            _fmt(row["out_rel_l1"]),
+            _fmt(row["out_sqnr_db"]),
+            _fmt(row["out_cosine"], 6),
+            _fmt(int(row["out_nonfinite"])),
+        )
+    out.print(comp)
+    table = result.table
+    worst = table.sort_values("iso_naive_rel_l1", ascending=False, na_position="first").head(top)
+    t = Table(title=f"worst {len(worst)} of {len(table)} layers (isolated error)")
+    for col in ("#", "layer", "type", "iso rel L1", "iso SQNR dB", "cum rel L1", "non-finite", "decision"):
+        t.add_column(col, justify="left" if col in ("layer", "type", "decision") else "right")
+    for name, row in worst.iterrows():
+        decision = row["decision"]
+        style = "red" if decision == "fp" else None
+        t.add_row(
+            str(row["order"]),
+            str(name),
+            row["type"],
+            _fmt(row["iso_naive_rel_l1"]),
+            _fmt(row["iso_naive_sqnr_db"]),
+            _fmt(row["cum_naive_rel_l1"]),
+            _fmt(int(row["iso_naive_nonfinite"] + row["cum_naive_nonfinite"])),
+            decision,
+            style=style,
+        )
+    out.print(t)
+    if result.first_nonfinite:
+        out.print(f"[red]first non-finite values in the quantized model at: {result.first_nonfinite}[/red]")
+    out.print(f"excluded {len(result.excluded)} of {len(table)} layers (kept in FP)")
+    if out_dir is not None:
+        out.print(f"report written to [bold]{out_dir}[/bold]")
+
+
+SpecOpt = Annotated[str, typer.Option("--spec", help="Bit widths, e.g. W8A8, W4A8, W8A16.")]
+CalibOpt = Annotated[str, typer.Option("--calibrator", help="Activation calibrator: max | percentile | entropy | mse.")]
+PercOpt = Annotated[float, typer.Option("--percentile", help="Percentile for the percentile calibrator.")]
+SignOpt = Annotated[
+    str, typer.Option("--act-sign", help="signed (TensorRT) or auto (unsigned where the input is never negative).")
+]
+
+
+@app.command()
+def scan(
+    model: Annotated[Path, typer.Argument(help="State dict (.pth/.pt/.safetensors), TorchScript, or pickled module.")],
+    calib: Annotated[str, typer.Option("--calib", help="Calibration data: .pt/.npz file, folder, or pkg.mod:fn.")],
+    arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
+    arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling (runs code!).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch for tensor data.")] = 8,
+    batches: Annotated[int | None, typer.Option("--batches", help="Use at most N calibration batches.")] = None,
+    spec: SpecOpt = "W8A8",
+    calibrator: CalibOpt = "max",
+    percentile: PercOpt = 99.99,
+    act_sign: SignOpt = "signed",
+    only: Annotated[list[str] | None, typer.Option("--only", help="Glob(s) of layers to scan.")] = None,
+    skip: Annotated[list[str] | None, typer.Option("--skip", help="Glob(s) of layers to leave alone.")] = None,
+    fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs.")] = True,
+    exclude: Annotated[Path | None, typer.Option("--exclude", help="A (user-edited) exclude.yaml to honour.")] = None,
+    outputs: Annotated[list[str] | None, typer.Option("--outputs", help="Output keys that count.")] = None,
+    max_rel_l1: Annotated[float | None, typer.Option("--max-rel-l1", help="Exclude above this.")] = None,
+    min_sqnr_db: Annotated[float | None, typer.Option("--min-sqnr-db", help="Exclude below this.")] = None,
+    holdout: Annotated[float, typer.Option("--holdout", help="Fraction of batches held out.")] = 0.25,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default reports/<model>).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Scan a model: per-layer isolated and cumulative error, exclusions, report folder."""
+    from sensitivity.data import load_calibration
+    from sensitivity.load import load_model
+    from sensitivity.policy import Thresholds, load_exclude
+    from sensitivity.quant.spec import QuantSpec
+    from sensitivity.scan import ScanOptions
+    from sensitivity.scan import scan as run_scan
+
+    qspec = QuantSpec.parse(spec, calibrator=calibrator, percentile=percentile, act_sign=act_sign)
+    target = out_dir or Path("reports") / model.stem
+    if target.exists() and not overwrite:
+        from sensitivity.errors import OutputDirError
+
+        raise OutputDirError(f"output folder {target} already exists: pass --overwrite to replace it")
+    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
+    thresholds = Thresholds()
+    changes = {}
+    if max_rel_l1 is not None:
+        changes["max_rel_l1"] = max_rel_l1
+    if min_sqnr_db is not None:
+        changes["min_sqnr_db"] = min_sqnr_db
+    if changes:
+        from dataclasses import replace
+
+        thresholds = replace(thresholds, **changes)
+    user_exclude: tuple[str, ...] = tuple(load_exclude(exclude)) if exclude is not None else ()
+    options = ScanOptions(
+        spec=qspec,
+        only=_split(only),
+        skip=_split(skip),
+        fold_bn=fold_bn,
+        holdout=holdout,
+        thresholds=thresholds,
+        exclude=user_exclude,
+        outputs=_split(outputs),
+        seed=seed,
+    )
+    result = run_scan(net, data, options, model_name=model.stem, progress=RichProgress(not quiet))
+    written = result.save(str(target), overwrite=overwrite)
+    print_summary(result, written)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("reports/demo-digits"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = True,
+    spec: SpecOpt = "W8A8",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train (once, cached) a CNN on real MNIST digits, scan it, and compare FP / W8A8 / policy accuracy."""
+    from sensitivity.demo.run import run_demo
+
+    run_demo(out_dir=out_dir, overwrite=overwrite, spec=spec, progress=RichProgress(not quiet), console=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: SensitivityError -> one red line + exit 2; Ctrl-C -> exit 130, nothing half-written."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except SensitivityError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]: no report was written")
+        return 130
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        console.print("[bold red]aborted[/bold red]")
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

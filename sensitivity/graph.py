@@ -1,0 +1,179 @@
+"""Eager dataflow recording: which module or function produced and consumed each tensor.
+
+Folding BN into a conv, or a SmoothQuant division into a producer, is exact only when the producer's
+output feeds that one consumer. Tracing (torch.fx) fails on data-dependent control flow, which detectors
+have; instead we run the model once eagerly, with hooks on leaf modules and a TorchFunctionMode for
+everything called outside them, and identify tensors by (id, version): an in-place op makes a new value.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from sensitivity.data import Batch, run_model
+
+__all__ = ["Dataflow", "Node", "record_dataflow"]
+
+ValueKey = tuple[int, int]
+
+
+@dataclass
+class Node:
+    """One call: a leaf module (`kind="module"`) or a torch function outside any leaf module."""
+
+    index: int
+    kind: str
+    name: str
+    inputs: list[ValueKey] = field(default_factory=list)
+    outputs: list[ValueKey] = field(default_factory=list)
+    module: nn.Module | None = None
+
+
+@dataclass
+class Dataflow:
+    nodes: list[Node]
+    producer: dict[ValueKey, int]
+    consumers: dict[ValueKey, list[int]]
+    outputs: set[ValueKey]
+
+    def module_calls(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "module" and n.name == name]
+
+    def module_order(self) -> list[str]:
+        """Leaf module names in first-call order."""
+        seen: dict[str, None] = {}
+        for n in self.nodes:
+            if n.kind == "module":
+                seen.setdefault(n.name, None)
+        return list(seen)
+
+    def sole_consumer(self, value: ValueKey) -> int | None:
+        """The one node consuming `value`, or None if it has several, none, or is a model output."""
+        users = self.consumers.get(value, [])
+        if len(users) != 1 or value in self.outputs:
+            return None
+        return users[0]
+
+    def producer_chain(self, node: Node, passthrough: tuple[type[nn.Module], ...] = ()) -> Node | None:
+        """The module node that produced `node`'s single input, skipping sole-consumer `passthrough` modules."""
+        if len(node.inputs) != 1:
+            return None
+        value = node.inputs[0]
+        while True:
+            idx = self.producer.get(value)
+            if idx is None or self.sole_consumer(value) is None:
+                return None
+            prod = self.nodes[idx]
+            if prod.kind != "module":
+                return None
+            if passthrough and isinstance(prod.module, passthrough) and len(prod.inputs) == 1:
+                value = prod.inputs[0]
+                continue
+            return prod
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+    elif hasattr(obj, "features") and isinstance(getattr(obj, "features", None), torch.Tensor):
+        yield obj.features  # spconv SparseConvTensor
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.keep: list[torch.Tensor] = []  # keeps tensors alive so ids are not reused
+        self.depth = 0
+        self.internal = False
+
+    def key(self, t: torch.Tensor) -> ValueKey:
+        self.keep.append(t)
+        return (id(t), t._version)
+
+    def add(self, kind: str, name: str, inputs: Any, outputs: Any, module: nn.Module | None = None) -> None:
+        self.internal = True
+        try:
+            node = Node(len(self.nodes), kind, name, module=module)
+            node.inputs = [self.key(t) for t in _tensors(inputs)]
+            node.outputs = [self.key(t) for t in _tensors(outputs)]
+            self.nodes.append(node)
+        finally:
+            self.internal = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if self.depth or self.internal:
+            return func(*args, **kwargs)
+        before = [self.key(t) for t in _tensors((args, kwargs))]
+        out = func(*args, **kwargs)
+        outs = list(_tensors(out))
+        if outs:  # size()/shape/dim() read a tensor without consuming its values
+            node = Node(len(self.nodes), "function", getattr(func, "__name__", str(func)))
+            node.inputs = before
+            node.outputs = [self.key(t) for t in outs]
+            self.nodes.append(node)
+        return out
+
+
+def record_dataflow(model: nn.Module, batch: Batch) -> Dataflow:
+    """Run `model` once on `batch` and return its eager dataflow (leaf modules + top-level functions)."""
+    rec = _Recorder()
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    pending: dict[int, list[ValueKey]] = {}
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if rec.depth == 0:
+            rec.internal = True
+            pending[id(mod)] = [rec.key(t) for t in _tensors(args)]
+            rec.internal = False
+        rec.depth += 1
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> None:
+        rec.depth -= 1
+        if rec.depth == 0:
+            rec.internal = True
+            node = Node(len(rec.nodes), "module", names[mod], module=mod)
+            node.inputs = pending.pop(id(mod), [])
+            node.outputs = [rec.key(t) for t in _tensors(out)]
+            rec.nodes.append(node)
+            rec.internal = False
+
+    for mod in model.modules():
+        if next(mod.children(), None) is None:
+            handles.append(mod.register_forward_pre_hook(pre))
+            handles.append(mod.register_forward_hook(post))
+    try:
+        with torch.no_grad(), rec:
+            out = run_model(model, batch)
+            rec.internal = True
+            out_keys = {(id(t), t._version) for t in _tensors(out)}
+            rec.internal = False
+    finally:
+        for h in handles:
+            h.remove()
+    producer: dict[ValueKey, int] = {}
+    consumers: dict[ValueKey, list[int]] = defaultdict(list)
+    for node in rec.nodes:
+        for v in node.inputs:
+            if node.index not in consumers[v]:
+                consumers[v].append(node.index)
+        for v in node.outputs:
+            if v not in node.inputs:
+                producer[v] = node.index
+    rec.keep.clear()
+    return Dataflow(rec.nodes, producer, dict(consumers), out_keys)

@@ -1,0 +1,59 @@
+"""Tiny models for tests, some with planted faults (outlier input channels, non-finite decodes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """Conv-BN-ReLU blocks, a residual add, a depthwise conv, global pool and a Linear head."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pw = nn.Conv2d(width, 2 * width, 1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(self.bn1(self.conv1(x)) + x)
+        x = F.relu(self.pw(F.relu(self.dw(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class PlantedOutlierNet(nn.Module):
+    """`mid`'s input has one channel amplified 1e4x (its weights compensate): a per-tensor killer.
+
+    Every other layer sees ordinary activations, so a scan must exclude exactly `mid`.
+    """
+
+    def __init__(self, width: int = 16, outlier_channel: int = 3, gain: float = 1e4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.mid = nn.Conv2d(width, width, 3, padding=1)
+        self.post = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 5)
+        g = torch.ones(width)
+        g[outlier_channel] = gain
+        self.register_buffer("gain", g.view(1, -1, 1, 1))
+        with torch.no_grad():
+            self.mid.weight[:, outlier_channel] /= gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x)) * self.gain
+        x = F.relu(self.mid(x))
+        x = F.relu(self.post(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def build_tiny() -> nn.Module:
+    return TinyConvNet()
+
+
+def build_planted() -> nn.Module:
+    return PlantedOutlierNet()
