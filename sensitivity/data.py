@@ -1,0 +1,424 @@
+"""Calibration batches: loading them safely, holding some out, and feeding them to a model.
+
+A *batch* is what one model call takes: a tensor (`model(t)`), a tuple or list (`model(*b)`), or a dict
+(`model(b)`: OpenPCDet's `batch_dict` is one positional argument).
+
+Sources accepted by `load_calibration`:
+
+- `.pt` / `.pth` (read with `weights_only=True`; pickled Python objects are refused):
+  a tensor is samples along dim 0, cut into batches of `batch_size` (the last, partial one kept);
+  a list or tuple is a list of ready batches (each a tensor, tuple/list or dict), used as they are;
+  a dict is ONE batch (e.g. one OpenPCDet `batch_dict`), never split into samples.
+- `.npy`: one array, samples along dim 0.
+- `.npz` (read without pickle): an array named `x`, `input` or `inputs` (first found, in that order) is
+  the samples and the other arrays are ignored (labels, say); otherwise a single array is the samples;
+  otherwise all arrays must share their first dim and each batch is a tuple of their slices in the
+  archive's key order (`np.savez(f, a, b)` -> `model(a_i, b_i)`).
+- a folder: its `.pt`, `.pth`, `.npy` and `.npz` files (not recursive, hidden files skipped) in sorted
+  name order (plain string order: zero-pad numbered names), each contributing its batches; `batch_size`
+  applies within each file (samples are never merged across files).
+- `pkg.module:function` or `path/to/file.py:function`: called with no arguments; a tensor/array result
+  is samples, a dict one batch, anything else is iterated as batches (a list, generator, DataLoader...).
+  Iteration stops at `max_batches`, so an endless generator is fine with a limit.
+
+numpy arrays become tensors (sharing memory when possible); dtypes are kept, so integer images stay
+integers (the model decides). Floating tensors with NaN/Inf are rejected, naming the batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sensitivity.errors import CalibrationDataError
+from sensitivity.load import (
+    _check_file,
+    _exc,
+    _one_line,
+    _pickled_object,
+    _sniff,
+    _torch_load_weights_only,
+    resolve_callable,
+)
+
+__all__ = [
+    "DATA_SUFFIXES",
+    "Batch",
+    "batch_len",
+    "batch_to",
+    "describe_batch",
+    "load_calibration",
+    "run_checked",
+    "run_model",
+    "split_holdout",
+]
+
+Batch = Tensor | tuple | list | dict  # what one model call takes
+#: File suffixes read from a calibration folder.
+DATA_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
+_SAMPLE_KEYS = ("x", "input", "inputs")
+
+
+# ------------------------------------------------------------------------------------------ conversion
+def _to_tensor(array: np.ndarray, where: str) -> Tensor:
+    if array.dtype == object:
+        raise CalibrationDataError(f"{where} is a numpy object array; calibration data must be numeric")
+    try:
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+    except TypeError as e:
+        raise CalibrationDataError(f"{where} has numpy dtype {array.dtype}, which torch cannot hold") from e
+
+
+def _convert(value: Any, where: str) -> Any:
+    """numpy arrays -> tensors, recursively through tuples, lists and dicts; other values unchanged."""
+    if isinstance(value, np.ndarray):
+        return _to_tensor(value, where)
+    if isinstance(value, tuple):
+        items = [_convert(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_convert(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {k: _convert(v, f"{where}[{k!r}]") for k, v in value.items()}
+    return value
+
+
+def _samples(tensors: tuple[Tensor, ...], batch_size: int, where: str) -> Iterator[Batch]:
+    """Batches of `batch_size` samples along dim 0 (the last one partial): tensors, or tuples of them."""
+    for t in tensors:
+        if t.dim() == 0:
+            raise CalibrationDataError(f"{where} is a 0-d tensor; samples must lie along dim 0")
+    n = tensors[0].shape[0]
+    for start in range(0, n, batch_size):
+        parts = tuple(t[start : start + batch_size] for t in tensors)
+        yield parts[0] if len(parts) == 1 else parts
+
+
+def _as_batches(obj: Any, batch_size: int, where: str) -> Iterator[Batch]:
+    """What one loaded object contributes: samples (tensor / array), one batch (dict), or its items."""
+    if isinstance(obj, np.ndarray):
+        obj = _to_tensor(obj, where)
+    if isinstance(obj, Tensor):
+        yield from _samples((obj,), batch_size, where)
+    elif isinstance(obj, Mapping):
+        yield dict(obj)
+    elif isinstance(obj, (list, tuple)):
+        yield from obj
+    else:
+        raise CalibrationDataError(
+            f"{where} holds a {type(obj).__name__}; expected a tensor (samples), a list of batches or a dict"
+        )
+
+
+# ------------------------------------------------------------------------------------------- the files
+def _read_torch(path: Path, batch_size: int) -> Iterator[Batch]:
+    try:
+        kind = _sniff(path)
+    except OSError as e:
+        raise CalibrationDataError(f"cannot read calibration file {path}: {_exc(e)}") from e
+    if kind == "empty":
+        raise CalibrationDataError(f"calibration file {path} is empty")
+    if kind == "torchscript":
+        raise CalibrationDataError(f"calibration file {path} is a TorchScript archive (a model), not data")
+    if kind in ("zip-other", "safetensors", "unknown"):
+        raise CalibrationDataError(f"calibration file {path} is not a torch.save file")
+    try:
+        obj = _torch_load_weights_only(path, "cpu")
+    except Exception as e:
+        refused = _pickled_object(e)
+        if refused is not None:
+            raise CalibrationDataError(
+                f"calibration file {path} holds pickled Python objects ({refused}); unpickling can run "
+                "arbitrary code, so it is refused (there is no --trust-pickle for data): save tensors, "
+                "lists, tuples or dicts of tensors, or pass a pkg.module:function"
+            ) from None
+        detail = "unexpected end of file" if isinstance(e, EOFError) else _exc(e)
+        raise CalibrationDataError(
+            f"cannot read calibration file {path}: truncated or corrupt ({detail})"
+        ) from e
+    return _as_batches(obj, batch_size, str(path))
+
+
+def _read_numpy(path: Path, batch_size: int) -> Iterator[Batch]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise CalibrationDataError(
+                f"calibration file {path} holds pickled numpy object arrays; save numeric arrays only"
+            ) from None
+        raise CalibrationDataError(f"cannot read calibration file {path}: {_exc(e)}") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CalibrationDataError(
+            f"cannot read calibration file {path}: truncated or corrupt ({_exc(e)})"
+        ) from e
+    if isinstance(loaded, np.ndarray):
+        return _as_batches(loaded, batch_size, str(path))
+    with loaded:
+        try:
+            arrays = {key: loaded[key] for key in loaded.files}
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise CalibrationDataError(
+                    f"calibration file {path} holds pickled numpy object arrays; save numeric arrays only"
+                ) from None
+            raise CalibrationDataError(f"cannot read calibration file {path}: {_exc(e)}") from e
+        except Exception as e:
+            raise CalibrationDataError(
+                f"cannot read calibration file {path}: truncated or corrupt ({_exc(e)})"
+            ) from e
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise CalibrationDataError(
+                f"cannot read calibration file {path}: member {key!r} is not a numpy array"
+            )
+    if not arrays:
+        return iter(())
+    key = next((k for k in _SAMPLE_KEYS if k in arrays), None)
+    if key is not None or len(arrays) == 1:
+        key = key or next(iter(arrays))
+        return _as_batches(arrays[key], batch_size, f"{path}[{key!r}]")
+    tensors = {k: _to_tensor(a, f"{path}[{k!r}]") for k, a in arrays.items()}
+    firsts = {t.shape[0] if t.dim() else None for t in tensors.values()}
+    if len(firsts) != 1 or None in firsts:
+        shapes = ", ".join(f"{k}: {list(t.shape)}" for k, t in tensors.items())
+        raise CalibrationDataError(
+            f"{path} holds several arrays with different first dims ({shapes}); name the input array 'x' "
+            "or give all arrays the same number of samples"
+        )
+    return _samples(tuple(tensors.values()), batch_size, str(path))
+
+
+def _read_file(path: Path, batch_size: int) -> Iterator[Batch]:
+    if path.suffix.lower() in (".npy", ".npz"):
+        return _read_numpy(path, batch_size)
+    return _read_torch(path, batch_size)
+
+
+def _read_folder(folder: Path, batch_size: int) -> Iterator[Batch]:
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in DATA_SUFFIXES
+    )
+    for file in files:
+        yield from _read_file(file, batch_size)
+
+
+def _call(spec: str, batch_size: int) -> Iterator[Batch]:
+    fn = resolve_callable(spec, "--calib", CalibrationDataError)
+    try:
+        result = fn()
+    except CalibrationDataError:
+        raise
+    except Exception as e:
+        raise CalibrationDataError(f"calibration function {spec!r} raised {_exc(e)}") from e
+    if isinstance(result, (Tensor, np.ndarray, Mapping)):
+        return _as_batches(result, batch_size, f"the result of {spec}")
+    if not isinstance(result, Iterable) or isinstance(result, (str, bytes)):
+        raise CalibrationDataError(
+            f"calibration function {spec!r} returned a {type(result).__name__}, not an iterable of batches"
+        )
+    return _guarded(iter(result), spec)
+
+
+def _guarded(batches: Iterator[Batch], spec: str) -> Iterator[Batch]:
+    index = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except CalibrationDataError:
+            raise
+        except Exception as e:
+            raise CalibrationDataError(
+                f"calibration function {spec!r} failed producing batch {index}: {_exc(e)}"
+            ) from e
+        yield batch
+        index += 1
+
+
+def _is_spec(text: str) -> bool:
+    module, sep, attr = text.rpartition(":")
+    return bool(sep and module and attr) and not Path(text).exists()
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _tensors(value: Any, where: str) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(value, Tensor):
+        yield where, value
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{where}[{i}]")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+
+
+def _check_batch(batch: Any, index: int, source: str) -> Batch:
+    if not isinstance(batch, (Tensor, tuple, list, Mapping)):
+        raise CalibrationDataError(
+            f"calibration batch {index} from {source} is a {type(batch).__name__}; "
+            "expected a tensor, a tuple/list (positional inputs) or a dict"
+        )
+    for where, t in _tensors(batch, "batch"):
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                at = "" if where == "batch" else f" (at {where})"
+                raise CalibrationDataError(
+                    f"calibration batch {index} from {source} has {bad} non-finite values (NaN/Inf){at}"
+                )
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- public
+def load_calibration(source: str | Path, batch_size: int = 8, max_batches: int | None = None) -> list[Batch]:
+    """The calibration batches in `source` (formats: see the module docstring), at most `max_batches`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CalibrationDataError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise CalibrationDataError(f"--max-batches must be a positive integer, got {max_batches!r}")
+    text = str(source).strip()
+    if not text:
+        raise CalibrationDataError("no calibration data given (--calib)")
+    if isinstance(source, str) and _is_spec(text):
+        batches: Iterator[Batch] = _call(text, batch_size)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            batches = _read_folder(path, batch_size)
+        else:
+            _check_file(path, "calibration data", CalibrationDataError)
+            batches = _read_file(path, batch_size)
+    result = []
+    for index, batch in enumerate(itertools.islice(batches, max_batches)):
+        result.append(_check_batch(_convert(batch, f"calibration batch {index}"), index, text))
+    if not result or all(batch_len(b) == 0 for b in result):
+        raise CalibrationDataError(f"calibration set {text} is empty")
+    return result
+
+
+def split_holdout(batches: list[Batch], fraction: float = 0.25) -> tuple[list[Batch], list[Batch]]:
+    """(fit, held out): the last `fraction` of the batches (at least one) is held out, in order.
+
+    With a single batch both are `[batch]`: fit and held-out data then coincide, so decisions scored
+    on it are not protected from fitting the calibration data (callers may want to warn).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise CalibrationDataError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+    batches = list(batches)
+    if not batches:
+        raise CalibrationDataError("calibration set is empty: nothing to hold out")
+    if len(batches) == 1:
+        return batches[:], batches[:]
+    n_hold = min(len(batches) - 1, max(1, int(len(batches) * fraction)))
+    return batches[:-n_hold], batches[-n_hold:]
+
+
+def run_model(model: nn.Module, batch: Batch) -> Any:
+    """One model call: tensor -> `model(t)`, tuple/list -> `model(*b)`, dict -> `model(b)`."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(batch)
+    raise CalibrationDataError(
+        f"cannot feed a {type(batch).__name__} to the model: expected a tensor, tuple or dict"
+    )
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """`batch` with every tensor (in nested tuples, lists and dicts) moved to `device`; other values kept."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple):
+        items = [batch_to(v, device) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    if isinstance(batch, list):
+        return [batch_to(v, device) for v in batch]
+    if isinstance(batch, Mapping):
+        moved = {k: batch_to(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)
+        except Exception:
+            return moved
+    return batch
+
+
+def _leaf(value: Any) -> str:
+    if isinstance(value, (Tensor, np.ndarray)):
+        dtype = str(value.dtype).removeprefix("torch.")
+        device = f"@{value.device}" if isinstance(value, Tensor) and value.device.type != "cpu" else ""
+        return f"{dtype}[{', '.join(str(s) for s in value.shape)}]{device}"
+    return "None" if value is None else type(value).__name__
+
+
+def _describe(value: Any, depth: int) -> str:
+    if isinstance(value, (tuple, list, Mapping)):
+        name = "dict" if isinstance(value, Mapping) else type(value).__name__
+        if depth >= 3:
+            return f"{name}(…)"
+        if isinstance(value, Mapping):
+            items = [f"{k}: {_describe(v, depth + 1)}" for k, v in itertools.islice(value.items(), 8)]
+        else:
+            items = [_describe(v, depth + 1) for v in value[:8]]
+        if len(value) > 8:
+            items.append(f"… {len(value) - 8} more")
+        return f"{name}({', '.join(items)})"
+    return _leaf(value)
+
+
+def describe_batch(batch: Any) -> str:
+    """Short shape/dtype summary for messages.
+
+    E.g. `tensor float32[8, 3, 32, 32]` or `dict(voxels: float32[1200, 10, 5], batch_size: int)`.
+    """
+    if isinstance(batch, Tensor):
+        return f"tensor {_leaf(batch)}"
+    if isinstance(batch, np.ndarray):
+        return f"ndarray {_leaf(batch)}"
+    return _one_line(_describe(batch, 0), limit=400)
+
+
+def batch_len(batch: Any) -> int | None:
+    """Samples in `batch`: dim 0 of its first tensor (a dict's int `batch_size` first, as in OpenPCDet)."""
+    if isinstance(batch, (Tensor, np.ndarray)):
+        return int(batch.shape[0]) if batch.ndim else None
+    if isinstance(batch, Mapping):
+        size = batch.get("batch_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        values = batch
+    else:
+        return None
+    for value in values:
+        n = batch_len(value)
+        if n is not None:
+            return n
+    return None
+
+
+def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
+    """Run the model on a batch, turning shape/dtype rejections into a one-line CalibrationDataError."""
+    try:
+        return run_model(model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise CalibrationDataError(
+            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {first}"
+        ) from exc

@@ -1,0 +1,475 @@
+"""Safe model loading: state dicts, safetensors, TorchScript weights and (only when trusted) pickled modules.
+
+What a model file may be, and what `load_model` does with it:
+
+- a state dict saved with `torch.save(model.state_dict())` (`.pth` / `.pt`, read with `weights_only=True`),
+  or a checkpoint dict wrapping one under `state_dict`, `model_state` (OpenPCDet), `model` or
+  `model_state_dict`; a `module.` prefix on every key (DataParallel) is stripped. Needs
+  `--arch pkg.module:factory` to build the model the weights are loaded into (`strict=True`).
+- a `.safetensors` file (recognised by content, whatever its suffix): a state dict, as above.
+- a TorchScript archive: its state dict is loaded into `--arch` (hooks cannot run on ScriptModules).
+- a pickled whole `nn.Module`: only with `trust_pickle=True` (`--trust-pickle`), since unpickling runs
+  arbitrary code. With `--arch` as well, its state dict is loaded into the factory's model instead.
+- no file at all (`path=None`): the `--arch` factory's own weights (e.g. a factory that downloads them).
+
+Every failure the user can fix raises a one-line `ModelLoadError` (or `UntrustedPickleError`).
+The returned model is on `map_location` and in eval mode.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sensitivity.errors import ModelLoadError, SensitivityError, UntrustedPickleError
+
+__all__ = ["STATE_DICT_KEYS", "load_model", "load_state_dict", "resolve_callable"]
+
+#: Keys under which checkpoint dicts wrap the model's state dict, tried in this order.
+STATE_DICT_KEYS = ("state_dict", "model_state", "model", "model_state_dict")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SHOW = 5  # names listed per category in mismatch messages
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _one_line(text: object, limit: int = 300) -> str:
+    """Exception text as one short line: ANSI codes removed, whitespace collapsed, truncated."""
+    line = " ".join(_ANSI.sub("", str(text)).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _exc(e: BaseException) -> str:
+    """`TypeError: message` on one line (just the type name when the message is empty)."""
+    msg = _one_line(e)
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _first(names: list[str], n: int = _SHOW) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", … ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+_UNSAFE_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"unrecognized function (.+?)(?: which belongs|$)"),
+    re.compile(r"Can only create new object for .* but got (.+)$"),
+    re.compile(r"Can only build Tensor, .* but got (.+)$"),
+)
+
+
+def _pickled_object(e: BaseException) -> str | None:
+    """The Python object a `weights_only=True` load refused, or None when `e` is not that refusal.
+
+    torch wraps every error of its restricted unpickler into "Weights only load failed ..."; only those
+    naming a global, a function call or an object build are "this file holds pickled objects" —
+    an unknown opcode or a short read is corruption, not a pickle to trust.
+    """
+    if not isinstance(e, pickle.UnpicklingError):
+        return None
+    text = _one_line(e, limit=100_000)
+    if "Weights only load failed" not in text:
+        return None
+    for pattern in _UNSAFE_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            return match.group(1).strip().rstrip(".")
+    return None
+
+
+def _sniff(path: Path) -> str:
+    """File kind by content.
+
+    One of: empty, zip-broken, torch-zip, torchscript, zip-other, pickle, safetensors, unknown.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "zip-broken"
+        records = {name.split("/", 1)[-1] for name in names}
+        if "constants.pkl" in records:
+            return "torchscript"
+        return "torch-zip" if "data.pkl" in records else "zip-other"
+    if head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= path.stat().st_size - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def _check_file(path: Path, what: str, error: type[SensitivityError]) -> None:
+    if not path.exists():
+        raise error(f"{what} not found: {path}")
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{what} {path} is not readable (permission denied)")
+
+
+def _torch_load_weights_only(path: Path, map_location: Any) -> Any:
+    """`torch.load(weights_only=True)`; the caller maps `_pickled_object` refusals and corruption."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # protocol/format chatter: the outcome is reported as an error or not
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _corrupt(path: Path, e: BaseException | None = None, kind: str = "PyTorch checkpoint") -> ModelLoadError:
+    detail = ""
+    if e is not None:
+        detail = " (unexpected end of file)" if isinstance(e, EOFError) else f" ({_exc(e)})"
+    return ModelLoadError(f"cannot read {path}: the {kind} is truncated or corrupt{detail}")
+
+
+def _untrusted(path: Path, obj: str) -> UntrustedPickleError:
+    return UntrustedPickleError(
+        f"{path} holds pickled Python objects ({obj}), not just weights; unpickling them can run arbitrary "
+        "code, so it is refused: pass --trust-pickle only if you trust the file's source, or save "
+        "model.state_dict() and load it with --arch pkg.module:factory"
+    )
+
+
+# ---------------------------------------------------------------------------------------- user callables
+def resolve_callable(
+    spec: str, what: str, error: type[SensitivityError] = ModelLoadError
+) -> Callable[..., Any]:
+    """The callable named by `pkg.module:attr` or `path/to/file.py:attr` (`attr` may be dotted).
+
+    `what` names the option in messages (e.g. `--arch`); failures raise `error` (one line, naming the spec).
+    A module that is not importable is retried with the current directory on `sys.path`, as
+    `python -m` would have it (console scripts leave it off). A file is imported under a private module
+    name (once per absolute path), with its own folder on `sys.path` while it runs.
+    """
+    text = str(spec).strip()
+    module_name, sep, attr = text.rpartition(":")
+    if not sep or not module_name or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise error(f"{what} {text!r} is not of the form pkg.module:attr or path/to/file.py:attr")
+    is_file = module_name.endswith(".py") or "/" in module_name or os.sep in module_name
+    module = (
+        _import_file(module_name, text, what, error)
+        if is_file
+        else _import_module(module_name, text, what, error)
+    )
+
+    obj: Any = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            owner = module_name if i == 0 else ".".join(attr.split(".")[:i])
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise error(f"{what} {text!r}: {owner} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise error(f"{what} {text!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _import_module(name: str, spec: str, what: str, error: type[SensitivityError]) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        cwd = os.getcwd()
+        own = bool(missing) and (name == missing or name.startswith(missing + "."))
+        if own and cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
+            try:
+                return importlib.import_module(name)
+            except ModuleNotFoundError as e2:
+                e = e2
+            except Exception as e2:
+                raise error(f"{what} {spec!r}: importing {name} failed: {_exc(e2)}") from e2
+        raise error(f"{what} {spec!r}: cannot import {name} ({_exc(e)})") from e
+    except Exception as e:
+        raise error(f"{what} {spec!r}: importing {name} failed: {_exc(e)}") from e
+
+
+def _import_file(file: str, spec: str, what: str, error: type[SensitivityError]) -> Any:
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise error(f"{what} {spec!r}: file {path} not found")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_sensitivity_user_{stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise error(f"{what} {spec!r}: {path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise error(f"{what} {spec!r}: importing {path.name} failed: {_exc(e)}") from e
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+# ------------------------------------------------------------------------------------------ state dicts
+def _is_state_dict(obj: object) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    return all(
+        isinstance(k, str) and (isinstance(v, Tensor) or k.endswith("_extra_state")) for k, v in obj.items()
+    )
+
+
+def _strip_data_parallel(sd: dict[str, Any]) -> dict[str, Any]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor] | nn.Module:
+    """The state dict (or, from a trusted pickle, the module) inside what `torch.load` returned."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if _is_state_dict(obj):
+        return _strip_data_parallel(obj)
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return inner
+            if _is_state_dict(inner):
+                return _strip_data_parallel(inner)
+        keys = [repr(k) for k in list(obj)[:8]]
+        shown = ", ".join(keys) + (", …" if len(obj) > 8 else "")
+        raise ModelLoadError(
+            f"{path} holds a dict that is not a state dict (keys: {shown or 'none'}) and wraps none under "
+            f"{', '.join(repr(k) for k in STATE_DICT_KEYS)}"
+        )
+    raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+
+
+def _read(path: Path, trust_pickle: bool, map_location: Any) -> tuple[str, dict[str, Tensor] | nn.Module]:
+    """(kind, state dict or module) with kind one of state_dict | safetensors | torchscript | module."""
+    _check_file(path, "model file", ModelLoadError)
+    try:
+        kind = _sniff(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {path}: {_exc(e)}") from e
+    if kind == "empty":
+        raise ModelLoadError(f"model file {path} is empty")
+    if kind == "zip-broken":
+        raise ModelLoadError(
+            f"cannot read {path}: the zip archive (torch.save format) is truncated or corrupt"
+        )
+    if kind == "zip-other":
+        raise ModelLoadError(
+            f"{path} is a zip archive but not a PyTorch checkpoint or TorchScript archive "
+            "(it has no data.pkl)"
+        )
+    if kind == "safetensors" or (kind == "unknown" and path.suffix.lower() == ".safetensors"):
+        return "safetensors", _read_safetensors(path, map_location)
+    if kind == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit deprecation notices
+                scripted = torch.jit.load(str(path), map_location=map_location)
+        except Exception as e:
+            raise _corrupt(path, e, "TorchScript archive") from e
+        return "torchscript", _strip_data_parallel(dict(scripted.state_dict()))
+    if kind == "unknown":
+        raise ModelLoadError(
+            f"{path} is not a PyTorch checkpoint (.pth/.pt), safetensors file or TorchScript archive"
+        )
+
+    try:
+        obj = _torch_load_weights_only(path, map_location)
+    except Exception as e:
+        refused = _pickled_object(e)
+        if refused is None:
+            raise _corrupt(path, e) from e
+        if not trust_pickle:
+            raise _untrusted(path, refused) from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e2:
+            raise ModelLoadError(f"cannot unpickle {path} (with --trust-pickle): {_exc(e2)}") from e2
+    result = _unwrap(obj, path)
+    return ("module" if isinstance(result, nn.Module) else "state_dict"), result
+
+
+def _read_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    device = str(map_location) if map_location is not None else "cpu"
+    try:
+        sd = load_file(str(path), device=device)
+    except Exception as e:
+        raise _corrupt(path, e, "safetensors file") from e
+    if not sd:
+        raise ModelLoadError(f"safetensors file {path} holds no tensors")
+    return _strip_data_parallel(sd)
+
+
+def load_state_dict(
+    path: str | Path, map_location: str | torch.device = "cpu", trust_pickle: bool = False
+) -> dict[str, Tensor]:
+    """The state dict in a `.pth`/`.pt` (weights only), `.safetensors` or TorchScript archive.
+
+    Checkpoint dicts are unwrapped (`state_dict`, `model_state`, `model`, `model_state_dict`) and a
+    DataParallel `module.` prefix is stripped. A pickled module raises `UntrustedPickleError` unless
+    `trust_pickle` (then its `state_dict()` is returned).
+    """
+    _, obj = _read(Path(path), trust_pickle, map_location)
+    return dict(obj.state_dict()) if isinstance(obj, nn.Module) else obj
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _parse_kwargs(arch_kwargs: dict[str, Any] | str | None) -> dict[str, Any]:
+    if arch_kwargs is None:
+        return {}
+    if isinstance(arch_kwargs, Mapping):
+        return dict(arch_kwargs)
+    text = str(arch_kwargs).strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(
+            f"--arch-kwargs is not valid JSON ({e.msg} at column {e.colno}): {_one_line(text, 120)}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(
+            f"--arch-kwargs must be a JSON object like '{{\"width\": 8}}', got a {type(value).__name__}"
+        )
+    return value
+
+
+def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    factory = resolve_callable(arch, "--arch", ModelLoadError)
+    try:
+        model = factory(**kwargs)
+    except SensitivityError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"--arch factory {arch!r} raised {_exc(e)}") from e
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelLoadError(
+            f"--arch factory {arch!r} returned a TorchScript module; hooks cannot run on ScriptModules, "
+            "so the factory must build the eager nn.Module"
+        )
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"--arch factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _shape(x: object) -> str:
+    return str(list(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _load_into(model: nn.Module, sd: dict[str, Any], arch: str, path: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        f"{k} file {_shape(sd[k])} vs model {_shape(v)}"
+        for k, v in expected.items()
+        if k in sd and isinstance(v, Tensor) and isinstance(sd[k], Tensor) and sd[k].shape != v.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{_plural(len(missing), 'missing key')}: {_first(missing)}")
+    if unexpected:
+        parts.append(f"{_plural(len(unexpected), 'unexpected key')}: {_first(unexpected)}")
+    if mismatched:
+        parts.append(
+            f"{_plural(len(mismatched), 'shape mismatch', 'shape mismatches')}: {_first(mismatched)}"
+        )
+    if parts:
+        raise ModelLoadError(f"the weights in {path.name} do not match --arch {arch}: " + "; ".join(parts))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"loading the weights in {path.name} into --arch {arch} failed: {_exc(e)}"
+        ) from e
+
+
+def load_model(
+    path: str | Path | None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | str | None = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """The eager `nn.Module` to analyse (see the module docstring for the accepted files), in eval mode.
+
+    `arch` is `pkg.module:factory` or `path/to/file.py:factory`, called with `arch_kwargs` (a dict or a
+    JSON object string). Weights must match the factory's model exactly: missing, unexpected and
+    wrongly shaped keys are named in the error.
+    """
+    kwargs = _parse_kwargs(arch_kwargs)
+    if kwargs and arch is None:
+        raise ModelLoadError("--arch-kwargs given without --arch pkg.module:factory")
+    if path is None:
+        if arch is None:
+            raise ModelLoadError("no model given: pass a model file and/or --arch pkg.module:factory")
+        model = _build(arch, kwargs)
+    else:
+        file = Path(path)
+        kind, obj = _read(file, trust_pickle, map_location)
+        if arch is None:
+            if isinstance(obj, nn.Module):
+                model = obj
+            elif kind == "torchscript":
+                raise ModelLoadError(
+                    f"{file} is a TorchScript archive and hooks cannot run on ScriptModules: "
+                    "pass --arch pkg.module:factory to build the eager model its weights are loaded into"
+                )
+            else:
+                raise ModelLoadError(
+                    f"{file} holds only weights (a state dict of {_plural(len(obj), 'tensor')}), "
+                    "not the model: pass --arch pkg.module:factory to build it"
+                )
+        else:
+            model = _build(arch, kwargs)
+            sd = dict(obj.state_dict()) if isinstance(obj, nn.Module) else obj
+            _load_into(model, sd, arch, file)
+    if isinstance(model, torch.jit.ScriptModule):  # a trusted pickle can hold anything
+        raise ModelLoadError(
+            f"{path} holds a TorchScript module; hooks cannot run on ScriptModules: pass --arch"
+        )
+    return model.to(map_location).eval()
