@@ -41,15 +41,38 @@ def main() -> None:
         torch.save(torch.randn(args.images, 3, 224, 224), tmpd / "calib.pt")
         arch = f"{HERE / 'resnets.py'}:{args.model}"
         py = sys.executable
-        scan_cmd = [py, "-m", "sensitivity", "scan", str(tmpd / "model.pth"), "--arch", arch,
-                    "--calib", str(tmpd / "calib.pt"), "--batch-size", str(args.batch_size),
-                    "--out", str(tmpd / "report"), "--overwrite", "--quiet", *args.extra.split()]
-        fp_cmd = [py, str(HERE / "fp_forward.py"), str(tmpd / "model.pth"), arch, str(tmpd / "calib.pt"),
-                  str(args.batch_size)]
+        scan_cmd = [
+            py,
+            "-m",
+            "sensitivity",
+            "scan",
+            str(tmpd / "model.pth"),
+            "--arch",
+            arch,
+            "--calib",
+            str(tmpd / "calib.pt"),
+            "--batch-size",
+            str(args.batch_size),
+            "--out",
+            str(tmpd / "report"),
+            "--overwrite",
+            "--quiet",
+            *args.extra.split(),
+        ]
+        fp_cmd = [
+            py,
+            str(HERE / "fp_forward.py"),
+            str(tmpd / "model.pth"),
+            arch,
+            str(tmpd / "calib.pt"),
+            str(args.batch_size),
+        ]
         res = compare({"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats)
     a, b = res["scan"], res["fp-forward"]
-    print(f"model {args.model}, {args.images} images 3x224x224, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, medians of {args.repeats} runs (whole processes)")
+    print(
+        f"model {args.model}, {args.images} images 3x224x224, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}, medians of {args.repeats} runs (whole processes)"
+    )
     print(f"  scan        wall {a.wall:7.2f} s   peak RSS {a.rss:8.1f} MiB")
     print(f"  FP forward  wall {b.wall:7.2f} s   peak RSS {b.rss:8.1f} MiB")
     print(f"  ratio scan / FP forward: time {a.wall / b.wall:.2f}x   peak memory {a.rss / b.rss:.2f}x")

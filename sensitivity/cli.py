@@ -71,7 +71,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
     """The comparison table and the worst layers by isolated relative L1."""
-    comp = Table(title=f"{result.model_name}: {result.spec.name} ({result.spec.calibrator}) on held-out batches")
+    comp = Table(
+        title=f"{result.model_name}: {result.spec.name} ({result.spec.calibrator}) on held-out batches"
+    )
     for col in ("config", "quantized", "FP layers", "out rel L1", "out SQNR dB", "cosine", "non-finite"):
         comp.add_column(col, justify="right" if col != "config" else "left")
     for row in result.comparison.to_dict(orient="records"):
@@ -113,37 +115,60 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
 
 
 SpecOpt = Annotated[str, typer.Option("--spec", help="Bit widths, e.g. W8A8, W4A8, W8A16.")]
-CalibOpt = Annotated[str, typer.Option("--calibrator", help="Activation calibrator: max | percentile | entropy | mse.")]
+CalibOpt = Annotated[
+    str, typer.Option("--calibrator", help="Activation calibrator: max | percentile | entropy | mse.")
+]
 PercOpt = Annotated[float, typer.Option("--percentile", help="Percentile for the percentile calibrator.")]
 SignOpt = Annotated[
-    str, typer.Option("--act-sign", help="signed (TensorRT) or auto (unsigned where the input is never negative).")
+    str,
+    typer.Option(
+        "--act-sign", help="signed (TensorRT) or auto (unsigned where the input is never negative)."
+    ),
 ]
 
 
 @app.command()
 def scan(
-    model: Annotated[Path, typer.Argument(help="State dict (.pth/.pt/.safetensors), TorchScript, or pickled module.")],
-    calib: Annotated[str, typer.Option("--calib", help="Calibration data: .pt/.npz file, folder, or pkg.mod:fn.")],
+    model: Annotated[
+        Path, typer.Argument(help="State dict (.pth/.pt/.safetensors), TorchScript, or pickled module.")
+    ],
+    calib: Annotated[
+        str, typer.Option("--calib", help="Calibration data: .pt/.npz file, folder, or pkg.mod:fn.")
+    ],
     arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling (runs code!).")] = False,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling (runs code!).")
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch for tensor data.")] = 8,
-    batches: Annotated[int | None, typer.Option("--batches", help="Use at most N calibration batches.")] = None,
+    batches: Annotated[
+        int | None, typer.Option("--batches", help="Use at most N calibration batches.")
+    ] = None,
     spec: SpecOpt = "W8A8",
     calibrator: CalibOpt = "max",
     percentile: PercOpt = 99.99,
     act_sign: SignOpt = "signed",
     only: Annotated[list[str] | None, typer.Option("--only", help="Glob(s) of layers to scan.")] = None,
-    skip: Annotated[list[str] | None, typer.Option("--skip", help="Glob(s) of layers to leave alone.")] = None,
-    fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs.")] = True,
-    exclude: Annotated[Path | None, typer.Option("--exclude", help="A (user-edited) exclude.yaml to honour.")] = None,
+    skip: Annotated[
+        list[str] | None, typer.Option("--skip", help="Glob(s) of layers to leave alone.")
+    ] = None,
+    fold_bn: Annotated[
+        bool, typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs.")
+    ] = True,
+    exclude: Annotated[
+        Path | None, typer.Option("--exclude", help="A (user-edited) exclude.yaml to honour.")
+    ] = None,
     outputs: Annotated[list[str] | None, typer.Option("--outputs", help="Output keys that count.")] = None,
     max_rel_l1: Annotated[float | None, typer.Option("--max-rel-l1", help="Exclude above this.")] = None,
     min_sqnr_db: Annotated[float | None, typer.Option("--min-sqnr-db", help="Exclude below this.")] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of batches held out.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default reports/<model>).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default reports/<model>).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing report folder.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Scan a model: per-layer isolated and cumulative error, exclusions, report folder."""

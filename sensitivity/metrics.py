@@ -17,7 +17,16 @@ __all__ = ["METRICS", "ErrorStats", "error_metrics"]
 #: Per-layer metrics, in the column order used by layers.csv.
 METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 
-_SUM_FIELDS = ("n", "sum_abs_err", "sum_sq_err", "sum_abs_ref", "sum_sq_ref", "sum_sq_test", "sum_dot", "nonfinite")
+_SUM_FIELDS = (
+    "n",
+    "sum_abs_err",
+    "sum_sq_err",
+    "sum_abs_ref",
+    "sum_sq_ref",
+    "sum_sq_test",
+    "sum_dot",
+    "nonfinite",
+)
 _MAX_FIELDS = ("max_abs_err",)
 
 
@@ -96,8 +105,15 @@ def error_metrics(s: ErrorStats) -> dict[str, float]:
     """Derive the reported metrics. Conventions: SQNR of an exact match is +inf; empty stats give NaN."""
     nan = float("nan")
     if s.n == 0:
-        return {"l1": nan, "rel_l1": nan, "mse": nan, "sqnr_db": nan, "cosine": nan, "max_abs": nan,
-                "nonfinite": s.nonfinite}
+        return {
+            "l1": nan,
+            "rel_l1": nan,
+            "mse": nan,
+            "sqnr_db": nan,
+            "cosine": nan,
+            "max_abs": nan,
+            "nonfinite": s.nonfinite,
+        }
     l1 = s.sum_abs_err / s.n
     rel_l1 = s.sum_abs_err / s.sum_abs_ref if s.sum_abs_ref > 0 else (0.0 if s.sum_abs_err == 0 else math.inf)
     if s.sum_sq_err == 0:

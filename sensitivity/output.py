@@ -42,7 +42,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class atomic_dir:  # noqa: N801 - used as a context manager, reads like one
+class atomic_dir:
     """`with atomic_dir(path, overwrite) as tmp:` write into tmp; on success tmp becomes path."""
 
     def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
@@ -63,7 +63,7 @@ class atomic_dir:  # noqa: N801 - used as a context manager, reads like one
             raise OutputDirError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
         return self.tmp
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -110,6 +110,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
             "excluded": list(result.excluded),
             "folded_bn": result.folded_bn,
             "first_nonfinite": result.first_nonfinite,
+            "policy_first_nonfinite": result.policy_first_nonfinite,
             "comparison": result.comparison.to_dict(orient="records"),
             "timings": result.timings,
             "versions": {

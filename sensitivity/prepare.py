@@ -103,7 +103,9 @@ def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
         else:
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
             beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta)
+            w, b = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta
+            )
         conv.weight = nn.Parameter(w.detach(), requires_grad=False)
         conv.bias = nn.Parameter(b.detach(), requires_grad=False)
         _set_submodule(model, node.name, nn.Identity())
@@ -134,9 +136,13 @@ def prepare(
     order = [n for n in flow.module_order() if n in targets]
     never = sorted(targets - set(order))
     if never:
-        log.warning("%d target layers never ran on the first batch and are not scanned: %s", len(never), never[:5])
+        log.warning(
+            "%d target layers never ran on the first batch and are not scanned: %s", len(never), never[:5]
+        )
     if not order:
-        raise NoQuantizableLayersError("none of the model's Conv / Linear layers ran on the calibration batch")
+        raise NoQuantizableLayersError(
+            "none of the model's Conv / Linear layers ran on the calibration batch"
+        )
     layers = []
     for i, name in enumerate(order):
         mod = fp.get_submodule(name)
@@ -168,4 +174,8 @@ def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[in
     n_out = 1
     for d in out_shape[1:]:
         n_out *= d
-    return n_out * w[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else n_out * w.numel() // w.shape[0]
+    return (
+        n_out * w[0].numel()
+        if isinstance(module, nn.modules.conv._ConvNd)
+        else n_out * w.numel() // w.shape[0]
+    )

@@ -59,6 +59,7 @@ class ScanOptions:
     exclude: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     seed: int = 0
+    max_nonfinite_repairs: int = 8
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ScanResult:
     policy: Policy
     comparison: pd.DataFrame
     first_nonfinite: str | None
+    policy_first_nonfinite: str | None
     quant_state: dict[str, Any]
     calibration: dict[str, int]
     timings: dict[str, float]
@@ -194,26 +196,42 @@ def scan(
         _comparison_row("fp", None, len(names), len(names)),
         _comparison_row("naive", result.output_stats(), 0, len(names)),
     ]
+    t = time.perf_counter()
+    check = result
     if excluded:
-        t = time.perf_counter()
-        set_layer_enabled(qmodel, excluded, False)
-        with progress.phase("verify exclusions", len(held)) as advance:
-            check = compare_pass(fp, qmodel, layers, held, output_keys=list(opts.outputs) or None, progress=advance)
-        set_layer_enabled(qmodel, excluded, True)
-        comparison_rows.append(_comparison_row("naive+exclusion", check.output_stats(), len(excluded), len(names)))
-        for n in names:
-            for key, value in check.cum.get(n, ErrorStats()).metrics().items():
-                table.loc[n, f"cum_policy_{key}"] = value
+        check = _verify(fp, qmodel, layers, held, excluded, opts, progress)
+    # A quantized model that still turns non-finite: exclude the worst layer upstream of the first NaN/Inf,
+    # one at a time, each step verified by a quantized pass (bounded: a few steps, never every layer).
+    for _ in range(opts.max_nonfinite_repairs):
+        if check.first_nonfinite is None:
+            break
+        upstream = [n for n in check.nonfinite_upstream if n not in excluded] or [
+            n for n in names if n not in excluded
+        ]
+        if not upstream:
+            break
+        worst = max(upstream, key=lambda n: _badness(table, n))
+        excluded[worst] = (
+            f"the quantized model turns non-finite at {check.first_nonfinite}; worst isolated error upstream "
+            f"(relative L1 {table.loc[worst, 'iso_naive_rel_l1']:.3g})",
+            {"iso_naive_rel_l1": float(table.loc[worst, "iso_naive_rel_l1"])},
+        )
+        check = _verify(fp, qmodel, layers, held, excluded, opts, progress)
+    excluded = {n: excluded[n] for n in names if n in excluded}
+    if check is not result:
         timings["verify_s"] = time.perf_counter() - t
-    else:
-        comparison_rows.append(_comparison_row("naive+exclusion", result.output_stats(), 0, len(names)))
-        for col in [c for c in table.columns if c.startswith("cum_naive_")]:
-            table[col.replace("cum_naive_", "cum_policy_")] = table[col]
+    comparison_rows.append(
+        _comparison_row("naive+exclusion", check.output_stats(), len(excluded), len(names))
+    )
+    for n in names:
+        for key, value in check.cum.get(n, ErrorStats()).metrics().items():
+            table.loc[n, f"cum_policy_{key}"] = value
+    policy_nonfinite = check.first_nonfinite
 
     table["decision"] = ["fp" if n in excluded else "naive" for n in names]
     table["reason"] = [excluded[n][0] if n in excluded else "" for n in names]
     rules = [Rule(match=n, method="fp", reason=excluded[n][0], metrics=excluded[n][1]) for n in excluded]
-    rules.append(Rule(match="**", method="naive", reason="default: every other layer W{}A{}".format(spec.w_bits, spec.a_bits)))
+    rules.append(Rule(match="**", method="naive", reason=f"default: every other layer {spec.name}"))
     policy = Policy(rules=tuple(rules), spec=spec.name)
 
     quant_state = _quant_state(observers, qlayers, names, spec, prep.folded)
@@ -227,12 +245,41 @@ def scan(
         policy=policy,
         comparison=pd.DataFrame(comparison_rows),
         first_nonfinite=result.first_nonfinite,
+        policy_first_nonfinite=policy_nonfinite,
         quant_state=quant_state,
         calibration={"batches": len(batches), "fit_batches": len(fit), "heldout_batches": len(held)},
         timings=timings,
         observers=observers,
         folded_bn=prep.folded,
     )
+
+
+def _badness(table: pd.DataFrame, name: str) -> float:
+    """Isolated error used to rank layers; non-finite isolated outputs rank first."""
+    value = float(table.loc[name, "iso_naive_rel_l1"])
+    if table.loc[name, "iso_naive_nonfinite"] > 0:
+        return math.inf
+    return value if math.isfinite(value) else -1.0
+
+
+def _verify(
+    fp: nn.Module,
+    qmodel: nn.Module,
+    layers: list[LayerInfo],
+    held: list[Batch],
+    excluded: dict[str, Any],
+    opts: ScanOptions,
+    progress: PhaseProgress,
+) -> PassResult:
+    """One quantized pass over the held-out batches with the excluded layers in FP."""
+    set_layer_enabled(qmodel, excluded, False)
+    try:
+        with progress.phase("verify exclusions", len(held)) as advance:
+            return compare_pass(
+                fp, qmodel, layers, held, output_keys=list(opts.outputs) or None, progress=advance
+            )
+    finally:
+        set_layer_enabled(qmodel, excluded, True)
 
 
 def _add_sign_gain(table: pd.DataFrame) -> None:

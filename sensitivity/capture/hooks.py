@@ -28,7 +28,9 @@ def forward_hooks(
 
 
 @contextmanager
-def pre_hooks(model: nn.Module, names: list[str], hook: Callable[[str, nn.Module, tuple], Any]) -> Iterator[None]:
+def pre_hooks(
+    model: nn.Module, names: list[str], hook: Callable[[str, nn.Module, tuple], Any]
+) -> Iterator[None]:
     """Call `hook(name, module, args)` before each named module runs."""
     handles = []
     try:

@@ -66,7 +66,11 @@ class LayerObserver:
         if not unsigned or self.spec.calibrator == "max":
             return self.calibrator.compute_amax()
         twin = make_calibrator(
-            self.spec.calibrator, self.spec.a_bits, True, percentile=self.spec.percentile, num_bins=self.spec.num_bins
+            self.spec.calibrator,
+            self.spec.a_bits,
+            True,
+            percentile=self.spec.percentile,
+            num_bins=self.spec.num_bins,
         )
         twin.merge_state(self.calibrator.state())
         return twin.compute_amax()

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.capture.hooks import forward_hooks, pre_hooks
+from sensitivity.capture.hooks import forward_hooks
 from sensitivity.capture.observe import LayerObserver, channel_dim
 from sensitivity.capture.outputs import as_tensor, flatten_outputs
-from sensitivity.data import Batch, describe_batch, run_model
-from sensitivity.errors import CalibrationDataError, FPModelError
+from sensitivity.data import Batch, run_checked
+from sensitivity.errors import FPModelError
 from sensitivity.metrics import ErrorStats
 from sensitivity.prepare import LayerInfo, layer_macs
 from sensitivity.quant.spec import QuantSpec
 
-__all__ = ["Candidate", "PassResult", "calibrate", "compare_pass", "run_checked"]
+__all__ = ["Candidate", "PassResult", "calibrate", "compare_pass"]
 
 #: An isolated candidate: given the layer's FP call args, return the candidate's output for them.
 Candidate = Callable[[tuple], Any]
@@ -35,17 +35,6 @@ Progress = Callable[[], None]
 
 def _noop() -> None:
     return None
-
-
-def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
-    """Run the model on a batch, turning shape/dtype rejections into a one-line CalibrationDataError."""
-    try:
-        return run_model(model, batch)
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CalibrationDataError(
-            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {first}"
-        ) from exc
 
 
 def calibrate(
@@ -103,6 +92,8 @@ class PassResult:
     out: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
     first_nonfinite: str | None = None
     first_nonfinite_rank: float = math.inf
+    #: target layers that ran (in the quantized model) up to the first non-finite value, in order
+    nonfinite_upstream: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def output_stats(self) -> ErrorStats:
@@ -118,9 +109,7 @@ def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     for name, mod in model.named_modules():
         if not name:
             continue
-        if name in targets:
-            out.append(name)
-        elif next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets):
+        if name in targets or (next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets)):
             out.append(name)
     return out
 
@@ -161,6 +150,8 @@ def compare_pass(
 
     counter = [0]
     nonfinite_at: list[tuple[int, str]] = []
+    targets_called: list[str] = []
+    upstream: list[str] = []
 
     def q_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -172,12 +163,14 @@ def compare_pass(
         ref = queue.popleft()
         res.cum[name].update(ref, y)
         res.calls[name] += 1
+        targets_called.append(name)
 
     def leaf_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         counter[0] += 1
         y = as_tensor(out)
         if y is not None and y.is_floating_point() and not nonfinite_at and not torch.isfinite(y).all():
             nonfinite_at.append((counter[0], name))
+            upstream[:] = list(dict.fromkeys(targets_called))
 
     leaves = _leaf_names(q_model, target_set)
     with torch.no_grad():
@@ -188,6 +181,8 @@ def compare_pass(
             _check_fp_outputs(fp_out, index)
             counter[0] = 0
             nonfinite_at.clear()
+            targets_called.clear()
+            upstream.clear()
             with forward_hooks(q_model, names, q_hook), forward_hooks(q_model, leaves, leaf_hook):
                 q_out = run_checked(q_model, batch, index)
             ref_flat = flatten_outputs(fp_out, output_keys)
@@ -201,8 +196,10 @@ def compare_pass(
                 found = (float(nonfinite_at[0][0]), nonfinite_at[0][1])
             elif bad_outputs:
                 found = (math.inf, f"output:{bad_outputs[0]}")
+                upstream[:] = list(dict.fromkeys(targets_called))
             if found is not None and (res.first_nonfinite is None or found[0] < res.first_nonfinite_rank):
                 res.first_nonfinite_rank, res.first_nonfinite = found
+                res.nonfinite_upstream = list(upstream)
             stored.clear()
             progress()
     return res

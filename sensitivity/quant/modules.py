@@ -86,7 +86,7 @@ class QuantMixin:
 
 
 class _QuantConv(QuantMixin):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quant_input(input), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
 
 
@@ -103,7 +103,7 @@ class QuantConv3d(_QuantConv, nn.Conv3d):
 
 
 class QuantLinear(QuantMixin, nn.Linear):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(input), self.quantized_weight(), self.bias)
 
 
@@ -111,9 +111,15 @@ class _QuantConvTranspose(QuantMixin):
     _conv_fn = staticmethod(F.conv_transpose2d)
     _nd = 2
 
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(  # type: ignore[attr-defined]
-            input, output_size, self.stride, self.padding, self.kernel_size, self._nd, self.dilation  # type: ignore[attr-defined]
+            input,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            self._nd,
+            self.dilation,  # type: ignore[attr-defined]
         )
         return self._conv_fn(
             self._quant_input(input),

@@ -49,7 +49,7 @@ class TensorQuantizer(nn.Module):
         scale = self.scale().to(x.device)
         return fake_quant(x, scale, self.num_bits, self.unsigned, self.axis)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # amax starts as None; accept a saved amax of any shape instead of refusing a shape mismatch.
         key = prefix + "amax"
         if key in state_dict:

@@ -56,7 +56,9 @@ class QuantSpec:
         """`W8A8`, `W4A8`, `w8a16` ... plus keyword options (act_sign, calibrator, percentile)."""
         match = _SPEC_RE.match(str(text))
         if not match:
-            raise SpecError(f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8")
+            raise SpecError(
+                f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8"
+            )
         return cls(w_bits=int(match.group(1)), a_bits=int(match.group(2)), **options)  # type: ignore[arg-type]
 
     @property

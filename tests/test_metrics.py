@@ -1,0 +1,78 @@
+"""ErrorStats against direct torch reductions (float64), merging, and the non-finite conventions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sensitivity.metrics import ErrorStats
+
+
+def _direct(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    r, t = ref.double(), test.double()
+    d = t - r
+    return {
+        "l1": d.abs().mean().item(),
+        "rel_l1": (d.abs().sum() / r.abs().sum()).item(),
+        "mse": (d * d).mean().item(),
+        "sqnr_db": (10 * torch.log10((r * r).sum() / (d * d).sum())).item(),
+        "cosine": torch.nn.functional.cosine_similarity(r.flatten(), t.flatten(), dim=0).item(),
+        "max_abs": d.abs().max().item(),
+    }
+
+
+def test_metrics_match_direct_reductions() -> None:
+    ref = torch.randn(4, 8, 5, 5)
+    test = ref + 0.05 * torch.randn_like(ref)
+    s = ErrorStats()
+    s.update(ref, test)
+    got = s.metrics()
+    for key, want in _direct(ref, test).items():
+        # float64 sums of the same values: equal up to summation order (1e-12 relative)
+        assert got[key] == pytest.approx(want, rel=1e-12), key
+    assert got["nonfinite"] == 0
+
+
+def test_merge_over_batches_equals_one_pass() -> None:
+    refs = [torch.randn(3, 7) for _ in range(5)]
+    tests = [r + 0.1 * torch.randn_like(r) for r in refs]
+    merged = ErrorStats()
+    for r, t in zip(refs, tests, strict=True):
+        part = ErrorStats()
+        part.update(r, t)
+        merged.merge(part)
+    whole = ErrorStats()
+    whole.update(torch.cat(refs), torch.cat(tests))
+    for key, value in whole.metrics().items():
+        assert merged.metrics()[key] == pytest.approx(value, rel=1e-12)
+    assert ErrorStats.from_tensor(merged.to_tensor()) == merged
+
+
+def test_nonfinite_counted_and_left_out_of_sums() -> None:
+    ref = torch.ones(10)
+    test = torch.ones(10) * 1.1
+    test[2] = float("nan")
+    test[5] = float("inf")
+    s = ErrorStats()
+    s.update(ref, test)
+    m = s.metrics()
+    assert m["nonfinite"] == 2
+    assert m["l1"] == pytest.approx(0.1, rel=1e-6)
+
+
+def test_exact_match_conventions() -> None:
+    x = torch.randn(20)
+    s = ErrorStats()
+    s.update(x, x.clone())
+    m = s.metrics()
+    assert m["sqnr_db"] == math.inf
+    assert m["rel_l1"] == 0.0
+    assert m["cosine"] == pytest.approx(1.0)
+    assert math.isnan(ErrorStats().metrics()["l1"])
+
+
+def test_shape_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ErrorStats().update(torch.zeros(3), torch.zeros(4))

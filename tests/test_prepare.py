@@ -1,0 +1,104 @@
+"""BN folding proven by the eager dataflow, target discovery, execution order, no mutation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sensitivity.graph import record_dataflow
+from sensitivity.prepare import find_targets, prepare
+from tests.models import TinyConvNet
+
+
+def _param_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+def test_fold_bn_is_exact_and_model_untouched() -> None:
+    model = TinyConvNet().eval()
+    _randomize_bn(model)
+    before = _param_hash(model)
+    x = torch.randn(2, 3, 12, 12)
+    prep = prepare(model, x)
+    assert prep.folded == {"stem.0": "stem.1", "conv1": "bn1"}
+    assert isinstance(prep.model.bn1, nn.Identity)
+    with torch.no_grad():
+        # folding reorders float ops: equal to float32 rounding (outputs are O(1))
+        torch.testing.assert_close(prep.model(x), model(x), rtol=1e-5, atol=1e-5)
+    assert _param_hash(model) == before
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+    assert prep.names == ["stem.0", "conv1", "dw", "pw", "fc"]
+
+
+class SharedConvOutput(nn.Module):
+    """conv's output feeds BN *and* a residual add: folding BN into conv would change the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return F.relu(self.bn(y)) + y
+
+
+class BNTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn(x)
+
+
+def test_fold_refused_when_conv_output_has_other_consumers() -> None:
+    for cls in (SharedConvOutput, BNTwice):
+        model = cls().eval()
+        _randomize_bn(model)
+        x = torch.randn(1, 4, 6, 6)
+        prep = prepare(model, x)
+        assert prep.folded == {}, cls.__name__
+        with torch.no_grad():
+            torch.testing.assert_close(prep.model(x), model(x), rtol=0, atol=0)
+
+
+def test_dataflow_sees_functional_consumers_and_inplace_versions() -> None:
+    model = SharedConvOutput().eval()
+    flow = record_dataflow(model, torch.randn(1, 4, 6, 6))
+    conv = flow.module_calls("conv")[0]
+    assert len(flow.consumers[conv.outputs[0]]) == 2  # bn and the functional add
+    assert flow.sole_consumer(conv.outputs[0]) is None
+
+
+def test_only_and_skip_globs() -> None:
+    model = TinyConvNet()
+    assert find_targets(model, only=["stem.*"]) == ["stem.0"]
+    assert find_targets(model, skip=["**"]) == []
+    assert find_targets(model, skip=["fc", "d*"]) == ["stem.0", "conv1", "pw"]
+
+
+def test_subclassed_layers_are_not_targets() -> None:
+    class MyConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
+    assert find_targets(model) == ["1"]
