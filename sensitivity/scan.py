@@ -80,6 +80,20 @@ class ScanResult:
     timings: dict[str, float]
     observers: dict[str, LayerObserver] = field(repr=False, default_factory=dict)
     folded_bn: dict[str, str] = field(default_factory=dict)
+    fp_model: nn.Module | None = field(repr=False, default=None)
+
+    def quantized_model(self, exclusions: bool = True) -> nn.Module:
+        """The scanned model quantized with the final amax (refitted on all batches); excluded layers in FP
+        when `exclusions`. Built from the in-memory, BN-folded FP model this scan measured against."""
+        if self.fp_model is None:
+            raise ValueError("this ScanResult holds no model (it was loaded from disk)")
+        acts = {
+            n: ActQuant(s["input_amax"], bool(s["input_unsigned"])) for n, s in self.quant_state["layers"].items()
+        }
+        model = build_quant_model(self.fp_model, acts, self.spec)
+        if exclusions:
+            set_layer_enabled(model, self.excluded, False)
+        return model
 
     @property
     def spec(self) -> QuantSpec:
@@ -251,6 +265,7 @@ def scan(
         timings=timings,
         observers=observers,
         folded_bn=prep.folded,
+        fp_model=fp,
     )
 
 

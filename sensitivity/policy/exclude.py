@@ -27,11 +27,14 @@ __all__ = [
     "exclude_entries",
 ]
 
-# PROVISIONAL defaults: placeholders chosen by rule of thumb (a 10% mean relative error, 20 dB SQNR, i.e.
-# error power 1% of signal power), not yet measured. They will be re-derived from scans of real trained models
-# (where W8A8 is known to keep or lose accuracy); the lead sets the final values.
-DEFAULT_MAX_REL_L1 = 0.1
-DEFAULT_MIN_SQNR_DB = 20.0
+# Defaults measured on real trained CNNs at W8A8 (max calibration, BN folded; 4 models, 28 layers: the demo
+# digits CNN, MTCNN RNet and ONet on LFW crops, CREPE-tiny on pure tones), where W8A8 keeps the models'
+# behaviour: the worst healthy layer had isolated relative L1 0.081 (median 0.02) and SQNR 20.7 dB (median
+# ~35 dB). The limits sit about 2x beyond that (SQNR: error power ~4x the worst healthy layer), so a healthy
+# W8A8 layer is not excluded, while a layer with an outlier input channel (relative L1 ~1, SQNR ~0 dB) is.
+# At W4A8 / W8A4 most layers of those models cross them, as they should.
+DEFAULT_MAX_REL_L1 = 0.15
+DEFAULT_MIN_SQNR_DB = 15.0
 
 MODE_NAMES = {"iso": "isolated", "cum": "cumulative"}
 _METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
