@@ -91,7 +91,9 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
     worst = table.sort_values("iso_naive_rel_l1", ascending=False, na_position="first").head(top)
     t = Table(title=f"worst {len(worst)} of {len(table)} layers (isolated error)")
     for col in ("#", "layer", "type", "iso rel L1", "iso SQNR dB", "cum rel L1", "non-finite", "decision"):
-        t.add_column(col, justify="left" if col in ("layer", "type", "decision") else "right", overflow="fold")
+        t.add_column(
+            col, justify="left" if col in ("layer", "type", "decision") else "right", overflow="fold"
+        )
     for name, row in worst.iterrows():
         decision = row["decision"]
         style = "red" if decision == "fp" else None

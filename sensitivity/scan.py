@@ -88,7 +88,8 @@ class ScanResult:
         if self.fp_model is None:
             raise ValueError("this ScanResult holds no model (it was loaded from disk)")
         acts = {
-            n: ActQuant(s["input_amax"], bool(s["input_unsigned"])) for n, s in self.quant_state["layers"].items()
+            n: ActQuant(s["input_amax"], bool(s["input_unsigned"]))
+            for n, s in self.quant_state["layers"].items()
         }
         model = build_quant_model(self.fp_model, acts, self.spec)
         if exclusions:

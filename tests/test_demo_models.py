@@ -157,21 +157,6 @@ def test_corrupt_cache_file_is_replaced(
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files left
 
 
-@pytest.fixture(scope="session")
-def trained_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, float]:
-    """The default demo model, trained once per session (~25-50 s) into a temporary SENSITIVITY_CACHE.
-
-    Returns the model, the cache folder and the training seconds.
-    """
-    cache = tmp_path_factory.mktemp("sensitivity-cache")
-    with pytest.MonkeyPatch.context() as mp:  # only while training: nothing leaks into other tests
-        mp.setenv(digits.CACHE_ENV, str(cache))
-        start = time.perf_counter()
-        model = digits.train_digits_cnn()
-        seconds = time.perf_counter() - start
-    return model, cache, seconds
-
-
 @pytest.mark.slow
 def test_trained_model_is_accurate(trained_digits: tuple[nn.Module, Path, float]) -> None:
     model, _, _ = trained_digits

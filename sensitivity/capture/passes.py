@@ -109,7 +109,9 @@ def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     for name, mod in model.named_modules():
         if not name:
             continue
-        if name in targets or (next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets)):
+        if name in targets or (
+            next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets)
+        ):
             out.append(name)
     return out
 

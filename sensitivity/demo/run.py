@@ -31,7 +31,9 @@ def run_demo(
     console = console or Console()
     t0 = time.perf_counter()
     model = train_digits_cnn()
-    console.print(f"digits CNN ready ({data_source()}, {time.perf_counter() - t0:.1f} s; cached after the first run)")
+    console.print(
+        f"digits CNN ready ({data_source()}, {time.perf_counter() - t0:.1f} s; cached after the first run)"
+    )
     split = load_split()
     batches = list(calibration_batches(64, split))
     result = scan(

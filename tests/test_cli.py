@@ -1,0 +1,115 @@
+"""The command line as a user runs it: real subprocess-free invocations of `main()`, exit codes, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sensitivity.cli import main
+from tests.models import PlantedOutlierNet
+
+MODELS = str(Path(__file__).with_name("models.py"))
+
+
+@pytest.fixture()
+def planted(tmp_path: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    model = tmp_path / "planted.pth"
+    torch.save(PlantedOutlierNet().state_dict(), model)
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(32, 3, 12, 12), calib)
+    return model, calib
+
+
+def _scan(model: Path, calib: Path, out: Path, *extra: str) -> int:
+    return main(["scan", str(model), "--arch", f"{MODELS}:build_planted", "--calib", str(calib),
+                 "--out", str(out), "--quiet", *extra])  # fmt: skip
+
+
+def test_scan_writes_the_report_folder(planted: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    model, calib = planted
+    out = tmp_path / "report"
+    assert _scan(model, calib, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "exclude.yaml", "layers.csv", "policy.yaml", "quant_state.pt", "scan.json",
+    ]  # fmt: skip
+    exclude = yaml.safe_load((out / "exclude.yaml").read_text())
+    assert [e["layer"] for e in exclude["exclude"]] == ["mid"]
+    info = json.loads((out / "scan.json").read_text())
+    assert info["calibration"] == {"batches": 4, "fit_batches": 3, "heldout_batches": 1}
+    assert [row["config"] for row in info["comparison"]] == ["fp", "naive", "naive+exclusion"]
+    printed = capsys.readouterr().out
+    assert "excluded 1 of 4 layers" in printed and "mid" in printed
+
+
+def test_existing_folder_needs_overwrite(planted: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    model, calib = planted
+    out = tmp_path / "report"
+    assert _scan(model, calib, out) == 0
+    marker = out / "layers.csv"
+    before = marker.read_bytes()
+    assert _scan(model, calib, out) == 2
+    err = capsys.readouterr().err
+    assert "already exists: pass --overwrite" in err
+    assert marker.read_bytes() == before
+    assert _scan(model, calib, out, "--overwrite", "--batches", "2") == 0
+    assert json.loads((out / "scan.json").read_text())["calibration"]["batches"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]  # no temp leftovers
+
+
+def test_user_edited_exclusion_list_is_honoured(planted: tuple[Path, Path], tmp_path: Path) -> None:
+    model, calib = planted
+    edited = tmp_path / "mine.yaml"
+    edited.write_text("version: 1\nspec: W8A8\nexclude:\n  - layer: 'h*'\n    reason: mine\n")
+    out = tmp_path / "r"
+    assert _scan(model, calib, out, "--exclude", str(edited)) == 0
+    exclude = yaml.safe_load((out / "exclude.yaml").read_text())
+    assert [e["layer"] for e in exclude["exclude"]] == ["mid", "head"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--spec", "W1A8"], "weight bits must be an integer in 2..16, got 1"),
+        (["--spec", "W8A17"], "activation bits must be an integer in 2..16, got 17"),
+        (["--calibrator", "magic"], "unknown calibrator 'magic'"),
+        (["--only", "nothing"], "no Conv / Linear / sparse-conv layer to quantize after --only/--skip"),
+    ],
+)
+def test_bad_options_are_one_red_line(planted, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    model, calib = planted
+    assert _scan(model, calib, tmp_path / "r", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_rejected_batch_and_missing_files(planted, tmp_path: Path, capsys) -> None:
+    model, _ = planted
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.randn(8, 5, 12, 12), bad)
+    assert _scan(model, bad, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "the model rejected calibration batch 0 (tensor float32[8, 5, 12, 12])" in err
+    assert _scan(tmp_path / "nope.pth", bad, tmp_path / "r") == 2
+    assert "nope.pth" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_end_to_end(trained_digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    _, cache, _ = trained_digits
+    monkeypatch.setenv("SENSITIVITY_CACHE", str(cache))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 accuracy on 1000" in printed
+    assert "W8A8 all layers" in printed
+    assert (out / "layers.csv").exists()
+    rows = (out / "layers.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7  # header + the CNN's 6 convs and its classifier
