@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sensitivity.errors import OutputDirError
@@ -122,8 +123,38 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
     )
 
 
+def stats_arrays(result: ScanResult) -> dict[str, np.ndarray]:
+    """Per-layer arrays for re-rendering the report without the model (format: docs in README).
+
+    `layers` (names, execution order); per layer `chan_absmax/<l>` (per-input-channel max |x|),
+    `act_hist/<l>` + `act_range/<l>` (held-out input histogram over the fitting range),
+    `weight_hist/<l>` + `weight_range/<l>` (histogram of the BN-folded weight)."""
+    names = [layer.name for layer in result.layers]
+    arrays: dict[str, np.ndarray] = {"layers": np.array(names)}
+    for n in names:
+        obs = result.observers.get(n)
+        if obs is not None and obs.chan_absmax is not None:
+            arrays[f"chan_absmax/{n}"] = obs.chan_absmax.numpy().astype(np.float32)
+        hist = result.histograms.get(n)
+        if hist is not None:
+            arrays[f"act_hist/{n}"] = hist.counts.numpy()
+            arrays[f"act_range/{n}"] = np.array([hist.lo, hist.hi], dtype=np.float32)
+        if result.fp_model is not None:
+            w = result.fp_model.get_submodule(n).weight.detach().float().flatten()
+            lo, hi = float(w.min()), float(w.max())
+            if not hi > lo:
+                lo, hi = lo - 1.0, hi + 1.0
+            arrays[f"weight_hist/{n}"] = torch.histc(w, bins=128, min=lo, max=hi).double().numpy()
+            arrays[f"weight_range/{n}"] = np.array([lo, hi], dtype=np.float32)
+    return arrays
+
+
+def write_stats(result: ScanResult, path: Path) -> None:
+    np.savez_compressed(path, **stats_arrays(result))
+
+
 def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write layers.csv, scan.json, exclude.yaml, policy.yaml and quant_state.pt into `out_dir`."""
+    """Write layers.csv, scan.json, exclude.yaml, policy.yaml, quant_state.pt, stats.npz into `out_dir`."""
     with atomic_dir(out_dir, overwrite) as tmp:
         result.table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g", lineterminator="\n")
         (tmp / "scan.json").write_text(json.dumps(scan_json(result), indent=2, allow_nan=False) + "\n")
@@ -131,4 +162,5 @@ def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: b
         write_exclude(entries, tmp / "exclude.yaml", spec=result.spec.name)
         write_policy(result.policy, tmp / "policy.yaml")
         torch.save(result.quant_state, tmp / "quant_state.pt")
+        write_stats(result, tmp / "stats.npz")
     return Path(out_dir)

@@ -14,7 +14,7 @@ from sensitivity.data import Batch
 from sensitivity.errors import NoQuantizableLayersError
 from sensitivity.graph import Dataflow, record_dataflow
 from sensitivity.policy.glob import glob_match
-from sensitivity.quant.modules import QUANT_MODULES
+from sensitivity.quant.modules import QUANT_MODULES, is_spconv_module, quant_class_for
 
 __all__ = ["LayerInfo", "Prepared", "find_targets", "fold_bn_", "is_target", "prepare"]
 
@@ -25,8 +25,9 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def is_target(module: nn.Module) -> bool:
-    """Conv / ConvTranspose / Linear of exactly the torch type (subclasses have their own forward)."""
-    return type(module) in QUANT_MODULES
+    """Conv / ConvTranspose / Linear of exactly the torch type (subclasses have their own forward), or a
+    spconv convolution (SubMConv3d, SparseConv3d, SparseInverseConv3d, ...)."""
+    return type(module) in QUANT_MODULES or (is_spconv_module(module) and quant_class_for(module) is not None)
 
 
 @dataclass
@@ -159,8 +160,11 @@ def prepare(
 
 
 def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample (dim 0 is the batch; sparse convs: per active output site)."""
+    """Multiply-accumulates per sample (dim 0 is the batch); sparse convs: an upper bound for the whole
+    batch, as if every active output site saw a full kernel (the rule book is not inspected)."""
     w = module.weight
+    if is_spconv_module(module):
+        return out_shape[0] * w[0].numel() if out_shape else 0
     if isinstance(module, nn.Linear):
         rows = 1
         for d in out_shape[1:-1]:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sensitivity.capture.observe import LayerObserver
+from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import Candidate, PassResult, calibrate, compare_pass
 from sensitivity.data import Batch, split_holdout
 from sensitivity.errors import CalibrationDataError
@@ -79,6 +79,7 @@ class ScanResult:
     calibration: dict[str, int]
     timings: dict[str, float]
     observers: dict[str, LayerObserver] = field(repr=False, default_factory=dict)
+    histograms: dict[str, RangeHistogram] = field(repr=False, default_factory=dict)
     folded_bn: dict[str, str] = field(default_factory=dict)
     fp_model: nn.Module | None = field(repr=False, default=None)
 
@@ -182,6 +183,7 @@ def scan(
             alt_names.add(alt_name)
         candidates[n] = cands
 
+    histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
     t = time.perf_counter()
     with progress.phase("scan", len(held)) as advance:
         # Held-out inputs also feed the observers when they were not used for fitting: final amax uses all.
@@ -192,6 +194,7 @@ def scan(
             held,
             candidates=candidates,
             observers=observers if fit_only else None,
+            histograms=histograms,
             output_keys=list(opts.outputs) or None,
             progress=advance,
             first_index=len(batches) - len(held),
@@ -265,6 +268,7 @@ def scan(
         calibration={"batches": len(batches), "fit_batches": len(fit), "heldout_batches": len(held)},
         timings=timings,
         observers=observers,
+        histograms=histograms,
         folded_bn=prep.folded,
         fp_model=fp,
     )

@@ -9,14 +9,16 @@ import torch
 from torch import nn
 
 from sensitivity.quant.calibrate import Calibrator, make_calibrator
+from sensitivity.quant.modules import is_spconv_module
 from sensitivity.quant.spec import QuantSpec
 
-__all__ = ["LayerObserver", "channel_dim"]
+__all__ = ["LayerObserver", "RangeHistogram", "channel_dim"]
 
 
 def channel_dim(module: nn.Module) -> int:
-    """Input-channel axis of a layer's input: last for Linear, 1 for (N, C, ...) convs."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    """Input-channel axis of a layer's input: last for Linear and for spconv features [N_active, C],
+    1 for dense (N, C, ...) convs."""
+    return -1 if isinstance(module, nn.Linear) or is_spconv_module(module) else 1
 
 
 @dataclass
@@ -82,3 +84,20 @@ class LayerObserver:
         med = float(self.chan_absmax.median())
         mx = float(self.chan_absmax.max())
         return mx / med if med > 0 else (math.inf if mx > 0 else 1.0)
+
+
+class RangeHistogram:
+    """Counts over a fixed [lo, hi] range (values beyond it land in the edge bins): what the report plots.
+
+    The range comes from the fitting batches, so the held-out batches' excursions show as edge mass."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 128) -> None:
+        if not hi > lo:
+            lo, hi = lo - 1.0, hi + 1.0
+        self.lo, self.hi, self.bins = float(lo), float(hi), int(bins)
+        self.counts = torch.zeros(self.bins, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        x = x[torch.isfinite(x)].clamp(self.lo, self.hi)
+        self.counts += torch.histc(x, bins=self.bins, min=self.lo, max=self.hi).double().cpu()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sensitivity.capture.hooks import forward_hooks
-from sensitivity.capture.observe import LayerObserver, channel_dim
+from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import as_tensor, flatten_outputs
 from sensitivity.data import Batch, run_checked
 from sensitivity.errors import FPModelError
@@ -124,6 +124,7 @@ def compare_pass(
     *,
     candidates: dict[str, dict[str, Candidate]] | None = None,
     observers: dict[str, LayerObserver] | None = None,
+    histograms: dict[str, RangeHistogram] | None = None,
     output_keys: list[str] | None = None,
     progress: Progress = _noop,
     first_index: int = 0,
@@ -140,10 +141,12 @@ def compare_pass(
         y = as_tensor(out)
         if y is None:
             return
-        if observers is not None:
+        if observers is not None or histograms is not None:
             x = as_tensor(args[0])
-            if x is not None:
+            if x is not None and observers is not None:
                 observers[name].observe(x)
+            if x is not None and histograms is not None:
+                histograms[name].update(x)
         for cname, fn in candidates.get(name, {}).items():
             yc = as_tensor(fn(args))
             if yc is not None:

@@ -24,6 +24,7 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantLinear",
     "QuantMixin",
+    "is_spconv_module",
     "quant_class_for",
     "weight_channel_axis",
 ]
@@ -159,6 +160,17 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+def is_spconv_module(module: nn.Module) -> bool:
+    """True for modules whose class comes from spconv (checked by name: spconv is imported only if used)."""
+    return type(module).__module__.split(".", 1)[0] == "spconv"
+
+
 def quant_class_for(module: nn.Module) -> type[nn.Module] | None:
-    """The quantized class for exactly this float type (subclasses are user layers with their own forward)."""
-    return QUANT_MODULES.get(type(module))
+    """The quantized class for exactly this float type (subclasses are user layers with their own forward);
+    spconv convolutions resolve through `sensitivity.integrations.spconv`, imported only for them."""
+    cls = QUANT_MODULES.get(type(module))
+    if cls is None and is_spconv_module(module):
+        from sensitivity.integrations.spconv import sparse_quant_class_for
+
+        cls = sparse_quant_class_for(module)
+    return cls

@@ -1,0 +1,1 @@
+"""Optional integrations (spconv, OpenPCDet, pytorch-quantization), each imported lazily."""
