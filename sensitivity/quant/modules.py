@@ -24,6 +24,7 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantLinear",
     "QuantMixin",
+    "Smoother",
     "is_spconv_module",
     "quant_class_for",
     "weight_channel_axis",
@@ -40,24 +41,57 @@ def per_channel_amax(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return weight.detach().abs().amax(dim=dims).float()
 
 
+class Smoother(nn.Module):
+    """SmoothQuant's input side: multiply the input by 1/s per input channel, before the input quantizer.
+
+    Kept as one per-channel multiply (a Mul node in ONNX, which TensorRT runs), unless the final model
+    folds it into the producer. `scale` (s > 0) is a buffer so it travels with the state dict.
+    """
+
+    def __init__(self, scale: torch.Tensor, channel_axis: int) -> None:
+        super().__init__()
+        self.channel_axis = int(channel_axis)
+        self.register_buffer("scale", scale.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return x * (1.0 / self.scale).to(x.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}, axis={self.channel_axis}"
+
+
 class QuantMixin:
-    """Shared quantizer plumbing for the quantized layer classes."""
+    """Shared quantizer plumbing for the quantized layer classes.
+
+    A subclass says how its weight relates to input channels (`_weight_input_scale`) and how to run the
+    layer on an already-quantized input and weight (`_forward_with`); everything else is shared.
+    """
 
     input_quantizer: TensorQuantizer
     weight_quantizer: TensorQuantizer
+    smoother: Smoother | None
     weight: nn.Parameter
+    #: input-channel axis of the layer's *input* tensor (1 for N,C,... ; -1 for Linear / sparse features)
+    input_channel_axis: int = 1
 
     def _init_quantizers(self, spec: QuantSpec, act_unsigned: bool = False) -> None:
         axis = weight_channel_axis(self)  # type: ignore[arg-type]
         self.input_quantizer = TensorQuantizer(spec.a_bits, axis=None, unsigned=act_unsigned)
         self.weight_quantizer = TensorQuantizer(spec.w_bits, axis=axis, unsigned=False)
+        self.smoother = None
         self.weight_quantizer.set_amax(per_channel_amax(self.weight, axis))
         self._wq_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
+    def float_class(cls) -> type[nn.Module]:
+        return next(b for b in cls.__mro__ if b in QUANT_MODULES or getattr(cls, "_float_cls", None) is b)
+
+    @classmethod
     def from_float(cls, module: nn.Module, spec: QuantSpec, act_unsigned: bool = False) -> nn.Module:
         """Re-class `module` (already a deepcopy: its parameters are shared, not copied) as quantized."""
-        base = next(b for b in cls.__mro__ if b in QUANT_MODULES)
+        base = cls.float_class()
         if type(module) is not base:
             raise TypeError(f"{cls.__name__}.from_float expects {base.__name__}, got {type(module).__name__}")
         qmod = cls.__new__(cls)
@@ -70,25 +104,80 @@ class QuantMixin:
         qmod._init_quantizers(spec, act_unsigned)
         return qmod
 
+    # -- how the weight relates to input channels (overridden per layer family) -------------------------
+    def _weight_input_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """`s` (one factor per input channel) laid out to multiply the weight (dense conv layout)."""
+        w = self.weight
+        groups = getattr(self, "groups", 1)
+        cout, cin_g = w.shape[0], w.shape[1]
+        group_of_out = torch.arange(cout, device=s.device) // (cout // groups)
+        idx = group_of_out[:, None] * cin_g + torch.arange(cin_g, device=s.device)[None, :]
+        return s[idx].reshape(cout, cin_g, *([1] * (w.dim() - 2)))
+
+    def weight_input_absmax(self) -> torch.Tensor:
+        """max |W| over everything that multiplies each input channel: SmoothQuant's weight statistic."""
+        w = self.weight.detach().abs()
+        groups = getattr(self, "groups", 1)
+        per = w.amax(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w  # [Cout, Cin/g]
+        cout, cin_g = per.shape
+        return per.reshape(groups, cout // groups, cin_g).amax(dim=1).reshape(-1).float()
+
+    # -- SmoothQuant ------------------------------------------------------------------------------------
+    def set_smoothing(self, scale: torch.Tensor | None) -> None:
+        """Install (or with None remove) per-input-channel factors s: input * 1/s, weight * s.
+
+        The weight amax is recomputed for the smoothed weight, since per-channel maxima change with s."""
+        if scale is None:
+            self.smoother = None
+        else:
+            self.smoother = Smoother(scale.to(self.weight.device), self.input_channel_axis)
+        axis = self.weight_quantizer.axis
+        assert axis is not None
+        self.weight_quantizer.set_amax(per_channel_amax(self.smoothed_weight(), axis))
+        self._wq_cache = None
+
+    def smoothed_weight(self) -> torch.Tensor:
+        w = self.weight.detach()
+        if self.smoother is None:
+            return w
+        return w * self._weight_input_scale(self.smoother.scale.to(w.dtype))
+
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight, recomputed only when the weight or its amax changed."""
+        """The fake-quantized (smoothed) weight, recomputed only when the weight, amax or factors changed."""
         wq = self.weight_quantizer
         if not wq.enabled:
-            return self.weight
+            return self.smoothed_weight()
         amax = wq.amax
-        key = (id(self.weight), self.weight._version, id(amax), amax._version if amax is not None else -1)
+        sm = self.smoother
+        key = (
+            id(self.weight),
+            self.weight._version,
+            id(amax),
+            amax._version if amax is not None else -1,
+            id(sm.scale) if sm is not None else 0,
+            sm.scale._version if sm is not None else -1,
+        )
         if self._wq_cache is None or self._wq_cache[0] != key:
             with torch.no_grad():
-                self._wq_cache = (key, wq(self.weight.detach()))
+                self._wq_cache = (key, wq(self.smoothed_weight()))
         return self._wq_cache[1]
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smoother is not None:
+            x = self.smoother(x)
         return self.input_quantizer(x)
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Run the layer's own operation on an (already quantized) input and weight."""
+        raise NotImplementedError
+
+    def forward(self, input: torch.Tensor, *args: object) -> torch.Tensor:
+        return self._forward_with(self._quant_input(input), self.quantized_weight(), *args)
 
 
 class _QuantConv(QuantMixin):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quant_input(input), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)  # type: ignore[attr-defined]
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
@@ -104,27 +193,45 @@ class QuantConv3d(_QuantConv, nn.Conv3d):
 
 
 class QuantLinear(QuantMixin, nn.Linear):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_input(input), self.quantized_weight(), self.bias)
+    input_channel_axis = -1
+
+    def _weight_input_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return s.reshape(1, -1)
+
+    def weight_input_absmax(self) -> torch.Tensor:
+        return self.weight.detach().abs().amax(dim=0).float()
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
 
 
 class _QuantConvTranspose(QuantMixin):
     _conv_fn = staticmethod(F.conv_transpose2d)
     _nd = 2
 
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def _weight_input_scale(self, s: torch.Tensor) -> torch.Tensor:
+        # weight [Cin, Cout/g, k...]: the input channel is dim 0
+        return s.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def weight_input_absmax(self) -> torch.Tensor:
+        w = self.weight.detach().abs()
+        return w.reshape(w.shape[0], -1).amax(dim=1).float()
+
+    def _forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, output_size: list[int] | None = None
+    ) -> torch.Tensor:
         output_padding = self._output_padding(  # type: ignore[attr-defined]
-            input,
+            x,
             output_size,
-            self.stride,
-            self.padding,
-            self.kernel_size,
+            self.stride,  # type: ignore[attr-defined]
+            self.padding,  # type: ignore[attr-defined]
+            self.kernel_size,  # type: ignore[attr-defined]
             self._nd,
             self.dilation,  # type: ignore[attr-defined]
         )
         return self._conv_fn(
-            self._quant_input(input),
-            self.quantized_weight(),
+            x,
+            weight,
             self.bias,  # type: ignore[attr-defined]
             self.stride,  # type: ignore[attr-defined]
             self.padding,  # type: ignore[attr-defined]
