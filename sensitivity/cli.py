@@ -74,13 +74,14 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
     comp = Table(
         title=f"{result.model_name}: {result.spec.name} ({result.spec.calibrator}) on held-out batches"
     )
-    for col in ("config", "quantized", "FP layers", "out rel L1", "out SQNR dB", "cosine", "non-finite"):
+    for col in ("config", "quantized", "FP", "SQ", "out rel L1", "out SQNR dB", "cosine", "non-finite"):
         comp.add_column(col, justify="right" if col != "config" else "left", overflow="fold")
     for row in result.comparison.to_dict(orient="records"):
         comp.add_row(
             row["config"],
             str(row["quantized_layers"]),
             str(row["fp_layers"]),
+            str(row.get("smoothquant_layers", 0)),
             _fmt(row["out_rel_l1"]),
             _fmt(row["out_sqnr_db"]),
             _fmt(row["out_cosine"], 6),
@@ -110,10 +111,19 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
         )
     out.print(t)
     if result.first_nonfinite:
-        out.print(f"[red]first non-finite values in the quantized model at: {result.first_nonfinite}[/red]")
-    out.print(f"excluded {len(result.excluded)} of {len(table)} layers (kept in FP)")
+        out.print(
+            f"[red]first non-finite values in the quantized model at: {result.first_nonfinite}[/red]",
+            soft_wrap=True,
+        )
+    decisions = table["decision"].value_counts()
+    out.print(
+        f"naive+exclusion keeps {len(result.excluded)} of {len(table)} layers in FP; the policy: "
+        f"{decisions.get('smoothquant', 0)} SmoothQuant, {decisions.get('naive', 0)} naive, "
+        f"{decisions.get('fp', 0)} FP",
+        soft_wrap=True,
+    )
     if out_dir is not None:
-        out.print(f"report written to [bold]{out_dir}[/bold]")
+        out.print(f"report written to [bold]{out_dir}[/bold]", soft_wrap=True)
 
 
 SpecOpt = Annotated[str, typer.Option("--spec", help="Bit widths, e.g. W8A8, W4A8, W8A16.")]
@@ -164,6 +174,24 @@ def scan(
     max_rel_l1: Annotated[float | None, typer.Option("--max-rel-l1", help="Exclude above this.")] = None,
     min_sqnr_db: Annotated[float | None, typer.Option("--min-sqnr-db", help="Exclude below this.")] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of batches held out.")] = 0.25,
+    alpha_grid: Annotated[
+        str, typer.Option("--alpha-grid", help="SmoothQuant alphas: 0.5 | 0.25,0.5,0.75 | 0.1:0.9:0.1.")
+    ] = "0.25,0.5,0.75",
+    smoothquant: Annotated[
+        bool, typer.Option("--smoothquant/--no-smoothquant", help="Score SmoothQuant per layer.")
+    ] = True,
+    sq_granularity: Annotated[
+        str,
+        typer.Option(
+            "--sq-granularity", help="channel (deployable) and/or im2col (research), comma-separated."
+        ),
+    ] = "channel",
+    sq_mode: Annotated[
+        str, typer.Option("--sq-mode", help="static (deployable) or dynamic (research).")
+    ] = "static",
+    sq_margin: Annotated[
+        float, typer.Option("--sq-margin", help="SmoothQuant must cut isolated rel. L1 to this x naive.")
+    ] = 0.5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Report folder (default reports/<model>).")
@@ -180,6 +208,7 @@ def scan(
     from sensitivity.quant.spec import QuantSpec
     from sensitivity.scan import ScanOptions
     from sensitivity.scan import scan as run_scan
+    from sensitivity.smoothquant import parse_alpha_grid
 
     qspec = QuantSpec.parse(spec, calibrator=calibrator, percentile=percentile, act_sign=act_sign)
     target = out_dir or Path("reports") / model.stem
@@ -210,6 +239,10 @@ def scan(
         exclude=user_exclude,
         outputs=_split(outputs),
         seed=seed,
+        alphas=parse_alpha_grid(alpha_grid) if smoothquant else (),
+        granularities=_split([sq_granularity]),
+        sq_mode=sq_mode,
+        sq_margin=sq_margin,
     )
     result = run_scan(net, data, options, model_name=model.stem, progress=RichProgress(not quiet))
     written = result.save(str(target), overwrite=overwrite)
@@ -245,10 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         console.print("[bold red]aborted[/bold red]")
         return 130
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors (typer's click, vendored or not) show themselves
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         raise

@@ -130,6 +130,7 @@ def prepare(
     folded = fold_bn_(fp, flow) if fold_bn else {}
     if folded:
         log.info("folded %d BatchNorm layers into their convs", len(folded))
+        flow = record_dataflow(fp, batch)  # the folded graph: what SmoothQuant folding is decided on
     targets = set(find_targets(fp, only, skip))
     if not targets:
         what = " after --only/--skip" if (only or skip) else ""

@@ -1,8 +1,9 @@
 """`scan()`: the whole analysis, from an FP model and calibration batches to a `ScanResult`.
 
 Phases: prepare (deepcopy, fold BN, order layers) -> calibrate on the fitting batches -> per held-out batch
-an FP pass (isolated errors in its hooks) and a quantized pass (cumulative errors) -> exclusion by
-thresholds -> one quantized pass of naive+exclusion -> amax refit on all batches for the final model.
+an FP pass (isolated errors of every candidate: naive, other activation sign, SmoothQuant per alpha, in its
+hooks) and a quantized pass (cumulative errors) -> naive+exclusion and the per-layer policy, each verified
+by one quantized pass -> amax and factors refitted on all batches for the final model.
 Decisions are scored on held-out batches so that a choice that only fits the calibration data loses.
 """
 
@@ -16,25 +17,33 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from sensitivity.candidates import build_candidates, sq_key
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
-from sensitivity.capture.passes import Candidate, PassResult, calibrate, compare_pass
+from sensitivity.capture.passes import PassResult, calibrate, compare_pass
 from sensitivity.data import Batch, split_holdout
-from sensitivity.errors import CalibrationDataError
+from sensitivity.errors import CalibrationDataError, SpecError
+from sensitivity.fold import find_fold_site
 from sensitivity.metrics import ErrorStats
-from sensitivity.policy import Policy, Rule, Thresholds, exclude_by_thresholds, glob_match
+from sensitivity.policy import DEFAULT_SQ_MARGIN, Policy, Rule, Thresholds, assign_methods, glob_match
+from sensitivity.policy.exclude import exclude_by_thresholds
 from sensitivity.prepare import LayerInfo, prepare
-from sensitivity.quant.build import ActQuant, build_quant_model, quant_layers, set_layer_enabled
-from sensitivity.quant.quantizer import TensorQuantizer
+from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
 from sensitivity.quant.spec import QuantSpec
+from sensitivity.smoothquant import GRANULARITIES, MODES, smoothed_input_amax, smoothing_factors
 from sensitivity.table import build_table
 
-__all__ = ["PhaseProgress", "ScanOptions", "ScanResult", "scan"]
+__all__ = ["DEFAULT_ALPHAS", "PhaseProgress", "ScanOptions", "ScanResult", "scan"]
 
 log = logging.getLogger(__name__)
+
+#: Default SmoothQuant alpha grid: three points around the notes' stable 0.5 (cost measured in
+#: benchmarks/smoothquant_cost.py); `--alpha-grid 0.1:0.9:0.1` for a finer sweep.
+DEFAULT_ALPHAS = (0.25, 0.5, 0.75)
 
 
 class PhaseProgress:
@@ -60,6 +69,24 @@ class ScanOptions:
     outputs: tuple[str, ...] = ()
     seed: int = 0
     max_nonfinite_repairs: int = 8
+    #: SmoothQuant: alphas to try (empty = off), granularities ("channel", research "im2col"), mode
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    granularities: tuple[str, ...] = ("channel",)
+    sq_mode: str = "static"
+    sq_margin: float = DEFAULT_SQ_MARGIN
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.granularities if g not in GRANULARITIES]
+        if bad:
+            raise SpecError(
+                f"unknown SmoothQuant granularity {bad[0]!r}; choose from {', '.join(GRANULARITIES)}"
+            )
+        if self.sq_mode not in MODES:
+            raise SpecError(f"unknown SmoothQuant mode {self.sq_mode!r}; choose static or dynamic")
+        if not 0.0 < self.holdout < 1.0:
+            raise SpecError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if not 0.0 < self.sq_margin <= 1.0:
+            raise SpecError(f"SmoothQuant margin must be in (0, 1], got {self.sq_margin}")
 
 
 @dataclass
@@ -80,26 +107,43 @@ class ScanResult:
     timings: dict[str, float]
     observers: dict[str, LayerObserver] = field(repr=False, default_factory=dict)
     histograms: dict[str, RangeHistogram] = field(repr=False, default_factory=dict)
+    sweeps: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     folded_bn: dict[str, str] = field(default_factory=dict)
     fp_model: nn.Module | None = field(repr=False, default=None)
 
-    def quantized_model(self, exclusions: bool = True) -> nn.Module:
-        """The scanned model quantized with the final amax (refitted on all batches); excluded layers in FP
-        when `exclusions`. Built from the in-memory, BN-folded FP model this scan measured against."""
+    @property
+    def spec(self) -> QuantSpec:
+        return self.options.spec
+
+    def layer_configs(self, config: str = "policy") -> dict[str, LayerQuant]:
+        """Per-layer settings of `config`: "policy", "naive" (every layer W/A quantized) or "exclusion"."""
+        out = {}
+        for n, s in self.quant_state["layers"].items():
+            naive = LayerQuant("naive", s["input_amax"], bool(s["input_unsigned"]))
+            if config == "naive":
+                out[n] = naive
+            elif config == "exclusion":
+                out[n] = LayerQuant("fp") if n in self.excluded else naive
+            elif s["method"] == "smoothquant":
+                dyn = s["alpha"] if s.get("mode") == "dynamic" else None
+                out[n] = LayerQuant("smoothquant", s["smooth_input_amax"], False, s["smooth_scale"], dyn)
+            else:
+                out[n] = LayerQuant("fp") if s["method"] == "fp" else naive
+        return out
+
+    def quantized_model(self, config: str = "policy") -> nn.Module:
+        """The scanned model quantized with the final amax and factors (refitted on all batches), per
+        `config` (see `layer_configs`). Built from the in-memory, BN-folded FP model of this scan."""
         if self.fp_model is None:
             raise ValueError("this ScanResult holds no model (it was loaded from disk)")
+        configs = self.layer_configs(config)
         acts = {
             n: ActQuant(s["input_amax"], bool(s["input_unsigned"]))
             for n, s in self.quant_state["layers"].items()
         }
         model = build_quant_model(self.fp_model, acts, self.spec)
-        if exclusions:
-            set_layer_enabled(model, self.excluded, False)
+        configure_layers(model, configs)
         return model
-
-    @property
-    def spec(self) -> QuantSpec:
-        return self.options.spec
 
     def save(self, out_dir: str, overwrite: bool = False) -> Any:
         from sensitivity.output import write_scan
@@ -107,8 +151,8 @@ class ScanResult:
         return write_scan(self, out_dir, overwrite=overwrite)
 
 
-def _comparison_row(name: str, stats: ErrorStats | None, excluded: int, n_layers: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"config": name, "quantized_layers": n_layers - excluded, "fp_layers": excluded}
+def _comparison_row(name: str, stats: ErrorStats | None, fp_layers: int, n_layers: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"config": name, "quantized_layers": n_layers - fp_layers, "fp_layers": fp_layers}
     m = stats.metrics() if stats is not None else None
     for key in ("rel_l1", "sqnr_db", "cosine", "max_abs", "nonfinite"):
         if m is None:
@@ -118,21 +162,85 @@ def _comparison_row(name: str, stats: ErrorStats | None, excluded: int, n_layers
     return row
 
 
-def _alt_sign_candidate(qmod: Any, obs: LayerObserver, spec: QuantSpec) -> tuple[str, Candidate]:
-    """The same layer with the other activation sign: what unsigned codes would gain (or cost)."""
-    unsigned = not qmod.input_quantizer.unsigned
-    alt = TensorQuantizer(spec.a_bits, axis=None, unsigned=unsigned)
-    alt.set_amax(obs.amax(unsigned=unsigned))
+def _badness(table: pd.DataFrame, name: str) -> float:
+    """Isolated error used to rank layers; non-finite isolated outputs rank first."""
+    if table.loc[name, "iso_naive_nonfinite"] > 0:
+        return math.inf
+    value = float(table.loc[name, "iso_naive_rel_l1"])
+    return value if math.isfinite(value) else -1.0
 
-    def run(args: tuple) -> Any:
-        saved = qmod.input_quantizer
-        qmod.input_quantizer = alt
-        try:
-            return qmod(*args)
-        finally:
-            qmod.input_quantizer = saved
 
-    return ("unsigned" if unsigned else "signed"), run
+class _Verifier:
+    """Quantized passes over the held-out batches for a configuration, with non-finite repair."""
+
+    def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
+                 opts: ScanOptions, progress: PhaseProgress) -> None:  # fmt: skip
+        self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
+        self.opts, self.progress = opts, progress
+        self.names = [layer.name for layer in layers]
+
+    def run(self, configs: dict[str, LayerQuant], label: str) -> PassResult:
+        configure_layers(self.qmodel, configs)
+        with self.progress.phase(f"verify {label}", len(self.held)) as advance:
+            return compare_pass(
+                self.fp, self.qmodel, self.layers, self.held, output_keys=list(self.opts.outputs) or None,
+                progress=advance,
+            )  # fmt: skip
+
+    def repaired(
+        self, configs: dict[str, LayerQuant], label: str, table: pd.DataFrame, fp_reasons: dict[str, Any]
+    ) -> PassResult:
+        """Verify; while the model turns non-finite, put the worst layer upstream of it in FP and retry.
+
+        Bounded (a few steps): each step is one quantized pass. `fp_reasons` gains the repaired layers."""
+        check = self.run(configs, label)
+        for _ in range(self.opts.max_nonfinite_repairs):
+            if check.first_nonfinite is None:
+                break
+            quantized = [n for n in self.names if configs[n].method != "fp"]
+            upstream = [n for n in check.nonfinite_upstream if configs[n].method != "fp"] or quantized
+            if not upstream:
+                break
+            worst = max(upstream, key=lambda n: _badness(table, n))
+            fp_reasons[worst] = (
+                f"the quantized model turns non-finite at {check.first_nonfinite}; worst isolated error upstream "
+                f"(relative L1 {table.loc[worst, 'iso_naive_rel_l1']:.3g})",
+                {"iso_naive_rel_l1": float(table.loc[worst, "iso_naive_rel_l1"])},
+            )
+            configs[worst] = LayerQuant("fp")
+            check = self.run(configs, label)
+        return check
+
+
+def _sq_columns(
+    table: pd.DataFrame, result: PassResult, names: list[str], opts: ScanOptions
+) -> dict[str, np.ndarray]:
+    """Best SmoothQuant candidate per layer into the table (`iso_sq_*` channel, `iso_sqi_*` im2col) and
+    the full alpha sweeps [K, 3] (alpha, iso rel L1, iso SQNR dB) for stats.npz."""
+    sweeps: dict[str, np.ndarray] = {}
+    for gran, prefix, key in (("channel", "sq", "alpha_sweep"), ("im2col", "sqi", "alpha_sweep_im2col")):
+        if gran not in opts.granularities or not opts.alphas:
+            continue
+        best_rows = []
+        for n in names:
+            rows = []
+            for a in opts.alphas:
+                stats = result.iso.get((n, sq_key(gran, a)))
+                if stats is not None:
+                    m = stats.metrics()
+                    rows.append((a, m["rel_l1"], m["sqnr_db"], m, m["nonfinite"]))
+            if rows:
+                sweeps[f"{key}/{n}"] = np.array([r[:3] for r in rows], dtype=np.float64)
+                finite = [r for r in rows if r[4] == 0 and math.isfinite(r[1])] or rows
+                best = min(finite, key=lambda r: (r[1] if math.isfinite(r[1]) else math.inf, abs(r[0] - 0.5)))
+                best_rows.append((n, best))
+        for n, (a, _, _, m, _) in best_rows:
+            for metric, value in m.items():
+                table.loc[n, f"iso_{prefix}_{metric}"] = value
+            table.loc[n, f"{prefix}_alpha"] = a
+            table.loc[n, f"{prefix}_granularity"] = gran
+            table.loc[n, f"{prefix}_mode"] = opts.sq_mode
+    return sweeps
 
 
 def scan(
@@ -143,7 +251,8 @@ def scan(
     model_name: str = "model",
     progress: PhaseProgress | None = None,
 ) -> ScanResult:
-    """Measure every target layer's isolated and cumulative quantization error and decide exclusions."""
+    """Measure every target layer's isolated and cumulative quantization error; decide FP / naive /
+    SmoothQuant per layer; verify the decisions with quantized passes on held-out batches."""
     opts = options or ScanOptions()
     spec = opts.spec
     progress = progress or PhaseProgress()
@@ -157,102 +266,116 @@ def scan(
     with progress.phase("prepare", 1) as advance:
         prep = prepare(model, batches[0], only=list(opts.only), skip=list(opts.skip), fold_bn=opts.fold_bn)
         advance()
-    fp = prep.model
-    layers = prep.layers
-    names = prep.names
+    fp, layers, names = prep.model, prep.layers, prep.names
     fit, held = split_holdout(batches, opts.holdout)
-    fit_only = fit is not held and len(fit) + len(held) == len(batches)
+    fit_only = len(fit) + len(held) == len(batches) and len(batches) > 1
     timings["prepare_s"] = time.perf_counter() - t0
 
+    observers = {
+        layer.name: LayerObserver(spec, _channel_axis(fp.get_submodule(layer.name))) for layer in layers
+    }
+    if "im2col" in opts.granularities and opts.alphas and opts.sq_mode == "static":
+        from sensitivity.im2col import im2col_refusal
+
+        for n in names:
+            mod = fp.get_submodule(n)
+            if im2col_refusal(mod) is None:
+                observers[n].col_module = mod
     t = time.perf_counter()
     with progress.phase("calibrate", len(fit)) as advance:
-        observers = calibrate(fp, layers, fit, spec, progress=advance)
+        calibrate(fp, layers, fit, spec, progress=advance, observers=observers)
     timings["calibrate_s"] = time.perf_counter() - t
 
     acts = {n: ActQuant(observers[n].amax(), observers[n].unsigned()) for n in names}
     qmodel = build_quant_model(fp, acts, spec)
-    qlayers = quant_layers(qmodel)
-    candidates: dict[str, dict[str, Candidate]] = {}
-    alt_names: set[str] = set()
-    for n in names:
-        qmod = qlayers[n]
-        cands: dict[str, Candidate] = {"naive": (lambda args, _m=qmod: _m(*args))}
-        if observers[n].nonnegative:
-            alt_name, fn = _alt_sign_candidate(qmod, observers[n], spec)
-            cands[alt_name] = fn
-            alt_names.add(alt_name)
-        candidates[n] = cands
-
+    qlayers = {n: m for n, m in quant_layers(qmodel).items() if n in acts}
+    candidates, im2col_refused = build_candidates(
+        qlayers, observers, spec, opts.alphas, opts.granularities if opts.alphas else (), opts.sq_mode
+    )
+    alt_names = sorted({c for cands in candidates.values() for c in cands if c in ("signed", "unsigned")})
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
+
     t = time.perf_counter()
     with progress.phase("scan", len(held)) as advance:
         # Held-out inputs also feed the observers when they were not used for fitting: final amax uses all.
         result = compare_pass(
-            fp,
-            qmodel,
-            layers,
-            held,
-            candidates=candidates,
-            observers=observers if fit_only else None,
-            histograms=histograms,
-            output_keys=list(opts.outputs) or None,
-            progress=advance,
+            fp, qmodel, layers, held, candidates=candidates, observers=observers if fit_only else None,
+            histograms=histograms, output_keys=list(opts.outputs) or None, progress=advance,
             first_index=len(batches) - len(held),
-        )
+        )  # fmt: skip
+    del candidates
     timings["scan_s"] = time.perf_counter() - t
 
-    table = build_table(layers, observers, result, methods=("naive",), extra_iso=sorted(alt_names))
+    table = build_table(layers, observers, result, methods=("naive",), extra_iso=alt_names)
     _add_sign_gain(table)
+    sweeps = _sq_columns(table, result, names, opts)
+    for n, why in im2col_refused.items():
+        table.loc[n, "sqi_refused"] = why
+    fold_sites = {n: find_fold_site(prep.flow, n) for n in names}
+    table["sq_fold"] = [fold_sites[n].producer or "" for n in names]
+    table["sq_fold_reason"] = [fold_sites[n].reason for n in names]
 
-    excluded = exclude_by_thresholds(table, opts.thresholds)
-    for n in names:
-        if n not in excluded and any(glob_match(p, n) for p in opts.exclude):
-            excluded[n] = ("listed in the user's exclusion file", {})
-    excluded = {n: excluded[n] for n in names if n in excluded}
-
-    comparison_rows = [
-        _comparison_row("fp", None, len(names), len(names)),
-        _comparison_row("naive", result.output_stats(), 0, len(names)),
-    ]
+    # Fit-batch statistics (what the held-out scoring measured) for the verification passes.
+    fit_configs = {n: LayerQuant("naive", acts[n].amax, acts[n].unsigned) for n in names}
+    user_fp = [n for n in names if any(glob_match(p, n) for p in opts.exclude)]
+    verifier = _Verifier(fp, qmodel, layers, held, opts, progress)
     t = time.perf_counter()
-    check = result
-    if excluded:
-        check = _verify(fp, qmodel, layers, held, excluded, opts, progress)
-    # A quantized model that still turns non-finite: exclude the worst layer upstream of the first NaN/Inf,
-    # one at a time, each step verified by a quantized pass (bounded: a few steps, never every layer).
-    for _ in range(opts.max_nonfinite_repairs):
-        if check.first_nonfinite is None:
-            break
-        upstream = [n for n in check.nonfinite_upstream if n not in excluded] or [
-            n for n in names if n not in excluded
-        ]
-        if not upstream:
-            break
-        worst = max(upstream, key=lambda n: _badness(table, n))
-        excluded[worst] = (
-            f"the quantized model turns non-finite at {check.first_nonfinite}; worst isolated error upstream "
-            f"(relative L1 {table.loc[worst, 'iso_naive_rel_l1']:.3g})",
-            {"iso_naive_rel_l1": float(table.loc[worst, "iso_naive_rel_l1"])},
-        )
-        check = _verify(fp, qmodel, layers, held, excluded, opts, progress)
+
+    # naive + exclusion (policy v1): thresholds on the isolated naive error, plus the user's list
+    excluded: dict[str, tuple[str, dict[str, float]]] = dict(exclude_by_thresholds(table, opts.thresholds))
+    for n in user_fp:
+        excluded.setdefault(n, ("listed in the user's exclusion file", {}))
+    ex_configs = {n: (LayerQuant("fp") if n in excluded else fit_configs[n]) for n in names}
+    if excluded or result.first_nonfinite is not None:
+        ex_check = verifier.repaired(ex_configs, "exclusion", table, excluded)
+    else:
+        ex_check = result
     excluded = {n: excluded[n] for n in names if n in excluded}
-    if check is not result:
-        timings["verify_s"] = time.perf_counter() - t
-    comparison_rows.append(
-        _comparison_row("naive+exclusion", check.output_stats(), len(excluded), len(names))
-    )
+
+    # the policy: FP / naive / SmoothQuant per layer
+    rules = assign_methods(table, opts.thresholds, margin=opts.sq_margin, forced_fp=user_fp)
+    pol_configs: dict[str, LayerQuant] = {}
     for n in names:
-        for key, value in check.cum.get(n, ErrorStats()).metrics().items():
+        rule = rules[n]
+        if rule.method == "fp":
+            pol_configs[n] = LayerQuant("fp")
+        elif rule.method == "smoothquant":
+            pol_configs[n] = _sq_config(observers[n], qlayers[n], rule, fit=True)
+        else:
+            pol_configs[n] = fit_configs[n]
+    uses_sq = any(r.method == "smoothquant" for r in rules.values())
+    repaired: dict[str, Any] = {}
+    if uses_sq or any(r.method == "fp" for r in rules.values()) or result.first_nonfinite is not None:
+        pol_check = verifier.repaired(pol_configs, "policy", table, repaired)
+    else:
+        pol_check = result
+    for n, (reason, metrics) in repaired.items():
+        rules[n] = Rule(match=n, method="fp", reason=reason, metrics=metrics)
+    timings["verify_s"] = time.perf_counter() - t
+
+    for n in names:
+        for key, value in pol_check.cum.get(n, ErrorStats()).metrics().items():
             table.loc[n, f"cum_policy_{key}"] = value
-    policy_nonfinite = check.first_nonfinite
+    table["decision"] = [rules[n].method for n in names]
+    table["alpha"] = [rules[n].alpha if rules[n].alpha is not None else math.nan for n in names]
+    table["reason"] = [rules[n].reason for n in names]
 
-    table["decision"] = ["fp" if n in excluded else "naive" for n in names]
-    table["reason"] = [excluded[n][0] if n in excluded else "" for n in names]
-    rules = [Rule(match=n, method="fp", reason=excluded[n][0], metrics=excluded[n][1]) for n in excluded]
-    rules.append(Rule(match="**", method="naive", reason=f"default: every other layer {spec.name}"))
-    policy = Policy(rules=tuple(rules), spec=spec.name)
+    n_layers = len(names)
+    pol_fp = sum(1 for r in rules.values() if r.method == "fp")
+    comparison = pd.DataFrame(
+        [
+            _comparison_row("fp", None, n_layers, n_layers),
+            _comparison_row("naive", result.output_stats(), 0, n_layers),
+            _comparison_row("naive+exclusion", ex_check.output_stats(), len(excluded), n_layers),
+            _comparison_row("policy", pol_check.output_stats(), pol_fp, n_layers),
+        ]
+    )
+    comparison["smoothquant_layers"] = [0, 0, 0, sum(1 for r in rules.values() if r.method == "smoothquant")]
+    policy_rules = [rules[n] for n in names if rules[n].method != "naive"]
+    policy_rules.append(Rule(match="**", method="naive", reason=f"default: every other layer {spec.name}"))
+    policy = Policy(rules=tuple(policy_rules), spec=spec.name)
 
-    quant_state = _quant_state(observers, qlayers, names, spec, prep.folded)
+    quant_state = _quant_state(observers, qlayers, rules, spec, prep.folded)
     timings["total_s"] = time.perf_counter() - t0
     return ScanResult(
         model_name=model_name,
@@ -261,45 +384,33 @@ def scan(
         table=table,
         excluded=excluded,
         policy=policy,
-        comparison=pd.DataFrame(comparison_rows),
+        comparison=comparison,
         first_nonfinite=result.first_nonfinite,
-        policy_first_nonfinite=policy_nonfinite,
+        policy_first_nonfinite=pol_check.first_nonfinite,
         quant_state=quant_state,
         calibration={"batches": len(batches), "fit_batches": len(fit), "heldout_batches": len(held)},
         timings=timings,
         observers=observers,
         histograms=histograms,
+        sweeps=sweeps,
         folded_bn=prep.folded,
         fp_model=fp,
     )
 
 
-def _badness(table: pd.DataFrame, name: str) -> float:
-    """Isolated error used to rank layers; non-finite isolated outputs rank first."""
-    value = float(table.loc[name, "iso_naive_rel_l1"])
-    if table.loc[name, "iso_naive_nonfinite"] > 0:
-        return math.inf
-    return value if math.isfinite(value) else -1.0
+def _channel_axis(module: nn.Module) -> int:
+    from sensitivity.capture.observe import channel_dim
+
+    return channel_dim(module)
 
 
-def _verify(
-    fp: nn.Module,
-    qmodel: nn.Module,
-    layers: list[LayerInfo],
-    held: list[Batch],
-    excluded: dict[str, Any],
-    opts: ScanOptions,
-    progress: PhaseProgress,
-) -> PassResult:
-    """One quantized pass over the held-out batches with the excluded layers in FP."""
-    set_layer_enabled(qmodel, excluded, False)
-    try:
-        with progress.phase("verify exclusions", len(held)) as advance:
-            return compare_pass(
-                fp, qmodel, layers, held, output_keys=list(opts.outputs) or None, progress=advance
-            )
-    finally:
-        set_layer_enabled(qmodel, excluded, True)
+def _sq_config(obs: LayerObserver, qmod: Any, rule: Rule, fit: bool) -> LayerQuant:
+    """SmoothQuant settings from an observer's per-channel maxima (fit batches during the scan)."""
+    assert rule.alpha is not None and obs.chan_absmax is not None
+    if rule.mode == "dynamic":
+        return LayerQuant("smoothquant", None, False, None, rule.alpha)
+    s = smoothing_factors(obs.chan_absmax, qmod.weight_input_absmax(), rule.alpha)
+    return LayerQuant("smoothquant", smoothed_input_amax(obs.chan_absmax, s), False, s)
 
 
 def _add_sign_gain(table: pd.DataFrame) -> None:
@@ -315,18 +426,33 @@ def _add_sign_gain(table: pd.DataFrame) -> None:
 def _quant_state(
     observers: dict[str, LayerObserver],
     qlayers: dict[str, Any],
-    names: list[str],
+    rules: dict[str, Rule],
     spec: QuantSpec,
     folded: dict[str, str],
 ) -> dict[str, Any]:
-    """Final amax refit on all calibration batches, so `apply` needs no recalibration."""
+    """Final amax and SmoothQuant factors refitted on all calibration batches: `apply` needs no
+    recalibration. SmoothQuant layers calibrate their smoothed input with max, exactly from the
+    per-channel maxima (smoothing has already removed what percentile / entropy would clip)."""
     layers = {}
-    for n in names:
+    for n, qmod in qlayers.items():
         obs = observers[n]
-        layers[n] = {
+        rule = rules[n]
+        entry: dict[str, Any] = {
+            "method": rule.method,
             "input_amax": obs.amax().clone(),
             "input_unsigned": obs.unsigned(),
-            "weight_amax": qlayers[n].weight_quantizer.amax.clone(),
+            "weight_amax": qmod.weight_quantizer.amax.clone(),
             "channel_absmax": obs.chan_absmax.clone() if obs.chan_absmax is not None else None,
+            "alpha": rule.alpha,
+            "granularity": rule.granularity,
+            "mode": rule.mode,
+            "smooth_scale": None,
+            "smooth_input_amax": None,
         }
+        if rule.method == "smoothquant" and rule.mode != "dynamic" and obs.chan_absmax is not None:
+            assert rule.alpha is not None
+            s = smoothing_factors(obs.chan_absmax, qmod.weight_input_absmax(), rule.alpha)
+            entry["smooth_scale"] = s
+            entry["smooth_input_amax"] = smoothed_input_amax(obs.chan_absmax, s)
+        layers[n] = entry
     return {"version": 1, "spec": spec.to_dict(), "folded_bn": dict(folded), "layers": layers}

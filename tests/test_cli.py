@@ -41,9 +41,11 @@ def test_scan_writes_the_report_folder(planted: tuple[Path, Path], tmp_path: Pat
     assert [e["layer"] for e in exclude["exclude"]] == ["mid"]
     info = json.loads((out / "scan.json").read_text())
     assert info["calibration"] == {"batches": 4, "fit_batches": 3, "heldout_batches": 1}
-    assert [row["config"] for row in info["comparison"]] == ["fp", "naive", "naive+exclusion"]
+    assert [row["config"] for row in info["comparison"]] == ["fp", "naive", "naive+exclusion", "policy"]
     printed = capsys.readouterr().out
-    assert "excluded 1 of 4 layers" in printed and "mid" in printed
+    assert (
+        "keeps 1 of 4 layers in FP; the policy: 1 SmoothQuant, 3 naive, 0 FP" in printed and "mid" in printed
+    )
 
 
 def test_existing_folder_needs_overwrite(planted: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -109,7 +111,7 @@ def test_demo_end_to_end(trained_digits, tmp_path: Path, monkeypatch: pytest.Mon
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "top-1 accuracy on 1000" in printed
-    assert "W8A8 all layers" in printed
+    assert "W8A8 naive, all layers" in printed
     assert (out / "layers.csv").exists()
     rows = (out / "layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 7  # header + the CNN's 6 convs and its classifier

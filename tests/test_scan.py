@@ -41,8 +41,17 @@ def test_planted_outlier_layer_is_exactly_the_one_excluded() -> None:
     # keeping `mid` in FP fixes the model's output error by well over an order of magnitude
     assert comp.loc["naive+exclusion", "out_rel_l1"] < comp.loc["naive", "out_rel_l1"] / 10
     assert _hash(model) == before
-    assert result.policy.method_for("mid") == "fp"
     assert result.policy.method_for("post") == "naive"
+    # the policy goes further: SmoothQuant moves the outlier into `mid`'s weight and keeps it quantized
+    assert result.policy.method_for("mid") == "smoothquant"
+    assert row["iso_sq_rel_l1"] < row["iso_naive_rel_l1"] / 20
+    assert comp.loc["policy", "out_rel_l1"] < comp.loc["naive", "out_rel_l1"] / 10
+
+
+def test_without_smoothquant_the_policy_is_the_exclusion_list() -> None:
+    result = scan(PlantedOutlierNet(), _batches(), ScanOptions(alphas=()))
+    assert result.policy.method_for("mid") == "fp"
+    assert "iso_sq_rel_l1" not in result.table.columns
 
 
 def test_clean_model_keeps_every_layer_quantized() -> None:

@@ -32,6 +32,9 @@ class LayerObserver:
     max_abs: float = 0.0
     chan_absmax: torch.Tensor | None = None
     batches: int = 0
+    #: set for convs scanned with im2col SmoothQuant: per-column max |X_unf| is tracked too (k x the cost)
+    col_module: nn.Module | None = None
+    col_absmax: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.calibrator = make_calibrator(
@@ -53,6 +56,11 @@ class LayerObserver:
         dims = [d for d in range(x.dim()) if d != axis]
         cmax = x.abs().amax(dim=dims).float().cpu() if dims else x.abs().float().cpu()
         self.chan_absmax = cmax if self.chan_absmax is None else torch.maximum(self.chan_absmax, cmax)
+        if self.col_module is not None:
+            from sensitivity.im2col import im2col_column_absmax
+
+            col = im2col_column_absmax(self.col_module, x).cpu()
+            self.col_absmax = col if self.col_absmax is None else torch.maximum(self.col_absmax, col)
 
     @property
     def nonnegative(self) -> bool:

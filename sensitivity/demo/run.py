@@ -44,11 +44,17 @@ def run_demo(
 
     print_summary(result, None)
     images, labels = split.test
+    name = result.spec.name
+    n_sq = int((result.table["decision"] == "smoothquant").sum())
+    n_fp = int((result.table["decision"] == "fp").sum())
     rows = {
         "FP": accuracy(model, images, labels),
-        f"{result.spec.name} all layers": accuracy(result.quantized_model(exclusions=False), images, labels),
-        f"{result.spec.name} + exclusions ({len(result.excluded)} FP)": accuracy(
-            result.quantized_model(exclusions=True), images, labels
+        f"{name} naive, all layers": accuracy(result.quantized_model("naive"), images, labels),
+        f"{name} naive + exclusion ({len(result.excluded)} FP)": accuracy(
+            result.quantized_model("exclusion"), images, labels
+        ),
+        f"{name} policy ({n_sq} SmoothQuant, {n_fp} FP)": accuracy(
+            result.quantized_model("policy"), images, labels
         ),
     }
     table = Table(title=f"top-1 accuracy on {len(labels)} held-out test digits")

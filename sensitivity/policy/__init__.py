@@ -3,6 +3,7 @@
 Reads the LayerTable (pandas); never imports torch modules, `capture/` or the CLI.
 """
 
+from sensitivity.policy.assign import DEFAULT_SQ_MARGIN, assign_methods
 from sensitivity.policy.exclude import (
     DEFAULT_MAX_REL_L1,
     DEFAULT_MIN_SQNR_DB,
@@ -28,12 +29,14 @@ from sensitivity.policy.rules import METHODS, ExcludeEntry, Policy, Rule, exclus
 __all__ = [
     "DEFAULT_MAX_REL_L1",
     "DEFAULT_MIN_SQNR_DB",
+    "DEFAULT_SQ_MARGIN",
     "METHODS",
     "ExcludeEntry",
     "Policy",
     "Rule",
     "Thresholds",
     "UnmatchedPatternWarning",
+    "assign_methods",
     "compile_glob",
     "dump_exclude",
     "dump_policy",

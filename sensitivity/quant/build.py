@@ -12,7 +12,14 @@ from torch import nn
 from sensitivity.quant.modules import QuantMixin, quant_class_for
 from sensitivity.quant.spec import QuantSpec
 
-__all__ = ["ActQuant", "build_quant_model", "quant_layers", "set_layer_enabled"]
+__all__ = [
+    "ActQuant",
+    "LayerQuant",
+    "build_quant_model",
+    "configure_layers",
+    "quant_layers",
+    "set_layer_enabled",
+]
 
 
 @dataclass(frozen=True)
@@ -56,3 +63,33 @@ def set_layer_enabled(model: nn.Module, names: Iterable[str], enabled: bool) -> 
         layer = layers[name]
         layer.input_quantizer.enabled = enabled
         layer.weight_quantizer.enabled = enabled
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one layer runs in a configured quantized model (what a policy decides, with its numbers)."""
+
+    method: str  # "fp" | "naive" | "smoothquant"
+    input_amax: torch.Tensor | None = None
+    input_unsigned: bool = False
+    smooth_scale: torch.Tensor | None = None  # static SmoothQuant factors (per input channel)
+    dynamic_alpha: float | None = None  # dynamic SmoothQuant (research): factors per batch
+
+
+def configure_layers(model: nn.Module, configs: dict[str, LayerQuant]) -> None:
+    """Set each named quantized layer to its method: FP (quantizers off), naive, or SmoothQuant."""
+    layers = quant_layers(model)
+    for name, cfg in configs.items():
+        layer = layers[name]
+        enabled = cfg.method != "fp"
+        layer.input_quantizer.enabled = enabled
+        layer.weight_quantizer.enabled = enabled
+        layer.dynamic_alpha = None
+        if cfg.method == "smoothquant" and cfg.dynamic_alpha is not None:
+            layer.set_smoothing(None)
+            layer.dynamic_alpha = cfg.dynamic_alpha
+        else:
+            layer.set_smoothing(cfg.smooth_scale if cfg.method == "smoothquant" else None)
+        if cfg.input_amax is not None:
+            layer.input_quantizer.set_amax(cfg.input_amax)
+        layer.input_quantizer.unsigned = cfg.input_unsigned

@@ -81,6 +81,7 @@ class QuantMixin:
         self.input_quantizer = TensorQuantizer(spec.a_bits, axis=None, unsigned=act_unsigned)
         self.weight_quantizer = TensorQuantizer(spec.w_bits, axis=axis, unsigned=False)
         self.smoother = None
+        self.dynamic_alpha: float | None = None
         self.weight_quantizer.set_amax(per_channel_amax(self.weight, axis))
         self._wq_cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -172,6 +173,11 @@ class QuantMixin:
         raise NotImplementedError
 
     def forward(self, input: torch.Tensor, *args: object) -> torch.Tensor:
+        if self.dynamic_alpha is not None and self.input_quantizer.enabled:
+            # dynamic SmoothQuant (research): factors and input amax from this batch
+            from sensitivity.smoothquant import SmoothCandidate
+
+            return SmoothCandidate(self, self.dynamic_alpha, "dynamic")((input, *args))
         return self._forward_with(self._quant_input(input), self.quantized_weight(), *args)
 
 
