@@ -59,3 +59,38 @@ def build_tiny() -> nn.Module:
 
 def build_planted() -> nn.Module:
     return PlantedOutlierNet()
+
+
+class OutlierChannelsNet(nn.Module):
+    """The research notes' 50x inputs: 5% of `mid`'s and `fc1`'s input channels are 50x larger.
+
+    `mid`'s weights are not compensated (the outliers dominate its output too); `fc1`'s are (as in
+    transformer-style outliers that the next weights scale back). Every other layer sees ordinary
+    activations. SmoothQuant should be assigned to `mid` and `fc1` only."""
+
+    def __init__(self, width: int = 40, gain: float = 50.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():  # weights depend on `seed` only, not on the global RNG
+            torch.manual_seed(seed)
+            self.stem = nn.Conv2d(3, width, 3, padding=1)
+            self.mid = nn.Conv2d(width, width, 3, padding=1)
+            self.post = nn.Conv2d(width, width, 3, padding=1)
+            self.fc1 = nn.Linear(width, width)
+            self.fc2 = nn.Linear(width, 10)
+        n_out = max(1, round(0.05 * width))
+        idx = torch.randperm(width, generator=g)[:n_out]
+        gain_vec = torch.ones(width)
+        gain_vec[idx] = gain
+        self.register_buffer("gain_conv", gain_vec.view(1, -1, 1, 1))
+        self.register_buffer("gain_fc", gain_vec.clone())
+        self.outlier_channels = sorted(idx.tolist())
+        with torch.no_grad():
+            self.fc1.weight[:, idx] /= gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x)) * self.gain_conv
+        x = F.relu(self.mid(x))
+        x = F.relu(self.post(x))
+        h = x.mean(dim=(2, 3)) * self.gain_fc
+        return self.fc2(F.relu(self.fc1(h)))
