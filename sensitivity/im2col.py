@@ -4,7 +4,8 @@ A conv is X_unf[N·L, Cin·k] · W[Cout, Cin·k]ᵀ per group, where X_unf holds
 Per-column factors (one per Cin·k column) can only be applied on that unfolded matrix, which costs k
 times the input, so no deployed engine runs them: the research notes' method, kept to measure what
 finer-than-channel smoothing could gain. Rows are processed in chunks along the first output spatial
-dimension, so the unfolded matrix never exists whole (peak memory ≈ input + one chunk).
+dimension and only each chunk's input slab is padded, so the unfolded matrix never exists whole: the path
+needs its output plus a few chunk-sized temporaries (measured in benchmarks/smoothquant_cost.py).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ __all__ = [
     "weight_column_absmax",
 ]
 
-#: Unfolded elements per chunk (float32: 64 MiB): bounds the im2col path's extra memory.
-CHUNK_ELEMS = 1 << 24
+#: Unfolded elements per chunk (float32: 16 MiB): bounds the im2col path's extra memory.
+CHUNK_ELEMS = 1 << 22
 
 
 def im2col_refusal(module: nn.Module) -> str | None:
@@ -49,26 +50,35 @@ def im2col_refusal(module: nn.Module) -> str | None:
 
 def _geometry(
     module: nn.Module, x: torch.Tensor
-) -> tuple[torch.Tensor, list[int], list[int], list[int], list[int]]:
+) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     nd = x.dim() - 2
     k = list(module.kernel_size)  # type: ignore[attr-defined]
     st = list(module.stride)  # type: ignore[attr-defined]
     dil = list(module.dilation)  # type: ignore[attr-defined]
     pad = list(module.padding)  # type: ignore[attr-defined]
+    out = [(x.shape[2 + d] + 2 * pad[d] - dil[d] * (k[d] - 1) - 1) // st[d] + 1 for d in range(nd)]
+    return k, st, dil, pad, out
+
+
+def _slab(x: torch.Tensor, lo: int, hi: int, pad: list[int]) -> torch.Tensor:
+    """Rows [lo, hi) of the zero-padded input along dim 2, padding only this slab (never the whole input)."""
+    h = x.shape[2]
+    a, b = lo - pad[0], hi - pad[0]  # in unpadded coordinates
+    part = x.narrow(2, max(a, 0), max(0, min(b, h) - max(a, 0)))
     pads: list[int] = []
-    for p in reversed(pad):
+    for p in reversed(pad[1:]):
         pads += [p, p]
-    xp = F.pad(x, pads) if any(pad) else x
-    out = [(xp.shape[2 + d] - dil[d] * (k[d] - 1) - 1) // st[d] + 1 for d in range(nd)]
-    return xp, k, st, dil, out
+    pads += [max(0, -a), max(0, b - h)]
+    return F.pad(part, pads) if any(pads) else part
 
 
 def im2col_chunks(
     module: nn.Module, x: torch.Tensor, chunk_elems: int = CHUNK_ELEMS
 ) -> Iterator[torch.Tensor]:
     """Yield X_unf in row chunks: each [N, rows_of_chunk..., Cin·k] with columns ordered (c, k...) like
-    `weight.reshape(Cout, -1)`. Chunks split the first output spatial dimension."""
-    xp, k, st, dil, out = _geometry(module, x)
+    `weight.reshape(Cout, -1)`. Chunks split the first output spatial dimension; only each chunk's input
+    slab is padded, so the extra memory is one chunk, whatever the input size."""
+    k, st, dil, pad, out = _geometry(module, x)
     n, c = x.shape[:2]
     nd = len(k)
     cols = c * math.prod(k)
@@ -78,7 +88,7 @@ def im2col_chunks(
         r1 = min(out[0], r0 + step)
         lo = r0 * st[0]
         hi = (r1 - 1) * st[0] + dil[0] * (k[0] - 1) + 1
-        v = xp.narrow(2, lo, hi - lo)
+        v = _slab(x, lo, hi, pad)
         for d in range(nd):
             span = dil[d] * (k[d] - 1) + 1
             v = v.unfold(2 + d, span, st[d])[..., :: dil[d]]
@@ -123,7 +133,10 @@ def im2col_conv(
     wg = w.reshape(g, cout // g, -1)  # [g, Cout/g, Cin/g·k]
     inv = None if col_scale is None else (1.0 / col_scale).to(x.dtype)
     scale = None if act_amax is None else amax_to_scale(act_amax, a_bits, False).to(x.device)
-    parts = []
+    out_shape = _geometry(module, x)[4]
+    y = x.new_empty(x.shape[0], cout, *out_shape)
+    bias = module.bias  # type: ignore[attr-defined]
+    r0 = 0
     for chunk in im2col_chunks(module, x):
         lead = chunk.shape[:-1]
         rows = chunk.reshape(-1, chunk.shape[-1])
@@ -132,13 +145,13 @@ def im2col_conv(
         if scale is not None:
             rows = fake_quant(rows, scale, a_bits, False)
         rg = rows.reshape(rows.shape[0], g, -1).transpose(0, 1)  # [g, R, Cin/g·k]
-        y = torch.bmm(rg, wg.transpose(1, 2)).transpose(0, 1).reshape(*lead, cout)
-        parts.append(y)
-    y = torch.cat(parts, dim=1)  # [N, o0, o1, ..., Cout]
-    bias = module.bias  # type: ignore[attr-defined]
-    if bias is not None:
-        y = y + bias
-    return y.movedim(-1, 1).contiguous()
+        part = torch.bmm(rg, wg.transpose(1, 2)).transpose(0, 1).reshape(*lead, cout)
+        del rows, rg
+        if bias is not None:
+            part += bias
+        y.narrow(2, r0, lead[1]).copy_(part.movedim(-1, 1))
+        r0 += lead[1]
+    return y
 
 
 @dataclass
