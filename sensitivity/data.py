@@ -54,6 +54,7 @@ __all__ = [
     "batch_len",
     "batch_to",
     "describe_batch",
+    "first_sample",
     "load_calibration",
     "run_checked",
     "run_model",
@@ -422,3 +423,19 @@ def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
         raise CalibrationDataError(
             f"the model rejected calibration batch {index} ({describe_batch(batch)}): {first}"
         ) from exc
+
+
+def first_sample(batch: Batch) -> Batch:
+    """A batch of one sample where that is unambiguous (tensor / tuple of tensors with one batch size);
+    other batches (dicts, mixed) are returned whole. Used to bound memory where one sample suffices."""
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0 and batch.shape[0] > 1:
+        return batch[:1]
+    if (
+        isinstance(batch, (tuple, list))
+        and batch
+        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batch)
+    ):
+        n = {t.shape[0] for t in batch}
+        if len(n) == 1 and n.pop() > 1:
+            return type(batch)(t[:1] for t in batch)
+    return batch

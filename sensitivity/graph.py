@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sensitivity.data import Batch, run_checked, run_model
+from sensitivity.data import Batch, first_sample, run_checked, run_model
 
 __all__ = ["Dataflow", "Node", "record_dataflow"]
 
@@ -129,25 +129,9 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def _one_sample(batch: Batch) -> Batch:
-    """A batch of one sample where that is unambiguous (tensor / tuple of tensors): the recording keeps
-    every intermediate tensor alive, so a smaller batch bounds its memory. Dicts are used whole."""
-    if isinstance(batch, torch.Tensor) and batch.dim() > 0 and batch.shape[0] > 1:
-        return batch[:1]
-    if (
-        isinstance(batch, (tuple, list))
-        and batch
-        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batch)
-    ):
-        n = {t.shape[0] for t in batch}
-        if len(n) == 1 and n.pop() > 1:
-            return type(batch)(t[:1] for t in batch)
-    return batch
-
-
 def record_dataflow(model: nn.Module, batch: Batch) -> Dataflow:
     """Run `model` once on `batch` and return its eager dataflow (leaf modules + top-level functions)."""
-    small = _one_sample(batch)
+    small = first_sample(batch)
     rec = _Recorder()
     names = {m: n for n, m in model.named_modules()}
     handles = []

@@ -16,7 +16,7 @@ from sensitivity.graph import Dataflow, record_dataflow
 from sensitivity.policy.glob import glob_match
 from sensitivity.quant.modules import QUANT_MODULES, is_spconv_module, quant_class_for
 
-__all__ = ["LayerInfo", "Prepared", "find_targets", "fold_bn_", "is_target", "prepare"]
+__all__ = ["LayerInfo", "Prepared", "find_targets", "fold_bn_", "fuse_pair_", "is_target", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,29 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Fold BN `bn_name` into `conv_name` in place (the BN becomes Identity). Deterministic: applying the
+    scan's recorded pairs to a fresh copy of the same model gives bit-identical weights."""
+    conv = model.get_submodule(conv_name)
+    bn = model.get_submodule(bn_name)
+    if isinstance(bn, nn.Identity):
+        return  # already folded
+    assert isinstance(bn, _BN) and bn.running_mean is not None and bn.running_var is not None
+    if isinstance(conv, nn.Linear):
+        w, b = fuse_linear_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+    else:
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        w, b = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta
+        )
+    conv.weight = nn.Parameter(w.detach(), requires_grad=False)
+    conv.bias = nn.Parameter(b.detach(), requires_grad=False)
+    _set_submodule(model, bn_name, nn.Identity())
+
+
 def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
     """Fold each BatchNorm whose input is the sole output of a Conv/Linear called once; returns {conv: bn}.
 
@@ -93,23 +116,10 @@ def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
         prod = flow.producer_chain(node)
         if prod is None or calls[prod.name] != 1 or type(prod.module) not in _FOLDABLE:
             continue
-        conv, bn = prod.module, node.module
-        assert conv is not None and bn is not None
+        bn = node.module
         if bn.running_mean is None or bn.running_var is None or not bn.track_running_stats:
             continue
-        if isinstance(conv, nn.Linear):
-            w, b = fuse_linear_bn_weights(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-            )
-        else:
-            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
-            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-            w, b = fuse_conv_bn_weights(
-                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta
-            )
-        conv.weight = nn.Parameter(w.detach(), requires_grad=False)
-        conv.bias = nn.Parameter(b.detach(), requires_grad=False)
-        _set_submodule(model, node.name, nn.Identity())
+        fuse_pair_(model, prod.name, node.name)
         folded[prod.name] = node.name
     return folded
 

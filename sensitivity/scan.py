@@ -25,7 +25,7 @@ from torch import nn
 from sensitivity.candidates import build_candidates, sq_key
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, calibrate, compare_pass
-from sensitivity.data import Batch, split_holdout
+from sensitivity.data import Batch, first_sample, split_holdout
 from sensitivity.errors import CalibrationDataError, SpecError
 from sensitivity.fold import find_fold_site
 from sensitivity.metrics import ErrorStats
@@ -376,6 +376,8 @@ def scan(
     policy = Policy(rules=tuple(policy_rules), spec=spec.name)
 
     quant_state = _quant_state(observers, qlayers, rules, spec, prep.folded)
+    quant_state["sq_fold"] = {n: site.producer for n, site in fold_sites.items() if site.producer}
+    quant_state["example_input"] = _example(batches[0])
     timings["total_s"] = time.perf_counter() - t0
     return ScanResult(
         model_name=model_name,
@@ -396,6 +398,16 @@ def scan(
         folded_bn=prep.folded,
         fp_model=fp,
     )
+
+
+def _example(batch: Batch) -> Any:
+    """One sample of the first batch (tensor or tuple of tensors), kept for ONNX export without data."""
+    small = first_sample(batch)
+    if isinstance(small, torch.Tensor):
+        return small.detach().cpu().clone()
+    if isinstance(small, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in small):
+        return tuple(t.detach().cpu().clone() for t in small)
+    return None
 
 
 def _channel_axis(module: nn.Module) -> int:

@@ -94,3 +94,23 @@ class OutlierChannelsNet(nn.Module):
         x = F.relu(self.post(x))
         h = x.mean(dim=(2, 3)) * self.gain_fc
         return self.fc2(F.relu(self.fc1(h)))
+
+
+class FoldableOutliers(nn.Module):
+    """`b`'s input comes from `a` through ReLU only, and 2 of `a`'s 40 output channels are 50x larger
+    (their weight rows scaled): SmoothQuant on `b` is chosen and its 1/s folds exactly into `a`."""
+
+    def __init__(self, width: int = 40, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.a = nn.Conv2d(3, width, 3, padding=1)
+            self.b = nn.Conv2d(width, width, 3, padding=1)
+            self.c = nn.Conv2d(width, 8, 1)
+        with torch.no_grad():
+            self.a.weight[:2] *= 50.0
+            self.a.bias[:2] *= 50.0
+            self.b.weight[:, :2] /= 50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))

@@ -48,18 +48,28 @@ class Smoother(nn.Module):
     folds it into the producer. `scale` (s > 0) is a buffer so it travels with the state dict.
     """
 
-    def __init__(self, scale: torch.Tensor, channel_axis: int) -> None:
+    def __init__(self, scale: torch.Tensor, channel_axis: int, folded: bool = False) -> None:
         super().__init__()
         self.channel_axis = int(channel_axis)
+        #: True once 1/s lives in the producer's weights: the input arrives already divided
+        self.folded = bool(folded)
+        #: True once s lives in this layer's own weight (the deployed form): no multiply at run time
+        self.weight_baked = False
         self.register_buffer("scale", scale.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return x
         shape = [1] * x.dim()
         shape[self.channel_axis] = -1
-        return x * (1.0 / self.scale).to(x.dtype).reshape(shape)
+        inv = 1.0 / self.scale
+        if torch.onnx.is_in_onnx_export():  # one Mul by a constant in the graph
+            inv = torch.tensor(inv.tolist(), dtype=torch.float32, device=x.device)
+        return x * inv.to(x.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"channels={self.scale.numel()}, axis={self.channel_axis}"
+        folded = ", folded into the producer" if self.folded else ""
+        return f"channels={self.scale.numel()}, axis={self.channel_axis}{folded}"
 
 
 class QuantMixin:
@@ -139,15 +149,26 @@ class QuantMixin:
 
     def smoothed_weight(self) -> torch.Tensor:
         w = self.weight.detach()
-        if self.smoother is None:
+        if self.smoother is None or self.smoother.weight_baked:
             return w
         return w * self._weight_input_scale(self.smoother.scale.to(w.dtype))
+
+    def bake_smoothing_(self) -> None:
+        """Store W * s as the weight itself (what gets deployed); the smoother keeps only the input side."""
+        if self.smoother is None or self.smoother.weight_baked:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self.smoothed_weight())
+        self.smoother.weight_baked = True
+        self._wq_cache = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized (smoothed) weight, recomputed only when the weight, amax or factors changed."""
         wq = self.weight_quantizer
         if not wq.enabled:
             return self.smoothed_weight()
+        if torch.onnx.is_in_onnx_export():
+            return wq(self.smoothed_weight())  # Q/DQ nodes on the weight, as TensorRT expects
         amax = wq.amax
         sm = self.smoother
         key = (

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant
+from sensitivity.quant.spec import qrange
 
 __all__ = ["NotCalibratedError", "TensorQuantizer"]
 
@@ -47,7 +48,22 @@ class TensorQuantizer(nn.Module):
         if not self.enabled:
             return x
         scale = self.scale().to(x.device)
+        if torch.onnx.is_in_onnx_export():
+            return self._export_op(x, scale)
         return fake_quant(x, scale, self.num_bits, self.unsigned, self.axis)
+
+    def _export_op(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """torch's fake-quantize ops, which the ONNX exporter turns into QuantizeLinear/DequantizeLinear.
+
+        Only while exporting: in the graph ONNX Runtime / TensorRT then compute x / scale, the toolkit's
+        convention, whatever these ops round in torch."""
+        qmin, qmax = qrange(self.num_bits, self.unsigned)
+        # scales become graph constants (initializers), as TensorRT requires, not ops on buffers
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, float(scale), 0, qmin, qmax)
+        const = torch.tensor(scale.reshape(-1).tolist(), dtype=torch.float32, device=x.device)
+        zero = torch.zeros(const.numel(), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, const, zero, self.axis, qmin, qmax)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # amax starts as None; accept a saved amax of any shape instead of refusing a shape mismatch.

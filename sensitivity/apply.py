@@ -1,0 +1,209 @@
+"""The final quantized model: apply a policy with the scan's calibrated state, save it, reload it.
+
+`apply_policy` works on a deepcopy of the user's FP model (never mutated): BN folded as the scan folded it,
+excluded layers in FP, naive layers quantized with the refitted amax, SmoothQuant layers with their
+factors in the weights and the input division folded into the producer where the scan proved that exact
+(else one per-channel multiply before the input quantizer). `save_quantized` writes state dict + spec +
+policy + layer settings (no pickled modules); `load_quantized` rebuilds the same model from a factory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensitivity.errors import ConfigError, ModelLoadError
+from sensitivity.policy import Policy, dump_policy, parse_policy
+from sensitivity.prepare import fuse_pair_
+from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
+from sensitivity.quant.modules import QuantMixin, Smoother, per_channel_amax
+from sensitivity.quant.spec import QuantSpec
+from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
+
+__all__ = ["FORMAT", "apply_policy", "fold_smoothing_", "load_quantized", "save_quantized"]
+
+FORMAT = "sensitivity-quantized"
+
+
+def _configs(qlayers: dict[str, QuantMixin], policy: Policy, state: dict[str, Any]) -> dict[str, LayerQuant]:
+    configs: dict[str, LayerQuant] = {}
+    for name, layer_state in state["layers"].items():
+        rule = policy.rule_for(name)
+        method = rule.method if rule is not None else "naive"
+        naive = LayerQuant("naive", layer_state["input_amax"], bool(layer_state["input_unsigned"]))
+        if method == "fp":
+            configs[name] = LayerQuant("fp")
+        elif method == "smoothquant":
+            assert rule is not None and rule.alpha is not None
+            if rule.granularity == "im2col":
+                raise ConfigError(
+                    f"layer {name}: im2col SmoothQuant is research-only (no deployable form); use granularity channel"
+                )
+            if rule.mode == "dynamic":
+                configs[name] = LayerQuant("smoothquant", None, False, None, rule.alpha)
+                continue
+            chan = layer_state.get("channel_absmax")
+            if chan is None:
+                raise ConfigError(
+                    f"layer {name}: no per-channel statistics in the quant state for SmoothQuant"
+                )
+            # recomputed from the statistics, so a user-edited alpha in policy.yaml is honoured
+            s = smoothing_factors(chan, qlayers[name].weight_input_absmax(), rule.alpha)
+            configs[name] = LayerQuant("smoothquant", smoothed_input_amax(chan, s), False, s)
+        else:
+            configs[name] = naive
+    return configs
+
+
+def fold_smoothing_(model: nn.Module, consumer: str, producer: str) -> None:
+    """Move `consumer`'s 1/s into `producer`'s output channels (conv / Linear rows, BN affine), in place."""
+    layer = model.get_submodule(consumer)
+    assert isinstance(layer, QuantMixin) and layer.smoother is not None
+    inv = 1.0 / layer.smoother.scale
+    prod = model.get_submodule(producer)
+    with torch.no_grad():
+        if isinstance(prod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            if prod.weight is None or prod.bias is None:
+                raise ConfigError(f"cannot fold into {producer}: BatchNorm without affine parameters")
+            prod.weight.mul_(inv)
+            prod.bias.mul_(inv)
+        else:
+            w = prod.weight
+            w.mul_(inv.reshape(-1, *([1] * (w.dim() - 1))))
+            if prod.bias is not None:
+                prod.bias.mul_(inv)
+            if isinstance(prod, QuantMixin):  # per-channel amax scales with its row: same codes
+                axis = prod.weight_quantizer.axis
+                assert axis is not None
+                prod.weight_quantizer.set_amax(per_channel_amax(prod.smoothed_weight(), axis))
+                prod._wq_cache = None
+    layer.smoother.folded = True
+
+
+def apply_policy(
+    model: nn.Module, policy: Policy, quant_state: dict[str, Any], *, fold_smoothing: bool = True
+) -> nn.Module:
+    """The final quantized model (a new module; `model` is untouched). `quant_state` is a scan's
+    `quant_state.pt`; `model` the same FP architecture and weights the scan saw."""
+    spec = QuantSpec.from_dict(quant_state["spec"])
+    fp = copy.deepcopy(model).eval()
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    try:
+        for conv, bn in quant_state.get("folded_bn", {}).items():
+            fuse_pair_(fp, conv, bn)
+        acts = {
+            n: ActQuant(s["input_amax"], bool(s["input_unsigned"])) for n, s in quant_state["layers"].items()
+        }
+        qmodel = build_quant_model(fp, acts, spec, copy_model=False)
+    except (AttributeError, AssertionError, TypeError) as exc:
+        raise ModelLoadError(f"the model does not match the scan's quant state: {exc}") from exc
+    qlayers = {n: m for n, m in quant_layers(qmodel).items() if n in acts}
+    configs = _configs(qlayers, policy, quant_state)
+    configure_layers(qmodel, configs)
+    for layer in qlayers.values():
+        layer.bake_smoothing_()  # W * s becomes the stored weight, as deployed
+    if fold_smoothing:
+        for consumer, producer in quant_state.get("sq_fold", {}).items():
+            cfg = configs.get(consumer)
+            if cfg is not None and cfg.method == "smoothquant" and cfg.smooth_scale is not None:
+                fold_smoothing_(qmodel, consumer, producer)
+    qmodel.sensitivity_meta = {  # type: ignore[assignment]
+        "spec": spec.to_dict(),
+        "policy": dump_policy(policy),
+        "folded_bn": dict(quant_state.get("folded_bn", {})),
+    }
+    return qmodel
+
+
+def _layer_meta(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
+    meta = {}
+    for name, layer in quant_layers(qmodel).items():
+        enabled = layer.input_quantizer.enabled
+        meta[name] = {
+            "quantized": enabled,
+            "input_unsigned": layer.input_quantizer.unsigned,
+            "smoothing": layer.smoother is not None,
+            "smooth_folded": bool(layer.smoother is not None and layer.smoother.folded),
+            "smooth_weight_baked": bool(layer.smoother is not None and layer.smoother.weight_baked),
+            "smooth_channels": int(layer.smoother.scale.numel()) if layer.smoother is not None else 0,
+            "dynamic_alpha": layer.dynamic_alpha,
+        }
+    return meta
+
+
+def save_quantized(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write `model_quant.pt`: tensors and plain data only (loads with weights_only=True)."""
+    meta = getattr(qmodel, "sensitivity_meta", None)
+    if meta is None:
+        raise ValueError("save_quantized expects a model made by apply_policy")
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        **meta,
+        "layers": _layer_meta(qmodel),
+        "state_dict": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_quantized(path: str | os.PathLike[str], model_factory: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild a saved quantized model: `model_factory()` gives the FP architecture (weights unused)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"quantized model {path} not found") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable quantized model: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelLoadError(f"{path} is not a sensitivity quantized model (model_quant.pt)")
+    spec = QuantSpec.from_dict(payload["spec"])
+    model = model_factory().eval()
+    for conv, bn in payload["folded_bn"].items():  # structure only: the weights come from the state dict
+        c = model.get_submodule(conv)
+        if c.bias is None:
+            c.bias = nn.Parameter(torch.zeros(c.weight.shape[0]), requires_grad=False)
+        parent, _, attr = bn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    layers = payload["layers"]
+    acts = {n: ActQuant(torch.tensor(1.0), bool(m["input_unsigned"])) for n, m in layers.items()}
+    qmodel = build_quant_model(model, acts, spec, copy_model=False)
+    for name, m in quant_layers(qmodel).items():
+        lm = layers[name]
+        m.input_quantizer.enabled = m.weight_quantizer.enabled = bool(lm["quantized"])
+        if lm["smoothing"]:
+            m.smoother = Smoother(
+                torch.ones(lm["smooth_channels"]), m.input_channel_axis, lm["smooth_folded"]
+            )
+            m.smoother.weight_baked = bool(lm.get("smooth_weight_baked", False))
+        m.dynamic_alpha = lm["dynamic_alpha"]
+    missing, unexpected = qmodel.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path} does not fit the factory's model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    for m in quant_layers(qmodel).values():
+        m._wq_cache = None
+    policy = parse_policy(payload["policy"], source=str(path))
+    qmodel.sensitivity_meta = {
+        "spec": payload["spec"],
+        "policy": dump_policy(policy),
+        "folded_bn": payload["folded_bn"],
+    }  # type: ignore[assignment]
+    return qmodel

@@ -1,0 +1,155 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear (TensorRT's explicit quantization), checked in ORT.
+
+Weights get per-channel symmetric int8 Q/DQ, activations per-tensor Q/DQ before each quantized layer,
+SmoothQuant's unfolded divisions a Mul, excluded layers plain float. Opset 13+ (per-channel Q/DQ), a
+dynamic batch dimension, and node names carrying the module path (`/layer1/layer1.0/conv1/Conv`), which
+`trtexec --layerPrecisions` can address. Verification runs ONNX Runtime twice: with graph optimisations
+off (Q/DQ computed as written: parity with the torch fake-quant model) and on (Q/DQ fused into real int8
+kernels: the fake-quant vs real-int8 gap).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sensitivity.errors import SensitivityError
+from sensitivity.quant.build import quant_layers
+
+__all__ = ["ExportError", "export_onnx", "tensorrt_warnings", "verify_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(SensitivityError):
+    """The quantized model cannot be exported as asked (bits, dynamic smoothing, missing onnx)."""
+
+
+def tensorrt_warnings(qmodel: nn.Module) -> list[str]:
+    """Choices TensorRT cannot run, each with what to change."""
+    warnings = []
+    unsigned = [
+        n for n, m in quant_layers(qmodel).items() if m.input_quantizer.enabled and m.input_quantizer.unsigned
+    ]
+    if unsigned:
+        warnings.append(
+            f"{len(unsigned)} layers use unsigned (uint8) activations (e.g. {unsigned[0]}): TensorRT runs only "
+            "signed int8; rescan with --act-sign signed for a TensorRT engine"
+        )
+    return warnings
+
+
+def _check_exportable(qmodel: nn.Module) -> None:
+    for name, m in quant_layers(qmodel).items():
+        if not m.input_quantizer.enabled:
+            continue
+        bits = {m.input_quantizer.num_bits, m.weight_quantizer.num_bits}
+        if bits != {8}:
+            raise ExportError(
+                f"ONNX Q/DQ export supports 8-bit quantizers only; layer {name} uses {sorted(bits)} bits "
+                "(keep W4/A4 results for analysis, or rescan with --spec W8A8)"
+            )
+        if m.dynamic_alpha is not None:
+            raise ExportError(
+                f"layer {name} uses dynamic SmoothQuant (research only): it has no static ONNX form"
+            )
+
+
+def _names(example: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    args = example if isinstance(example, tuple) else (example,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ExportError(
+            "ONNX export needs tensor inputs (dict batches such as OpenPCDet's are not exportable whole)"
+        )
+    return [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))], args
+
+
+def export_onnx(qmodel: nn.Module, example: Any, path: str | os.PathLike[str], opset: int = 17) -> Path:
+    """Export `qmodel` (from apply_policy) to `path` with Q/DQ nodes and a dynamic batch dimension."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the onnx extra: pip install 'sensitivity[onnx]'") from exc
+    if opset < 13:
+        raise ExportError(f"per-channel QuantizeLinear needs opset >= 13, got {opset}")
+    _check_exportable(qmodel)
+    input_names, args = _names(example)
+    path = Path(path)
+    with torch.no_grad():
+        out = qmodel(*args)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    output_names = [f"output{i}" for i in range(n_out)] if n_out > 1 else ["output"]
+    dynamic = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                qmodel, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic, do_constant_folding=True,
+            )  # fmt: skip
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def verify_onnx(path: str | os.PathLike[str], qmodel: nn.Module, inputs: list[Any]) -> dict[str, Any]:
+    """Max |ORT - torch| with Q/DQ computed as written (parity) and with ORT's int8 kernels (the gap)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("verifying the export needs onnxruntime: pip install 'sensitivity[onnx]'") from exc
+    sessions = {}
+    for label, level in (("reference", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                         ("int8_kernels", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):  # fmt: skip
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        opts.log_severity_level = 3
+        sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    worst = {"reference": 0.0, "int8_kernels": 0.0}
+    ref_scale = 0.0
+    for example in inputs:
+        names, args = _names(example)
+        with torch.no_grad():
+            out = qmodel(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        feed = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+        for label, sess in sessions.items():
+            got = sess.run(None, feed)
+            for o, g in zip(outs, got, strict=True):
+                worst[label] = max(worst[label], float(np.abs(o.numpy() - g).max()))
+        ref_scale = max(ref_scale, max(float(o.abs().max()) for o in outs))
+    return {
+        "max_abs_diff_qdq_reference": worst["reference"],
+        "max_abs_diff_int8_kernels": worst["int8_kernels"],
+        "output_absmax": ref_scale,
+        "qdq_nodes": _count_qdq(path),
+    }
+
+
+def _count_qdq(path: str | os.PathLike[str]) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "Conv",
+            "Gemm",
+            "MatMul",
+            "Mul",
+            "ConvTranspose",
+        ):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
