@@ -128,9 +128,10 @@ def stats_arrays(result: ScanResult) -> dict[str, np.ndarray]:
 
     `layers` (names, execution order); per layer `chan_absmax/<l>` (per-input-channel max |x|),
     `act_hist/<l>` + `act_range/<l>` (held-out input histogram over the fitting range),
-    `weight_hist/<l>` + `weight_range/<l>` (histogram of the BN-folded weight)."""
+    `weight_hist/<l>` + `weight_range/<l>` (histogram of the BN-folded weight), and the SmoothQuant
+    sweeps `alpha_sweep/<l>` (channel) / `alpha_sweep_im2col/<l>`: [K, 3] rows (alpha, iso rel L1, SQNR dB)."""
     names = [layer.name for layer in result.layers]
-    arrays: dict[str, np.ndarray] = {"layers": np.array(names)}
+    arrays: dict[str, np.ndarray] = {"layers": np.array(names), **result.sweeps}
     for n in names:
         obs = result.observers.get(n)
         if obs is not None and obs.chan_absmax is not None:
@@ -154,7 +155,8 @@ def write_stats(result: ScanResult, path: Path) -> None:
 
 
 def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write layers.csv, scan.json, exclude.yaml, policy.yaml, quant_state.pt, stats.npz into `out_dir`."""
+    """Write layers.csv, scan.json, exclude.yaml, policy.yaml, quant_state.pt, stats.npz and the final
+    quantized model (model_quant.pt) into `out_dir`."""
     with atomic_dir(out_dir, overwrite) as tmp:
         result.table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g", lineterminator="\n")
         (tmp / "scan.json").write_text(json.dumps(scan_json(result), indent=2, allow_nan=False) + "\n")
@@ -163,4 +165,8 @@ def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: b
         write_policy(result.policy, tmp / "policy.yaml")
         torch.save(result.quant_state, tmp / "quant_state.pt")
         write_stats(result, tmp / "stats.npz")
+        if result.fp_model is not None:
+            from sensitivity.apply import apply_policy, save_quantized
+
+            save_quantized(apply_policy(result.fp_model, result.policy, result.quant_state), tmp / "model_quant.pt")
     return Path(out_dir)

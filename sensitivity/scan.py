@@ -286,7 +286,11 @@ def scan(
         calibrate(fp, layers, fit, spec, progress=advance, observers=observers)
     timings["calibrate_s"] = time.perf_counter() - t
 
-    acts = {n: ActQuant(observers[n].amax(), observers[n].unsigned()) for n in names}
+    fixed = _checkpoint_amax(model, names)
+    acts = {
+        n: ActQuant(fixed[n], False) if n in fixed else ActQuant(observers[n].amax(), observers[n].unsigned())
+        for n in names
+    }
     qmodel = build_quant_model(fp, acts, spec)
     qlayers = {n: m for n, m in quant_layers(qmodel).items() if n in acts}
     candidates, im2col_refused = build_candidates(
@@ -376,6 +380,9 @@ def scan(
     policy = Policy(rules=tuple(policy_rules), spec=spec.name)
 
     quant_state = _quant_state(observers, qlayers, rules, spec, prep.folded)
+    for n, amax in fixed.items():  # the checkpoint's own calibration stays the final one
+        quant_state["layers"][n]["input_amax"] = amax.clone()
+        quant_state["layers"][n]["input_unsigned"] = False
     quant_state["sq_fold"] = {n: site.producer for n, site in fold_sites.items() if site.producer}
     quant_state["example_input"] = _example(batches[0])
     timings["total_s"] = time.perf_counter() - t0
@@ -398,6 +405,17 @@ def scan(
         folded_bn=prep.folded,
         fp_model=fp,
     )
+
+
+def _checkpoint_amax(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Input amax a loaded checkpoint already carries (a pytorch-quantization model's `_input_quantizer._amax`,
+    read by `sensitivity.load`): used instead of recalibrating those layers."""
+    found = getattr(model, "sensitivity_checkpoint_amax", None) or {}
+    return {
+        n: torch.as_tensor(found[n]["input"]).float().reshape(())
+        for n in names
+        if n in found and "input" in found[n]
+    }
 
 
 def _example(batch: Batch) -> Any:
@@ -468,3 +486,39 @@ def _quant_state(
             entry["smooth_input_amax"] = smoothed_input_amax(obs.chan_absmax, s)
         layers[n] = entry
     return {"version": 1, "spec": spec.to_dict(), "folded_bn": dict(folded), "layers": layers}
+
+
+def calibrate_quant_state(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    policy: Policy,
+    spec: QuantSpec,
+    *,
+    fold_bn: bool = True,
+    progress: PhaseProgress | None = None,
+) -> dict[str, Any]:
+    """A quant state (as scan writes to quant_state.pt) from a fresh calibration on all `batches`, for
+    `apply --calib`: amax per layer and, for the policy's SmoothQuant layers, their factors."""
+    progress = progress or PhaseProgress()
+    batches = list(batches)
+    if not batches:
+        raise CalibrationDataError("the calibration set is empty: give at least one batch")
+    prep = prepare(model, batches[0], fold_bn=fold_bn)
+    observers = {
+        layer.name: LayerObserver(spec, _channel_axis(prep.model.get_submodule(layer.name)))
+        for layer in prep.layers
+    }
+    with progress.phase("calibrate", len(batches)) as advance:
+        calibrate(prep.model, prep.layers, batches, spec, progress=advance, observers=observers)
+    acts = {n: ActQuant(observers[n].amax(), observers[n].unsigned()) for n in prep.names}
+    qlayers = {n: m for n, m in quant_layers(build_quant_model(prep.model, acts, spec)).items() if n in acts}
+    rules = {}
+    for n in prep.names:
+        rule = policy.rule_for(n)
+        rules[n] = rule if rule is not None else Rule(match=n, method="naive")
+    state = _quant_state(observers, qlayers, rules, spec, prep.folded)
+    state["sq_fold"] = {
+        n: site.producer for n in prep.names if (site := find_fold_site(prep.flow, n)).producer
+    }
+    state["example_input"] = _example(batches[0])
+    return state
