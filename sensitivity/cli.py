@@ -192,6 +192,17 @@ def scan(
     sq_margin: Annotated[
         float, typer.Option("--sq-margin", help="SmoothQuant must cut isolated rel. L1 to this x naive.")
     ] = 0.5,
+    eval_fn: Annotated[
+        str | None,
+        typer.Option("--eval", help="pkg.module:function, model -> {metric: value} (higher is better)."),
+    ] = None,
+    eval_metric: Annotated[
+        str | None, typer.Option("--eval-metric", help="Metric key for the budget.")
+    ] = None,
+    exclude_budget: Annotated[
+        float | None,
+        typer.Option("--exclude-budget", help="Exclude layers until the metric is within this of FP."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Report folder (default reports/<model>).")
@@ -243,8 +254,22 @@ def scan(
         granularities=_split([sq_granularity]),
         sq_mode=sq_mode,
         sq_margin=sq_margin,
+        eval_metric=eval_metric,
+        exclude_budget=exclude_budget,
     )
-    result = run_scan(net, data, options, model_name=model.stem, progress=RichProgress(not quiet))
+    evaluate = None
+    if eval_fn is not None:
+        from sensitivity.errors import SpecError
+        from sensitivity.load import resolve_callable
+
+        evaluate = resolve_callable(eval_fn, "--eval", error=SpecError)
+    elif exclude_budget is not None:
+        from sensitivity.errors import SpecError
+
+        raise SpecError("--exclude-budget needs --eval pkg.module:function to measure the metric")
+    result = run_scan(
+        net, data, options, model_name=model.stem, progress=RichProgress(not quiet), evaluate=evaluate
+    )
     written = result.save(str(target), overwrite=overwrite)
     print_summary(result, written)
 
@@ -259,7 +284,142 @@ def demo(
     """Train (once, cached) a CNN on real MNIST digits, scan it, and compare FP / W8A8 / policy accuracy."""
     from sensitivity.demo.run import run_demo
 
-    run_demo(out_dir=out_dir, overwrite=overwrite, spec=spec, progress=RichProgress(not quiet), console=out)
+    run_demo(out_dir=out_dir, overwrite=overwrite, specs=(spec, "W4A8") if spec != "W4A8" else (spec,),
+             progress=RichProgress(not quiet), console=out)  # fmt: skip
+
+
+ReportDirArg = Annotated[
+    Path, typer.Argument(help="A report folder written by scan (layers.csv, scan.json, stats.npz).")
+]
+
+
+@app.command()
+def report(report_dir: ReportDirArg) -> None:
+    """Re-render report.html and plots/ from a report folder's files (no model needed)."""
+    from sensitivity.report import render_report
+
+    written = render_report(report_dir)
+    out.print(f"report written to [bold]{written}[/bold]")
+
+
+@app.command()
+def view(
+    report_dir: ReportDirArg,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Do not open a browser: serve the folder on 127.0.0.1.")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on (0: a free one).")] = 0,
+) -> None:
+    """Open report.html in a browser; where none can open (headless), serve it on 127.0.0.1."""
+    from sensitivity.report import render_report
+    from sensitivity.report.serve import make_server, open_in_browser
+
+    html = report_dir / "report.html"
+    if not html.is_file():
+        html = render_report(report_dir)
+    if not no_browser and open_in_browser(html):
+        out.print(f"opened [bold]{html}[/bold] in the browser")
+        return
+    server = make_server(report_dir, port=port)
+    out.print(f"serving {report_dir} at [bold]{server.url}[/bold]  (Ctrl-C to stop)", soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped serving")
+    finally:
+        server.server_close()
+
+
+@app.command("apply")
+def apply_cmd(
+    model: Annotated[Path, typer.Argument(help="The FP model the scan saw (same options as scan).")],
+    policy: Annotated[Path, typer.Option("--policy", help="policy.yaml (from a scan; may be edited).")],
+    arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
+    arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling (runs code!).")
+    ] = False,
+    quant_state: Annotated[
+        Path | None,
+        typer.Option("--quant-state", help="Calibrated state (default: quant_state.pt beside the policy)."),
+    ] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Recalibrate on this data instead.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batches: Annotated[int | None, typer.Option("--batches")] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Also export model_quant.onnx (Q/DQ) and verify it.")
+    ] = False,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 13).")] = 17,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="native (model_quant.pt) or pytorch-quantization (also its amax layout)."
+        ),
+    ] = "native",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder (default: the policy's folder).")
+    ] = None,
+) -> None:
+    """Build the final quantized model from a policy: FP / naive / SmoothQuant per layer."""
+    from sensitivity.apply import apply_policy, save_quantized
+    from sensitivity.errors import ConfigError, ModelLoadError
+    from sensitivity.load import load_model
+    from sensitivity.policy import load_policy
+
+    if fmt not in ("native", "pytorch-quantization"):
+        raise ConfigError(f"--format must be native or pytorch-quantization, got {fmt!r}")
+    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    folder = out_dir or policy.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if calib is not None:
+        from sensitivity.data import load_calibration
+        from sensitivity.quant.spec import QuantSpec
+        from sensitivity.scan import calibrate_quant_state
+
+        pol = load_policy(policy)
+        data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
+        state = calibrate_quant_state(net, data, pol, QuantSpec.parse(pol.spec), progress=RichProgress())
+    else:
+        state_path = quant_state or policy.with_name("quant_state.pt")
+        if not state_path.exists():
+            raise ModelLoadError(
+                f"no quant state at {state_path}: pass --quant-state or --calib to recalibrate"
+            )
+        import torch
+
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{state_path} is not a readable quant state: {str(exc).splitlines()[0]}"
+            ) from exc
+        pol = load_policy(policy, layers=list(state["layers"]))
+    qmodel = apply_policy(net, pol, state)
+    written = save_quantized(qmodel, folder / "model_quant.pt")
+    out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
+    if fmt == "pytorch-quantization":
+        from sensitivity.integrations.pytorch_quantization import save_amax_state_dict
+
+        pq = save_amax_state_dict(qmodel, folder / "model_quant_pytorch_quantization.pt")
+        out.print(f"wrote [bold]{pq}[/bold] (pytorch-quantization _amax layout)", soft_wrap=True)
+    if onnx:
+        from sensitivity.export import export_onnx, tensorrt_warnings, verify_onnx
+
+        example = state.get("example_input")
+        if example is None:
+            raise ConfigError("no example input in the quant state for ONNX export: pass --calib")
+        path = export_onnx(qmodel, example, folder / "model_quant.onnx", opset=opset)
+        check = verify_onnx(path, qmodel, [example])
+        import json
+
+        (folder / "export.json").write_text(json.dumps(check, indent=2) + "\n")
+        out.print(
+            f"wrote [bold]{path}[/bold]: ONNX Runtime vs torch max |diff| {check['max_abs_diff_qdq_reference']:.3g} "
+            f"(Q/DQ as written), {check['max_abs_diff_int8_kernels']:.3g} with ORT's int8 kernels",
+            soft_wrap=True,
+        )
+        for warning in tensorrt_warnings(qmodel):
+            console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

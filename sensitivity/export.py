@@ -91,6 +91,8 @@ def export_onnx(qmodel: nn.Module, example: Any, path: str | os.PathLike[str], o
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # dynamo=False on purpose: the TorchScript exporter turns fake-quantize ops into Q/DQ pairs
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 qmodel, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
                 output_names=output_names, dynamic_axes=dynamic, do_constant_folding=True,

@@ -168,5 +168,7 @@ def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: b
         if result.fp_model is not None:
             from sensitivity.apply import apply_policy, save_quantized
 
-            save_quantized(apply_policy(result.fp_model, result.policy, result.quant_state), tmp / "model_quant.pt")
+            save_quantized(
+                apply_policy(result.fp_model, result.policy, result.quant_state), tmp / "model_quant.pt"
+            )
     return Path(out_dir)

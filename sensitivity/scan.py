@@ -37,7 +37,15 @@ from sensitivity.quant.spec import QuantSpec
 from sensitivity.smoothquant import GRANULARITIES, MODES, smoothed_input_amax, smoothing_factors
 from sensitivity.table import build_table
 
-__all__ = ["DEFAULT_ALPHAS", "PhaseProgress", "ScanOptions", "ScanResult", "scan"]
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "PhaseProgress",
+    "ScanOptions",
+    "ScanResult",
+    "calibrate_quant_state",
+    "scan",
+    "state_configs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,10 @@ class ScanOptions:
     granularities: tuple[str, ...] = ("channel",)
     sq_mode: str = "static"
     sq_margin: float = DEFAULT_SQ_MARGIN
+    #: with an `evaluate` function: the metric key to budget on (default: the first returned) and the
+    #: allowed drop from FP (same units as the metric); None = no greedy exclusion
+    eval_metric: str | None = None
+    exclude_budget: float | None = None
 
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
@@ -117,19 +129,7 @@ class ScanResult:
 
     def layer_configs(self, config: str = "policy") -> dict[str, LayerQuant]:
         """Per-layer settings of `config`: "policy", "naive" (every layer W/A quantized) or "exclusion"."""
-        out = {}
-        for n, s in self.quant_state["layers"].items():
-            naive = LayerQuant("naive", s["input_amax"], bool(s["input_unsigned"]))
-            if config == "naive":
-                out[n] = naive
-            elif config == "exclusion":
-                out[n] = LayerQuant("fp") if n in self.excluded else naive
-            elif s["method"] == "smoothquant":
-                dyn = s["alpha"] if s.get("mode") == "dynamic" else None
-                out[n] = LayerQuant("smoothquant", s["smooth_input_amax"], False, s["smooth_scale"], dyn)
-            else:
-                out[n] = LayerQuant("fp") if s["method"] == "fp" else naive
-        return out
+        return state_configs(self.quant_state, config, self.excluded)
 
     def quantized_model(self, config: str = "policy") -> nn.Module:
         """The scanned model quantized with the final amax and factors (refitted on all batches), per
@@ -149,6 +149,92 @@ class ScanResult:
         from sensitivity.output import write_scan
 
         return write_scan(self, out_dir, overwrite=overwrite)
+
+
+def state_configs(
+    quant_state: dict[str, Any], config: str = "policy", excluded: Any = ()
+) -> dict[str, LayerQuant]:
+    """Layer settings from a quant state: "policy" (its methods), "naive" (all quantized) or "exclusion"
+    (naive with the `excluded` layers in FP)."""
+    out = {}
+    for n, s in quant_state["layers"].items():
+        naive = LayerQuant("naive", s["input_amax"], bool(s["input_unsigned"]))
+        if config == "naive":
+            out[n] = naive
+        elif config == "exclusion":
+            out[n] = LayerQuant("fp") if n in excluded else naive
+        elif s["method"] == "smoothquant":
+            dyn = s["alpha"] if s.get("mode") == "dynamic" else None
+            out[n] = LayerQuant("smoothquant", s["smooth_input_amax"], False, s["smooth_scale"], dyn)
+        else:
+            out[n] = LayerQuant("fp") if s["method"] == "fp" else naive
+    return out
+
+
+def _evaluate(
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    fp: nn.Module,
+    qmodel: nn.Module,
+    quant_state: dict[str, Any],
+    excluded: dict[str, Any],
+    rules: dict[str, Rule],
+    table: pd.DataFrame,
+    opts: ScanOptions,
+    progress: PhaseProgress,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """User metric for FP / naive / naive+exclusion / policy, then the greedy exclusion budget (mutates
+    `rules` and `quant_state` methods for the layers it moves to FP)."""
+
+    def run(model: nn.Module) -> dict[str, float]:
+        values = evaluate(model)
+        if not isinstance(values, dict) or not values:
+            raise SpecError("--eval function must return a non-empty dict of metric name -> number")
+        try:
+            return {str(k): float(v) for k, v in values.items()}
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"--eval function returned a non-numeric metric: {values!r}") from exc
+
+    evals: dict[str, dict[str, float]] = {}
+    with progress.phase("evaluate", 4) as advance:
+        evals["fp"] = run(fp)
+        advance()
+        for label, config in (("naive", "naive"), ("naive+exclusion", "exclusion"), ("policy", "policy")):
+            configure_layers(qmodel, state_configs(quant_state, config, excluded))
+            evals[label] = run(qmodel)
+            advance()
+    steps: list[dict[str, Any]] = []
+    if opts.exclude_budget is None:
+        return evals, steps
+    key = opts.eval_metric or next(iter(evals["fp"]))
+    if key not in evals["fp"]:
+        raise SpecError(f"--eval-metric {key!r} is not among the metrics returned: {', '.join(evals['fp'])}")
+    target = evals["fp"][key] - opts.exclude_budget
+    current = evals["policy"][key]
+
+    def sensitivity(n: str) -> float:
+        col = "iso_sq_rel_l1" if rules[n].method == "smoothquant" else "iso_naive_rel_l1"
+        v = float(table.loc[n, col]) if col in table.columns else math.nan
+        return v if math.isfinite(v) else math.inf
+
+    order = sorted((n for n, r in rules.items() if r.method != "fp"), key=sensitivity, reverse=True)
+    with progress.phase("exclusion budget", len(order)) as advance:
+        for n in order:
+            if current >= target:
+                break
+            rules[n] = Rule(
+                match=n, method="fp",
+                reason=f"exclusion budget: {key} below FP {evals['fp'][key]:.4g} - {opts.exclude_budget:g}",
+                metrics={**rules[n].metrics, f"eval_{key}_before": current},
+            )  # fmt: skip
+            quant_state["layers"][n]["method"] = "fp"
+            configure_layers(qmodel, state_configs(quant_state, "policy"))
+            current = run(qmodel)[key]
+            steps.append({"step": len(steps) + 1, "layer": n, "metric": current})
+            advance()
+    if steps:
+        configure_layers(qmodel, state_configs(quant_state, "policy"))
+        evals["policy"] = run(qmodel)
+    return evals, steps
 
 
 def _comparison_row(name: str, stats: ErrorStats | None, fp_layers: int, n_layers: int) -> dict[str, Any]:
@@ -250,9 +336,14 @@ def scan(
     *,
     model_name: str = "model",
     progress: PhaseProgress | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> ScanResult:
     """Measure every target layer's isolated and cumulative quantization error; decide FP / naive /
-    SmoothQuant per layer; verify the decisions with quantized passes on held-out batches."""
+    SmoothQuant per layer; verify the decisions with quantized passes on held-out batches.
+
+    `evaluate(model) -> {metric: value}` (higher is better, e.g. top-1 or mAP) scores FP, all-naive,
+    naive+exclusion and the policy; with `options.exclude_budget` the next most sensitive layer is put in
+    FP, one evaluation per step, until the metric is within the budget of FP."""
     opts = options or ScanOptions()
     spec = opts.spec
     progress = progress or PhaseProgress()
@@ -357,12 +448,39 @@ def scan(
         rules[n] = Rule(match=n, method="fp", reason=reason, metrics=metrics)
     timings["verify_s"] = time.perf_counter() - t
 
+    def final_state() -> dict[str, Any]:
+        state = _quant_state(observers, qlayers, rules, spec, prep.folded)
+        for n, amax in fixed.items():  # the checkpoint's own calibration stays the final one
+            state["layers"][n]["input_amax"] = amax.clone()
+            state["layers"][n]["input_unsigned"] = False
+        state["sq_fold"] = {n: site.producer for n, site in fold_sites.items() if site.producer}
+        state["example_input"] = _example(batches[0])
+        return state
+
+    quant_state = final_state()
+    evals: dict[str, dict[str, float]] = {}
+    budget_steps: list[dict[str, Any]] = []
+    if evaluate is not None:
+        t = time.perf_counter()
+        evals, budget_steps = _evaluate(
+            evaluate, fp, qmodel, quant_state, excluded, rules, table, opts, progress
+        )
+        if budget_steps:  # the budget moved layers to FP: re-derive the state and re-verify the policy
+            quant_state = final_state()
+            pol_configs = state_configs(quant_state, "policy")
+            pol_check = verifier.run(pol_configs, "policy")
+        timings["eval_s"] = time.perf_counter() - t
+
     for n in names:
         for key, value in pol_check.cum.get(n, ErrorStats()).metrics().items():
             table.loc[n, f"cum_policy_{key}"] = value
     table["decision"] = [rules[n].method for n in names]
     table["alpha"] = [rules[n].alpha if rules[n].alpha is not None else math.nan for n in names]
     table["reason"] = [rules[n].reason for n in names]
+    if budget_steps:
+        step_of = {row["layer"]: row for row in budget_steps}
+        table["budget_step"] = [step_of[n]["step"] if n in step_of else math.nan for n in names]
+        table["eval_after_exclusion"] = [step_of[n]["metric"] if n in step_of else math.nan for n in names]
 
     n_layers = len(names)
     pol_fp = sum(1 for r in rules.values() if r.method == "fp")
@@ -375,16 +493,11 @@ def scan(
         ]
     )
     comparison["smoothquant_layers"] = [0, 0, 0, sum(1 for r in rules.values() if r.method == "smoothquant")]
+    for key in sorted({k for v in evals.values() for k in v}):
+        comparison[f"eval_{key}"] = [evals.get(c, {}).get(key, math.nan) for c in comparison["config"]]
     policy_rules = [rules[n] for n in names if rules[n].method != "naive"]
     policy_rules.append(Rule(match="**", method="naive", reason=f"default: every other layer {spec.name}"))
     policy = Policy(rules=tuple(policy_rules), spec=spec.name)
-
-    quant_state = _quant_state(observers, qlayers, rules, spec, prep.folded)
-    for n, amax in fixed.items():  # the checkpoint's own calibration stays the final one
-        quant_state["layers"][n]["input_amax"] = amax.clone()
-        quant_state["layers"][n]["input_unsigned"] = False
-    quant_state["sq_fold"] = {n: site.producer for n, site in fold_sites.items() if site.producer}
-    quant_state["example_input"] = _example(batches[0])
     timings["total_s"] = time.perf_counter() - t0
     return ScanResult(
         model_name=model_name,

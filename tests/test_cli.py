@@ -111,7 +111,8 @@ def test_demo_end_to_end(trained_digits, tmp_path: Path, monkeypatch: pytest.Mon
     assert main(["demo", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "top-1 accuracy on 1000" in printed
-    assert "W8A8 naive, all layers" in printed
+    assert "W4A8" in printed and "policy (sensitivity" in printed
+    assert (tmp_path / "demo-w4a8" / "layers.csv").exists()
     assert (out / "layers.csv").exists()
     rows = (out / "layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 7  # header + the CNN's 6 convs and its classifier

@@ -1,0 +1,190 @@
+"""The final model: apply_policy, save/reload, ONNX Q/DQ export checked in ONNX Runtime, evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from sensitivity.apply import apply_policy, load_quantized, save_quantized
+from sensitivity.cli import main
+from sensitivity.errors import ConfigError, SpecError
+from sensitivity.export import ExportError, export_onnx, tensorrt_warnings, verify_onnx
+from sensitivity.policy import Policy, Rule, Thresholds
+from sensitivity.quant.spec import QuantSpec
+from sensitivity.scan import ScanOptions, scan
+from tests.models import FoldableOutliers, OutlierChannelsNet, TinyConvNet
+
+MODELS = str(Path(__file__).with_name("models.py"))
+
+
+def _batches(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+def _hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("cls", [FoldableOutliers, OutlierChannelsNet, TinyConvNet])
+def test_save_reload_gives_identical_outputs(cls: type[nn.Module], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    before = _hash(model)
+    result = scan(model, _batches(), ScanOptions(exclude=("c", "fc2", "fc")))
+    qmodel = apply_policy(model, result.policy, result.quant_state)
+    assert _hash(model) == before  # the user's model is never mutated
+    path = save_quantized(qmodel, tmp_path / "model_quant.pt")
+    torch.manual_seed(123)  # the factory's random init must not matter
+    again = load_quantized(path, lambda: cls().eval())
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), qmodel(x), rtol=0, atol=0)
+        # and the applied model is the model the scan measured as "policy"
+        torch.testing.assert_close(qmodel(x), result.quantized_model("policy")(x), rtol=1e-6, atol=1e-6)
+
+
+def test_smoothquant_division_folds_into_the_producer() -> None:
+    model = FoldableOutliers()
+    result = scan(model, _batches())
+    assert result.table.loc["b", "decision"] == "smoothquant"
+    assert result.table.loc["b", "sq_fold"] == "a"
+    q = apply_policy(model, result.policy, result.quant_state)
+    assert q.b.smoother.folded and q.b.smoother.weight_baked
+    unfolded = apply_policy(model, result.policy, result.quant_state, fold_smoothing=False)
+    assert not unfolded.b.smoother.folded
+    x = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        # the division moved from b's input into a's output channels (per-channel weight codes are
+        # scale-invariant): same outputs up to float rounding
+        torch.testing.assert_close(q(x), unfolded(x), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_edits_are_honoured() -> None:
+    model = OutlierChannelsNet()
+    result = scan(model, _batches())
+    state = result.quant_state
+    edited = Policy(rules=(Rule("mid", "smoothquant", alpha=0.9, granularity="channel"), Rule("**", "naive")))
+    q = apply_policy(model, edited, state)
+    chosen = state["layers"]["mid"]["smooth_scale"]
+    assert not torch.allclose(q.mid.smoother.scale, chosen)
+    with pytest.raises(ConfigError, match="research-only"):
+        apply_policy(
+            model, Policy(rules=(Rule("mid", "smoothquant", alpha=0.5, granularity="im2col"),)), state
+        )
+    q_fp = apply_policy(model, Policy(rules=(Rule("**", "fp"),)), state)
+    x = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(q_fp(x), result.fp_model(x), rtol=0, atol=0)
+
+
+def test_onnx_export_matches_in_onnx_runtime(tmp_path: Path) -> None:
+    # naive, SmoothQuant (folded into `a` and unfolded) and FP layers in one model
+    model = OutlierChannelsNet()
+    result = scan(model, _batches(), ScanOptions(exclude=("fc2",)))
+    decisions = set(result.table["decision"])
+    assert decisions == {"naive", "smoothquant", "fp"}
+    q = apply_policy(model, result.policy, result.quant_state)
+    path = export_onnx(q, _batches(1)[0][:1], tmp_path / "m.onnx", opset=13)
+    graph = onnx.load(str(path)).graph
+    names = [n.name for n in graph.node]
+    assert "/mid/smoother/Mul" in names and "/mid/Conv" in names and "/fc2/Gemm" in names
+    assert not any(n.startswith("/fc2/") and "Quantize" in n for n in names)  # FP layer: no Q/DQ
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == 8  # input + weight for the 4 quantized layers
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    inputs = [_batches(1, seed=9)[0], _batches(1, seed=10)[0][:3]]  # dynamic batch: 8 and 3
+    check = verify_onnx(path, q, inputs)
+    # ORT computes Q/DQ with x / scale like the torch model: only conv/GEMM summation order differs
+    assert check["max_abs_diff_qdq_reference"] <= 1e-5
+    # real int8 kernels round intermediate sums differently: a measurable, bounded gap
+    assert 0 < check["max_abs_diff_int8_kernels"] < 0.05 * check["output_absmax"]
+
+
+def test_export_refusals_and_tensorrt_warnings(tmp_path: Path) -> None:
+    model = TinyConvNet()
+    w4 = scan(model, _batches(), ScanOptions(spec=QuantSpec.parse("W4A8"), alphas=()))
+    with pytest.raises(ExportError, match="8-bit quantizers only"):
+        export_onnx(apply_policy(model, w4.policy, w4.quant_state), _batches(1)[0][:1], tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+    auto = scan(model, _batches(), ScanOptions(spec=QuantSpec(act_sign="auto"), alphas=()))
+    warnings = tensorrt_warnings(apply_policy(model, auto.policy, auto.quant_state))
+    assert warnings and "--act-sign signed" in warnings[0]
+
+
+def test_cli_apply_with_onnx_and_recalibration(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    model = tmp_path / "m.pth"
+    torch.save(FoldableOutliers().state_dict(), model)
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.cat(_batches()), calib)
+    arch = f"{MODELS}:FoldableOutliers"
+    report = tmp_path / "r"
+    assert main(["scan", str(model), "--arch", arch, "--calib", str(calib), "--out", str(report), "-q"]) == 0
+    assert (report / "model_quant.pt").exists()
+    assert main(["apply", str(model), "--arch", arch, "--policy", str(report / "policy.yaml"), "--onnx"]) == 0
+    check = json.loads((report / "export.json").read_text())
+    assert check["max_abs_diff_qdq_reference"] <= 1e-5
+    assert "ONNX Runtime vs torch" in capsys.readouterr().out
+    again = tmp_path / "again"
+    args = [
+        "apply",
+        str(model),
+        "--arch",
+        arch,
+        "--policy",
+        str(report / "policy.yaml"),
+        "--calib",
+        str(calib),
+    ]
+    assert main([*args, "--out", str(again)]) == 0
+    assert (again / "model_quant.pt").exists()
+    (report / "quant_state.pt").unlink()
+    assert main(["apply", str(model), "--arch", arch, "--policy", str(report / "policy.yaml")]) == 2
+    assert "no quant state" in capsys.readouterr().err
+
+
+def _top1_factory(batches: list[torch.Tensor]):
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        # agreement with the FP model's argmax: a real accuracy-style metric on fixed inputs
+        ref = OutlierChannelsNet()
+        with torch.no_grad():
+            hits = sum(int((model(b).argmax(1) == ref(b).argmax(1)).sum()) for b in batches)
+        return {"top1": hits / sum(len(b) for b in batches), "neg_one": -1.0}
+
+    return evaluate
+
+
+def test_eval_and_exclusion_budget() -> None:
+    evaluate = _top1_factory(_batches(3, seed=42))
+    spec = QuantSpec.parse("W8A4")  # bad enough that the metric drops
+    # thresholds off: the policy quantizes everything, so only the budget can restore the metric
+    opts = ScanOptions(spec=spec, alphas=(), thresholds=Thresholds(None, None, True))
+    result = scan(OutlierChannelsNet(), _batches(), opts, evaluate=evaluate)
+    comp = result.comparison.set_index("config")
+    assert comp.loc["fp", "eval_top1"] == 1.0
+    assert comp.loc["naive", "eval_top1"] < 0.9
+    assert comp.loc["policy", "eval_top1"] == comp.loc["naive", "eval_top1"]
+    budget = scan(OutlierChannelsNet(), _batches(), replace(opts, exclude_budget=0.02), evaluate=evaluate)
+    bcomp = budget.comparison.set_index("config")
+    assert bcomp.loc["policy", "eval_top1"] >= 1.0 - 0.02
+    steps = budget.table["budget_step"].dropna()
+    assert len(steps) >= 1 and list(steps) == list(range(1, len(steps) + 1))
+    assert all("exclusion budget" in budget.table.loc[n, "reason"] for n in steps.index)
+    with pytest.raises(SpecError, match="not among the metrics"):
+        scan(
+            OutlierChannelsNet(),
+            _batches(),
+            ScanOptions(exclude_budget=0.1, eval_metric="mAP"),
+            evaluate=evaluate,
+        )
