@@ -30,8 +30,8 @@ def test_metrics_match_direct_reductions() -> None:
     s.update(ref, test)
     got = s.metrics()
     for key, want in _direct(ref, test).items():
-        # float64 sums of the same values: equal up to summation order (1e-12 relative)
-        assert got[key] == pytest.approx(want, rel=1e-12), key
+        # float32 single-pass reductions (pairwise summation) against float64 sums: 1e-6 relative
+        assert got[key] == pytest.approx(want, rel=1e-6), key
     assert got["nonfinite"] == 0
 
 
@@ -46,8 +46,18 @@ def test_merge_over_batches_equals_one_pass() -> None:
     whole = ErrorStats()
     whole.update(torch.cat(refs), torch.cat(tests))
     for key, value in whole.metrics().items():
-        assert merged.metrics()[key] == pytest.approx(value, rel=1e-12)
+        # per-batch float32 sums vs one float32 sum: equal to float32 summation error
+        assert merged.metrics()[key] == pytest.approx(value, rel=1e-6)
     assert ErrorStats.from_tensor(merged.to_tensor()) == merged
+
+
+def test_overflowing_float32_sums_fall_back_to_float64() -> None:
+    ref = torch.full((1000,), 3e37)
+    test = ref * 1.01
+    s = ErrorStats()
+    s.update(ref, test)  # sum of squares overflows float32: redone in float64, nothing lost
+    assert s.nonfinite == 0
+    assert s.metrics()["rel_l1"] == pytest.approx(0.01, rel=1e-5)
 
 
 def test_nonfinite_counted_and_left_out_of_sums() -> None:

@@ -46,16 +46,22 @@ class LayerObserver:
         )
 
     def observe(self, x: torch.Tensor) -> None:
+        """Two reductions per batch (per-channel min and max, no |x| copy); the max calibrator is fed the
+        batch's [min, max] (its amax only depends on those), histogram calibrators the tensor itself."""
         x = x.detach()
         self.batches += 1
-        self.calibrator.collect(x)
-        mn, mx = torch.aminmax(x)
-        self.min_value = min(self.min_value, float(mn))
-        self.max_abs = max(self.max_abs, abs(float(mn)), abs(float(mx)))
         axis = self.channel_axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
-        cmax = x.abs().amax(dim=dims).float().cpu() if dims else x.abs().float().cpu()
-        self.chan_absmax = cmax if self.chan_absmax is None else torch.maximum(self.chan_absmax, cmax)
+        if dims:
+            cmin, cmax = x.amin(dim=dims), x.amax(dim=dims)
+        else:
+            cmin = cmax = x
+        mn, mx = cmin.min(), cmax.max()
+        self.calibrator.collect(torch.stack((mn, mx)) if self.spec.calibrator == "max" else x)
+        self.min_value = min(self.min_value, float(mn))
+        self.max_abs = max(self.max_abs, abs(float(mn)), abs(float(mx)))
+        chan = torch.maximum(cmax, -cmin).float().cpu()
+        self.chan_absmax = chan if self.chan_absmax is None else torch.maximum(self.chan_absmax, chan)
         if self.col_module is not None:
             from sensitivity.im2col import im2col_column_absmax
 

@@ -45,6 +45,7 @@ def fake_quant(
     qmin, qmax = qrange(num_bits, unsigned)
     s = _broadcast(scale.to(x.dtype), x, axis)
     y = x / s
-    y = torch.round_(y) if not y.requires_grad else torch.round(y)
-    y = torch.clamp_(y, qmin, qmax) if not y.requires_grad else torch.clamp(y, qmin, qmax)
-    return y * s
+    if y.requires_grad:
+        return torch.clamp(torch.round(y), qmin, qmax) * s
+    # one allocation, then in place: this runs on every activation of every quantized layer
+    return y.round_().clamp_(qmin, qmax).mul_(s)
