@@ -213,6 +213,7 @@ def scan(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Scan a model: per-layer isolated and cumulative error, exclusions, report folder."""
+    from sensitivity import distributed
     from sensitivity.data import load_calibration
     from sensitivity.load import load_model
     from sensitivity.policy import Thresholds, load_exclude
@@ -223,7 +224,9 @@ def scan(
 
     qspec = QuantSpec.parse(spec, calibrator=calibrator, percentile=percentile, act_sign=act_sign)
     target = out_dir or Path("reports") / model.stem
-    if target.exists() and not overwrite:
+    distributed.init_from_env()  # under torchrun: join the group; each rank scans its shard
+    main_rank = distributed.is_main()
+    if main_rank and target.exists() and not overwrite:
         from sensitivity.errors import OutputDirError
 
         raise OutputDirError(f"output folder {target} already exists: pass --overwrite to replace it")
@@ -268,10 +271,22 @@ def scan(
 
         raise SpecError("--exclude-budget needs --eval pkg.module:function to measure the metric")
     result = run_scan(
-        net, data, options, model_name=model.stem, progress=RichProgress(not quiet), evaluate=evaluate
+        net,
+        data,
+        options,
+        model_name=model.stem,
+        progress=RichProgress(not quiet and main_rank),
+        evaluate=evaluate,
     )
-    written = result.save(str(target), overwrite=overwrite)
-    print_summary(result, written)
+    if main_rank:  # one report, written by rank 0
+        result.calibration["ranks"] = distributed.world_size()
+        written = result.save(str(target), overwrite=overwrite)
+        print_summary(result, written)
+    if distributed.is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command()
@@ -395,13 +410,17 @@ def apply_cmd(
             ) from exc
         pol = load_policy(policy, layers=list(state["layers"]))
     qmodel = apply_policy(net, pol, state)
-    written = save_quantized(qmodel, folder / "model_quant.pt")
-    out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
     if fmt == "pytorch-quantization":
-        from sensitivity.integrations.pytorch_quantization import save_amax_state_dict
+        # first: a layer that layout cannot express refuses before anything is written
+        from sensitivity.integrations.pytorch_quantization import save_amax_state_dict, sidecar_path
 
         pq = save_amax_state_dict(qmodel, folder / "model_quant_pytorch_quantization.pt")
-        out.print(f"wrote [bold]{pq}[/bold] (pytorch-quantization _amax layout)", soft_wrap=True)
+        out.print(
+            f"wrote [bold]{pq}[/bold] and {sidecar_path(pq).name} (pytorch-quantization _amax layout)",
+            soft_wrap=True,
+        )
+    written = save_quantized(qmodel, folder / "model_quant.pt")
+    out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
     if onnx:
         from sensitivity.export import export_onnx, tensorrt_warnings, verify_onnx
 

@@ -7,6 +7,9 @@ What a model file may be, and what `load_model` does with it:
   `model_state_dict`; a `module.` prefix on every key (DataParallel) is stripped. Needs
   `--arch pkg.module:factory` to build the model the weights are loaded into (`strict=True`).
 - a `.safetensors` file (recognised by content, whatever its suffix): a state dict, as above.
+- a pytorch-quantization checkpoint (`<layer>._input_quantizer._amax` ...) for a plain `--arch` model:
+  the quantizer keys come off, the rest loads strictly, and the input amax ride along as
+  `model.sensitivity_checkpoint_amax` for the scan to use instead of calibrating those layers.
 - a TorchScript archive: its state dict is loaded into `--arch` (hooks cannot run on ScriptModules).
 - a pickled whole `nn.Module`: only with `trust_pickle=True` (`--trust-pickle`), since unpickling runs
   arbitrary code. With `--arch` as well, its state dict is loaded into the factory's model instead.
@@ -23,6 +26,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
@@ -42,6 +46,8 @@ __all__ = ["STATE_DICT_KEYS", "load_model", "load_state_dict", "resolve_callable
 
 #: Keys under which checkpoint dicts wrap the model's state dict, tried in this order.
 STATE_DICT_KEYS = ("state_dict", "model_state", "model", "model_state_dict")
+
+log = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SHOW = 5  # names listed per category in mismatch messages
@@ -428,6 +434,42 @@ def _load_into(model: nn.Module, sd: dict[str, Any], arch: str, path: Path) -> N
         ) from e
 
 
+def _split_quantizer_state(
+    model: nn.Module, sd: dict[str, Any], path: Path
+) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """A pytorch-quantization checkpoint for a plain `--arch` model: (the FP state dict, its layers' amax).
+
+    Its `_input_quantizer` / `_weight_quantizer` keys come off so the rest loads strictly, and their amax
+    come back for the scan to use instead of calibrating those layers. A model that has such quantizers
+    itself gets the state dict unchanged.
+    """
+    from sensitivity.integrations.pytorch_quantization import (
+        has_quantizer_keys,
+        split_checkpoint_amax,
+        usable_checkpoint_amax,
+    )
+
+    if not has_quantizer_keys(sd):
+        return sd, {}
+    if any(
+        n.rpartition(".")[2] in ("_input_quantizer", "_weight_quantizer") for n, _ in model.named_modules()
+    ):
+        return sd, {}
+    plain, amax = split_checkpoint_amax(sd)
+    amax, dropped = usable_checkpoint_amax(amax)
+    for layer, why in dropped.items():
+        log.warning(
+            "%s: layer %s has %s, not a positive per-tensor range: calibrating it", path.name, layer, why
+        )
+    n_input = sum(1 for entry in amax.values() if "input" in entry)
+    log.info(
+        "%s is a pytorch-quantization checkpoint with input amax for %s (used instead of calibrating them)",
+        path.name,
+        _plural(n_input, "layer"),
+    )
+    return plain, amax
+
+
 def load_model(
     path: str | Path | None,
     arch: str | None = None,
@@ -467,7 +509,10 @@ def load_model(
         else:
             model = _build(arch, kwargs)
             sd = dict(obj.state_dict()) if isinstance(obj, nn.Module) else obj
+            sd, checkpoint_amax = _split_quantizer_state(model, sd, file)
             _load_into(model, sd, arch, file)
+            if checkpoint_amax:
+                model.sensitivity_checkpoint_amax = checkpoint_amax  # type: ignore[assignment]
     if isinstance(model, torch.jit.ScriptModule):  # a trusted pickle can hold anything
         raise ModelLoadError(
             f"{path} holds a TorchScript module; hooks cannot run on ScriptModules: pass --arch"
