@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sensitivity import distributed as D
 from sensitivity.candidates import build_candidates, sq_key
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, calibrate, compare_pass
@@ -186,7 +187,7 @@ def _evaluate(
     `rules` and `quant_state` methods for the layers it moves to FP)."""
 
     def run(model: nn.Module) -> dict[str, float]:
-        values = evaluate(model)
+        values = D.broadcast(evaluate(model) if D.is_main() else None)  # rank 0 evaluates once
         if not isinstance(values, dict) or not values:
             raise SpecError("--eval function must return a non-empty dict of metric name -> number")
         try:
@@ -268,10 +269,12 @@ class _Verifier:
     def run(self, configs: dict[str, LayerQuant], label: str) -> PassResult:
         configure_layers(self.qmodel, configs)
         with self.progress.phase(f"verify {label}", len(self.held)) as advance:
-            return compare_pass(
+            result = compare_pass(
                 self.fp, self.qmodel, self.layers, self.held, output_keys=list(self.opts.outputs) or None,
                 progress=advance,
             )  # fmt: skip
+        D.reduce_pass_(result)
+        return result
 
     def repaired(
         self, configs: dict[str, LayerQuant], label: str, table: pd.DataFrame, fp_reasons: dict[str, Any]
@@ -362,19 +365,37 @@ def scan(
     fit_only = len(fit) + len(held) == len(batches) and len(batches) > 1
     timings["prepare_s"] = time.perf_counter() - t0
 
-    observers = {
-        layer.name: LayerObserver(spec, _channel_axis(fp.get_submodule(layer.name))) for layer in layers
-    }
-    if "im2col" in opts.granularities and opts.alphas and opts.sq_mode == "static":
-        from sensitivity.im2col import im2col_refusal
+    # Distributed (torchrun): this rank's shard of each list; statistics all-reduced after each pass.
+    fit_local, held_local = D.shard(fit), D.shard(held)
 
-        for n in names:
-            mod = fp.get_submodule(n)
-            if im2col_refusal(mod) is None:
-                observers[n].col_module = mod
+    def new_observers(hist_range: dict[str, float] | None = None) -> dict[str, LayerObserver]:
+        obs = {
+            n: LayerObserver(spec, _channel_axis(fp.get_submodule(n)), hist_range=(hist_range or {}).get(n))
+            for n in names
+        }
+        if "im2col" in opts.granularities and opts.alphas and opts.sq_mode == "static":
+            from sensitivity.im2col import im2col_refusal
+
+            for n in names:
+                mod = fp.get_submodule(n)
+                if im2col_refusal(mod) is None:
+                    obs[n].col_module = mod
+        return obs
+
     t = time.perf_counter()
-    with progress.phase("calibrate", len(fit)) as advance:
-        calibrate(fp, layers, fit, spec, progress=advance, observers=observers)
+    observers = new_observers()
+    if D.is_distributed() and spec.calibrator != "max":
+        # histograms add up across ranks only over one fixed range: a max pass first (see distributed.py)
+        with progress.phase("calibrate (range)", len(fit_local)) as advance:
+            calibrate(fp, layers, fit_local, spec.with_options(calibrator="max"), progress=advance,
+                      observers=(ranges := new_observers()))  # fmt: skip
+        for obs in ranges.values():
+            obs.spec = spec
+        D.reduce_observers_(ranges)
+        observers = new_observers({n: ranges[n].max_abs for n in names})
+    with progress.phase("calibrate", len(fit_local)) as advance:
+        calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers)
+    D.reduce_observers_(observers)
     timings["calibrate_s"] = time.perf_counter() - t
 
     fixed = _checkpoint_amax(model, names)
@@ -391,14 +412,23 @@ def scan(
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
 
     t = time.perf_counter()
-    with progress.phase("scan", len(held)) as advance:
-        # Held-out inputs also feed the observers when they were not used for fitting: final amax uses all.
+    # Held-out inputs also feed the observers when they were not used for fitting: final amax uses all.
+    # Distributed, they go to fresh observers that are all-reduced, then merged (no double counting).
+    refit = (new_observers({n: observers[n].hist_range for n in names}) if D.is_distributed() else observers) \
+        if fit_only else None  # fmt: skip
+    with progress.phase("scan", len(held_local)) as advance:
         result = compare_pass(
-            fp, qmodel, layers, held, candidates=candidates, observers=observers if fit_only else None,
+            fp, qmodel, layers, held_local, candidates=candidates, observers=refit,
             histograms=histograms, output_keys=list(opts.outputs) or None, progress=advance,
             first_index=len(batches) - len(held),
         )  # fmt: skip
     del candidates
+    D.reduce_pass_(result)
+    D.reduce_histograms_(histograms)
+    if refit is not None and refit is not observers:
+        D.reduce_observers_(refit)
+        for n in names:
+            observers[n].merge(refit[n])
     timings["scan_s"] = time.perf_counter() - t
 
     table = build_table(layers, observers, result, methods=("naive",), extra_iso=alt_names)
@@ -413,7 +443,7 @@ def scan(
     # Fit-batch statistics (what the held-out scoring measured) for the verification passes.
     fit_configs = {n: LayerQuant("naive", acts[n].amax, acts[n].unsigned) for n in names}
     user_fp = [n for n in names if any(glob_match(p, n) for p in opts.exclude)]
-    verifier = _Verifier(fp, qmodel, layers, held, opts, progress)
+    verifier = _Verifier(fp, qmodel, layers, held_local, opts, progress)
     t = time.perf_counter()
 
     # naive + exclusion (policy v1): thresholds on the isolated naive error, plus the user's list

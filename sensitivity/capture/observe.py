@@ -35,6 +35,8 @@ class LayerObserver:
     #: set for convs scanned with im2col SmoothQuant: per-column max |X_unf| is tracked too (k x the cost)
     col_module: nn.Module | None = None
     col_absmax: torch.Tensor | None = None
+    #: a fixed histogram range (distributed runs: histograms must add up across ranks)
+    hist_range: float | None = None
 
     def __post_init__(self) -> None:
         self.calibrator = make_calibrator(
@@ -43,6 +45,7 @@ class LayerObserver:
             False,
             percentile=self.spec.percentile,
             num_bins=self.spec.num_bins,
+            hist_range=self.hist_range,
         )
 
     def observe(self, x: torch.Tensor) -> None:
@@ -90,6 +93,19 @@ class LayerObserver:
         )
         twin.merge_state(self.calibrator.state())
         return twin.compute_amax()
+
+    def merge(self, other: LayerObserver) -> None:
+        """Fold in another observer of the same layer (e.g. the held-out batches seen on another rank)."""
+        if other.batches == 0:
+            return
+        self.batches += other.batches
+        self.min_value = min(self.min_value, other.min_value)
+        self.max_abs = max(self.max_abs, other.max_abs)
+        for attr in ("chan_absmax", "col_absmax"):
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if theirs is not None:
+                setattr(self, attr, theirs.clone() if mine is None else torch.maximum(mine, theirs))
+        self.calibrator.merge_state(other.calibrator.state())
 
     def outlier_ratio(self) -> float:
         """max / median of the per-channel max |x|: how far the worst channel stands out."""
