@@ -126,6 +126,25 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
         out.print(f"report written to [bold]{out_dir}[/bold]", soft_wrap=True)
 
 
+def _check_device(device: str) -> str:
+    """`cpu` / `cuda` / `cuda:N`, refused in one line when this machine cannot run it."""
+    import torch
+
+    from sensitivity.errors import SpecError
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SpecError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SpecError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise SpecError(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
 SpecOpt = Annotated[str, typer.Option("--spec", help="Bit widths, e.g. W8A8, W4A8, W8A16.")]
 CalibOpt = Annotated[
     str, typer.Option("--calibrator", help="Activation calibrator: max | percentile | entropy | mse.")
@@ -174,6 +193,9 @@ def scan(
     max_rel_l1: Annotated[float | None, typer.Option("--max-rel-l1", help="Exclude above this.")] = None,
     min_sqnr_db: Annotated[float | None, typer.Option("--min-sqnr-db", help="Exclude below this.")] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of batches held out.")] = 0.25,
+    device: Annotated[
+        str, typer.Option("--device", help="cpu, cuda or cuda:N (under torchrun: cuda = LOCAL_RANK).")
+    ] = "cpu",
     alpha_grid: Annotated[
         str, typer.Option("--alpha-grid", help="SmoothQuant alphas: 0.5 | 0.25,0.5,0.75 | 0.1:0.9:0.1.")
     ] = "0.25,0.5,0.75",
@@ -224,7 +246,12 @@ def scan(
 
     qspec = QuantSpec.parse(spec, calibrator=calibrator, percentile=percentile, act_sign=act_sign)
     target = out_dir or Path("reports") / model.stem
-    distributed.init_from_env()  # under torchrun: join the group; each rank scans its shard
+    device = _check_device(device)
+    distributed.init_from_env(device)  # under torchrun: join the group; each rank scans its shard
+    if device == "cuda" and distributed.is_distributed():
+        import os
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     main_rank = distributed.is_main()
     if main_rank and target.exists() and not overwrite:
         from sensitivity.errors import OutputDirError
@@ -259,6 +286,7 @@ def scan(
         sq_margin=sq_margin,
         eval_metric=eval_metric,
         exclude_budget=exclude_budget,
+        device=device,
     )
     evaluate = None
     if eval_fn is not None:

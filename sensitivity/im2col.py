@@ -131,7 +131,7 @@ def im2col_conv(
     g = module.groups  # type: ignore[attr-defined]
     cout = w.shape[0]
     wg = w.reshape(g, cout // g, -1)  # [g, Cout/g, Cin/g·k]
-    inv = None if col_scale is None else (1.0 / col_scale).to(x.dtype)
+    inv = None if col_scale is None else (1.0 / col_scale).to(device=x.device, dtype=x.dtype)
     scale = None if act_amax is None else amax_to_scale(act_amax, a_bits, False).to(x.device)
     out_shape = _geometry(module, x)[4]
     y = x.new_empty(x.shape[0], cout, *out_shape)
@@ -172,8 +172,8 @@ class Im2colCandidate:
         from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
 
         assert col_absmax is not None
-        s = smoothing_factors(col_absmax, self.w_col, self.alpha)
         q = self.qmod
+        s = smoothing_factors(col_absmax, self.w_col, self.alpha).to(q.weight.device)
         cout = q.weight.shape[0]
         g = q.groups  # type: ignore[attr-defined]
         w = q.weight.detach().reshape(g, cout // g, -1) * s.reshape(g, 1, -1)
@@ -181,7 +181,7 @@ class Im2colCandidate:
         wq = q.weight_quantizer
         w_amax = per_channel_amax(w, 0)
         w_q = fake_quant(w, amax_to_scale(w_amax, wq.num_bits, False), wq.num_bits, False, 0)
-        return s, smoothed_input_amax(col_absmax, s), w_q.reshape(q.weight.shape)
+        return s, smoothed_input_amax(col_absmax.to(s.device), s), w_q.reshape(q.weight.shape)
 
     @property
     def factors(self) -> torch.Tensor | None:

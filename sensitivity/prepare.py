@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from sensitivity.data import Batch
+from sensitivity.data import Batch, batch_to
 from sensitivity.errors import NoQuantizableLayersError
 from sensitivity.graph import Dataflow, record_dataflow
 from sensitivity.policy.glob import glob_match
@@ -131,9 +131,13 @@ def prepare(
     only: list[str] | None = None,
     skip: list[str] | None = None,
     fold_bn: bool = True,
+    device: torch.device | str | None = None,
 ) -> Prepared:
-    """Deepcopy `model` (the user's object is never touched), fold BN, and order the target layers."""
+    """Deepcopy `model` (the user's object is never touched) onto `device`, fold BN, order the target layers."""
     fp = copy.deepcopy(model).eval()
+    if device is not None:
+        fp = fp.to(device)
+        batch = batch_to(batch, device)
     for p in fp.parameters():
         p.requires_grad_(False)
     flow = record_dataflow(fp, batch)

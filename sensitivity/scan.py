@@ -87,6 +87,8 @@ class ScanOptions:
     #: allowed drop from FP (same units as the metric); None = no greedy exclusion
     eval_metric: str | None = None
     exclude_budget: float | None = None
+    #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
@@ -271,7 +273,7 @@ class _Verifier:
         with self.progress.phase(f"verify {label}", len(self.held)) as advance:
             result = compare_pass(
                 self.fp, self.qmodel, self.layers, self.held, output_keys=list(self.opts.outputs) or None,
-                progress=advance,
+                progress=advance, device=self.opts.device,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result
@@ -358,7 +360,14 @@ def scan(
     t0 = time.perf_counter()
 
     with progress.phase("prepare", 1) as advance:
-        prep = prepare(model, batches[0], only=list(opts.only), skip=list(opts.skip), fold_bn=opts.fold_bn)
+        prep = prepare(
+            model,
+            batches[0],
+            only=list(opts.only),
+            skip=list(opts.skip),
+            fold_bn=opts.fold_bn,
+            device=opts.device,
+        )
         advance()
     fp, layers, names = prep.model, prep.layers, prep.names
     fit, held = split_holdout(batches, opts.holdout)
@@ -388,13 +397,13 @@ def scan(
         # histograms add up across ranks only over one fixed range: a max pass first (see distributed.py)
         with progress.phase("calibrate (range)", len(fit_local)) as advance:
             calibrate(fp, layers, fit_local, spec.with_options(calibrator="max"), progress=advance,
-                      observers=(ranges := new_observers()))  # fmt: skip
+                      observers=(ranges := new_observers()), device=opts.device)  # fmt: skip
         for obs in ranges.values():
             obs.spec = spec
         D.reduce_observers_(ranges)
         observers = new_observers({n: ranges[n].max_abs for n in names})
     with progress.phase("calibrate", len(fit_local)) as advance:
-        calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers)
+        calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers, device=opts.device)
     D.reduce_observers_(observers)
     timings["calibrate_s"] = time.perf_counter() - t
 
@@ -420,7 +429,7 @@ def scan(
         result = compare_pass(
             fp, qmodel, layers, held_local, candidates=candidates, observers=refit,
             histograms=histograms, output_keys=list(opts.outputs) or None, progress=advance,
-            first_index=len(batches) - len(held),
+            first_index=len(batches) - len(held), device=opts.device,
         )  # fmt: skip
     del candidates
     D.reduce_pass_(result)

@@ -20,7 +20,7 @@ from torch import nn
 from sensitivity.capture.hooks import forward_hooks
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import as_tensor, flatten_outputs
-from sensitivity.data import Batch, run_checked
+from sensitivity.data import Batch, batch_to, run_checked
 from sensitivity.errors import FPModelError
 from sensitivity.metrics import ErrorStats
 from sensitivity.prepare import LayerInfo, layer_macs
@@ -45,6 +45,7 @@ def calibrate(
     progress: Progress = _noop,
     observers: dict[str, LayerObserver] | None = None,
     first_index: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict[str, LayerObserver]:
     """Observe every target layer's input over `batches`; also fills shapes, calls and MACs of `layers`."""
     if observers is None:
@@ -67,6 +68,8 @@ def calibrate(
     names = [layer.name for layer in layers]
     with torch.no_grad(), forward_hooks(model, names, hook):
         for i, batch in enumerate(batches):
+            if device is not None:
+                batch = batch_to(batch, device)
             out = run_checked(model, batch, first_index + i)
             _check_fp_outputs(out, first_index + i)
             progress()
@@ -135,6 +138,7 @@ def compare_pass(
     progress: Progress = _noop,
     first_index: int = 0,
     result: PassResult | None = None,
+    device: torch.device | str | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP)."""
     res = result if result is not None else PassResult()
@@ -187,6 +191,8 @@ def compare_pass(
     with torch.no_grad():
         for i, batch in enumerate(batches):
             index = first_index + i
+            if device is not None:
+                batch = batch_to(batch, device)
             with forward_hooks(fp_model, names, fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
             _check_fp_outputs(fp_out, index)
