@@ -232,6 +232,12 @@ def scan(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing report folder.")
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Report folder of an interrupted scan: reuse its calibration (same inputs)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Scan a model: per-layer isolated and cumulative error, exclusions, report folder."""
@@ -245,7 +251,11 @@ def scan(
     from sensitivity.smoothquant import parse_alpha_grid
 
     qspec = QuantSpec.parse(spec, calibrator=calibrator, percentile=percentile, act_sign=act_sign)
-    target = out_dir or Path("reports") / model.stem
+    if resume is not None and out_dir is not None and resume != out_dir:
+        from sensitivity.errors import SpecError
+
+        raise SpecError("--resume DIR writes the report into DIR: drop --out or give the same folder")
+    target = resume or out_dir or Path("reports") / model.stem
     device = _check_device(device)
     distributed.init_from_env(device)  # under torchrun: join the group; each rank scans its shard
     if device == "cuda" and distributed.is_distributed():
@@ -298,17 +308,17 @@ def scan(
         from sensitivity.errors import SpecError
 
         raise SpecError("--exclude-budget needs --eval pkg.module:function to measure the metric")
+    from sensitivity.resume import resume_path
+
+    checkpoint = resume_path(target)
     result = run_scan(
-        net,
-        data,
-        options,
-        model_name=model.stem,
-        progress=RichProgress(not quiet and main_rank),
-        evaluate=evaluate,
-    )
+        net, data, options, model_name=model.stem, progress=RichProgress(not quiet and main_rank), evaluate=evaluate,
+        resume_file=checkpoint, resume=resume is not None,
+    )  # fmt: skip
     if main_rank:  # one report, written by rank 0
         result.calibration["ranks"] = distributed.world_size()
         written = result.save(str(target), overwrite=overwrite)
+        checkpoint.unlink(missing_ok=True)  # the report is complete: nothing left to resume
         print_summary(result, written)
     if distributed.is_distributed():
         import torch.distributed as dist
@@ -473,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: SensitivityError -> one red line + exit 2; Ctrl-C -> exit 130, nothing half-written."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C into an exit code of 130 in non-standalone mode
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            return rv
     except SensitivityError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return 2

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from sensitivity.policy.exclude import exclude_by_thresholds
 from sensitivity.prepare import LayerInfo, prepare
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
 from sensitivity.quant.spec import QuantSpec
+from sensitivity.resume import _fingerprint, load_calibration_checkpoint, save_calibration_checkpoint
 from sensitivity.smoothquant import GRANULARITIES, MODES, smoothed_input_amax, smoothing_factors
 from sensitivity.table import build_table
 
@@ -342,13 +344,19 @@ def scan(
     model_name: str = "model",
     progress: PhaseProgress | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume_file: Path | None = None,
+    resume: bool = False,
 ) -> ScanResult:
     """Measure every target layer's isolated and cumulative quantization error; decide FP / naive /
     SmoothQuant per layer; verify the decisions with quantized passes on held-out batches.
 
     `evaluate(model) -> {metric: value}` (higher is better, e.g. top-1 or mAP) scores FP, all-naive,
     naive+exclusion and the policy; with `options.exclude_budget` the next most sensitive layer is put in
-    FP, one evaluation per step, until the metric is within the budget of FP."""
+    FP, one evaluation per step, until the metric is within the budget of FP.
+
+    `resume_file`: where the calibration is checkpointed once done (removed by the caller when the
+    report is written); with `resume=True` a matching checkpoint there replaces the calibration pass.
+    """
     opts = options or ScanOptions()
     spec = opts.spec
     progress = progress or PhaseProgress()
@@ -377,9 +385,13 @@ def scan(
     # Distributed (torchrun): this rank's shard of each list; statistics all-reduced after each pass.
     fit_local, held_local = D.shard(fit), D.shard(held)
 
-    def new_observers(hist_range: dict[str, float] | None = None) -> dict[str, LayerObserver]:
+    def new_observers(
+        hist_range: dict[str, float] | None = None, obs_spec: QuantSpec = spec
+    ) -> dict[str, LayerObserver]:
         obs = {
-            n: LayerObserver(spec, _channel_axis(fp.get_submodule(n)), hist_range=(hist_range or {}).get(n))
+            n: LayerObserver(
+                obs_spec, _channel_axis(fp.get_submodule(n)), hist_range=(hist_range or {}).get(n)
+            )
             for n in names
         }
         if "im2col" in opts.granularities and opts.alphas and opts.sq_mode == "static":
@@ -392,19 +404,26 @@ def scan(
         return obs
 
     t = time.perf_counter()
-    observers = new_observers()
-    if D.is_distributed() and spec.calibrator != "max":
-        # histograms add up across ranks only over one fixed range: a max pass first (see distributed.py)
-        with progress.phase("calibrate (range)", len(fit_local)) as advance:
-            calibrate(fp, layers, fit_local, spec.with_options(calibrator="max"), progress=advance,
-                      observers=(ranges := new_observers()), device=opts.device)  # fmt: skip
-        for obs in ranges.values():
-            obs.spec = spec
-        D.reduce_observers_(ranges)
-        observers = new_observers({n: ranges[n].max_abs for n in names})
-    with progress.phase("calibrate", len(fit_local)) as advance:
-        calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers, device=opts.device)
-    D.reduce_observers_(observers)
+    fingerprint = _fingerprint(fp, batches, opts) if resume_file is not None else ""
+    observers = (
+        load_calibration_checkpoint(resume_file, fingerprint, new_observers, layers) if resume else None
+    )
+    if observers is not None:
+        progress.note(f"resumed: calibration of {len(fit)} batches loaded from {resume_file}")
+    else:
+        observers = new_observers()
+        if D.is_distributed() and spec.calibrator != "max":
+            # histograms add up across ranks only over one fixed range: a max pass first (distributed.py)
+            ranges = new_observers(obs_spec=spec.with_options(calibrator="max"))
+            with progress.phase("calibrate (range)", len(fit_local)) as advance:
+                calibrate(fp, layers, fit_local, spec, progress=advance, observers=ranges, device=opts.device)
+            D.reduce_observers_(ranges)
+            observers = new_observers({n: ranges[n].max_abs for n in names})
+        with progress.phase("calibrate", len(fit_local)) as advance:
+            calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers, device=opts.device)
+        D.reduce_observers_(observers)
+        if resume_file is not None and D.is_main():
+            save_calibration_checkpoint(resume_file, fingerprint, observers, layers)
     timings["calibrate_s"] = time.perf_counter() - t
 
     fixed = _checkpoint_amax(model, names)

@@ -114,3 +114,21 @@ class FoldableOutliers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+class SlowNet(nn.Module):
+    """A tiny conv net whose every forward sleeps `delay` seconds: long enough to interrupt mid-scan."""
+
+    def __init__(self, delay: float = 0.4) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 1)
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return self.b(F.relu(self.a(x)))

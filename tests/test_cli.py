@@ -40,7 +40,7 @@ def test_scan_writes_the_report_folder(planted: tuple[Path, Path], tmp_path: Pat
     exclude = yaml.safe_load((out / "exclude.yaml").read_text())
     assert [e["layer"] for e in exclude["exclude"]] == ["mid"]
     info = json.loads((out / "scan.json").read_text())
-    assert info["calibration"] == {"batches": 4, "fit_batches": 3, "heldout_batches": 1}
+    assert info["calibration"] == {"batches": 4, "fit_batches": 3, "heldout_batches": 1, "ranks": 1}
     assert [row["config"] for row in info["comparison"]] == ["fp", "naive", "naive+exclusion", "policy"]
     printed = capsys.readouterr().out
     assert (

@@ -1,0 +1,132 @@
+"""Resuming an interrupted scan: the calibration, checkpointed once it is done, replaces the first pass.
+
+The report folder is written atomically at the very end, so an interrupted scan leaves no report; what
+it leaves is `.<report>.resume.pt` beside the report folder, holding every layer's calibrated statistics
+(input minimum / maximum, per-channel maxima, the calibrator's state) and a fingerprint of what they were
+computed from: the model's weights (after BN folding), the calibration batches and the options that shape
+calibration. `scan --resume DIR` uses it only when all of that matches, so a resumed scan is the scan that
+would have run. The FP / quantized passes that follow calibration are not checkpointed: each is one pass
+over the held-out quarter, and their accumulators are only meaningful complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensitivity.capture.observe import LayerObserver
+from sensitivity.errors import SensitivityError
+
+__all__ = ["ResumeError", "load_calibration_checkpoint", "resume_path", "save_calibration_checkpoint"]
+
+FORMAT = "sensitivity-calibration"
+
+
+class ResumeError(SensitivityError):
+    """The resume checkpoint is missing, unreadable, or was made from something else."""
+
+
+def resume_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.resume.pt"
+
+
+def _hash_tensors(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _hash_tensors(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_tensors(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def _fingerprint(model: nn.Module, batches: Sequence[Any], opts: Any) -> str:
+    """sha256 of the weights, the calibration batches and the options that shape calibration."""
+    h = hashlib.sha256()
+    _hash_tensors(h, model.state_dict())
+    _hash_tensors(h, list(batches))
+    keys = ("spec", "only", "skip", "fold_bn", "holdout", "granularities", "alphas", "sq_mode")
+    h.update(repr([getattr(opts, k) for k in keys]).encode())
+    return h.hexdigest()
+
+
+def save_calibration_checkpoint(
+    path: Path, fingerprint: str, observers: dict[str, LayerObserver], infos: Sequence[Any] = ()
+) -> None:
+    """Write the calibrated statistics (and the layer shapes the calibration pass recorded) atomically."""
+    shapes = {li.name: [list(li.in_shape), list(li.out_shape), int(li.macs)] for li in infos}
+    layers = {}
+    for name, obs in observers.items():
+        layers[name] = {
+            "min_value": obs.min_value,
+            "max_abs": obs.max_abs,
+            "batches": obs.batches,
+            "hist_range": obs.hist_range,
+            "chan_absmax": obs.chan_absmax,
+            "col_absmax": obs.col_absmax,
+            "calibrator": obs.calibrator.state(),
+            "shapes": shapes.get(name),
+        }
+    payload = {"format": FORMAT, "version": 1, "fingerprint": fingerprint, "layers": layers}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_calibration_checkpoint(
+    path: Path | None,
+    fingerprint: str,
+    new_observers: Callable[..., dict[str, LayerObserver]],
+    infos: Sequence[Any] = (),
+) -> dict[str, LayerObserver]:
+    """Observers restored from `path` (and `infos` given their recorded shapes); ResumeError when there is
+    none or it was made from other inputs."""
+    if path is None or not path.exists():
+        raise ResumeError(
+            f"nothing to resume: no calibration checkpoint at {path} (run the scan without --resume)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ResumeError(f"cannot read the resume checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ResumeError(f"{path} is not a sensitivity calibration checkpoint")
+    if payload["fingerprint"] != fingerprint:
+        raise ResumeError(
+            f"{path} was calibrated on another model, calibration set or options: rerun without --resume"
+        )
+    ranges = {n: d["hist_range"] for n, d in payload["layers"].items()}
+    observers = new_observers({n: r for n, r in ranges.items() if r is not None})
+    for name, obs in observers.items():
+        d = payload["layers"][name]
+        obs.min_value, obs.max_abs, obs.batches = (
+            float(d["min_value"]),
+            float(d["max_abs"]),
+            int(d["batches"]),
+        )
+        obs.chan_absmax, obs.col_absmax = d["chan_absmax"], d["col_absmax"]
+        obs.calibrator.merge_state(d["calibrator"])
+    for li in infos:
+        shapes = payload["layers"].get(li.name, {}).get("shapes")
+        if shapes:
+            li.in_shape, li.out_shape, li.macs = tuple(shapes[0]), tuple(shapes[1]), int(shapes[2])
+    return observers
