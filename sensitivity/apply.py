@@ -23,7 +23,7 @@ from sensitivity.errors import ConfigError, ModelLoadError
 from sensitivity.policy import Policy, dump_policy, parse_policy
 from sensitivity.prepare import fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
-from sensitivity.quant.modules import QuantMixin, Smoother, per_channel_amax
+from sensitivity.quant.modules import QuantMixin, Smoother
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
 
@@ -76,14 +76,18 @@ def fold_smoothing_(model: nn.Module, consumer: str, producer: str) -> None:
             prod.bias.mul_(inv)
         else:
             w = prod.weight
-            w.mul_(inv.reshape(-1, *([1] * (w.dim() - 1))))
-            if prod.bias is not None:
-                prod.bias.mul_(inv)
-            if isinstance(prod, QuantMixin):  # per-channel amax scales with its row: same codes
-                axis = prod.weight_quantizer.axis
-                assert axis is not None
-                prod.weight_quantizer.set_amax(per_channel_amax(prod.smoothed_weight(), axis))
+            rows = inv.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+            if isinstance(prod, QuantMixin) and prod.weight_quantizer.enabled:
+                # Snap the weight to its quantization grid first (what is deployed anyway), then scale
+                # codes' step and amax together: the codes stay exactly the same. Dividing the raw weight
+                # and re-deriving amax would flip codes that sit on an exact .5 tie (seen on real models).
+                w.copy_(prod.quantized_weight() * rows)
+                prod.weight_quantizer.set_amax(prod.weight_quantizer.amax * inv.to(w.device))
                 prod._wq_cache = None
+            else:
+                w.mul_(rows)
+            if prod.bias is not None:
+                prod.bias.mul_(inv.to(prod.bias.device))
     layer.smoother.folded = True
 
 

@@ -328,13 +328,17 @@ def split_holdout(batches: list[Batch], fraction: float = 0.25) -> tuple[list[Ba
 
 
 def run_model(model: nn.Module, batch: Batch) -> Any:
-    """One model call: tensor -> `model(t)`, tuple/list -> `model(*b)`, dict -> `model(b)`."""
+    """One model call: tensor -> `model(t)`, tuple/list -> `model(*b)`, dict -> `model(dict(b))`.
+
+    Dicts are passed as a shallow copy: OpenPCDet writes its intermediates into the batch_dict it is
+    given, which would otherwise keep every stored batch's feature maps alive and leak keys into later
+    passes."""
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     if isinstance(batch, Mapping):
-        return model(batch)
+        return model(dict(batch))
     raise CalibrationDataError(
         f"cannot feed a {type(batch).__name__} to the model: expected a tensor, tuple or dict"
     )

@@ -23,6 +23,16 @@ _PASS_MODULES = (nn.ReLU, nn.Identity, nn.Dropout)
 _PASS_FUNCTIONS = {"relu", "relu_", "dropout", "contiguous", "clone"}
 
 
+def _is_sparse_conv(module: nn.Module | None) -> bool:
+    from sensitivity.quant.modules import is_spconv_module
+
+    if module is None or not is_spconv_module(module):
+        return False
+    from sensitivity.integrations.spconv import is_sparse_conv
+
+    return is_sparse_conv(module)
+
+
 @dataclass(frozen=True)
 class FoldSite:
     """`producer` is the module whose output channels absorb 1/s (None: keep the multiply), and why."""
@@ -61,7 +71,7 @@ def find_fold_site(flow: Dataflow, layer: str) -> FoldSite:
             between.append(type(mod).__name__)
             value = prod.inputs[0]
             continue
-        if type(mod) in _PRODUCERS:
+        if type(mod) in _PRODUCERS or _is_sparse_conv(mod):
             if len(flow.module_calls(prod.name)) != 1:
                 return FoldSite(None, f"producer {prod.name} runs several times")
             via = f" through {', '.join(reversed(between))}" if between else ""

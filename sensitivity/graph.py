@@ -176,6 +176,8 @@ def record_dataflow(model: nn.Module, batch: Batch) -> Dataflow:
     producer: dict[ValueKey, int] = {}
     consumers: dict[ValueKey, list[int]] = defaultdict(list)
     for node in rec.nodes:
+        if node.kind == "module" and node.outputs and set(node.outputs) <= set(node.inputs):
+            continue  # returns its input object unchanged (Identity, eval Dropout, folded BN): transparent
         for v in node.inputs:
             if node.index not in consumers[v]:
                 consumers[v].append(node.index)

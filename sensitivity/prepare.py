@@ -77,6 +77,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _foldable(module: nn.Module | None) -> bool:
+    """Conv1d/2d/3d, Linear, or a spconv conv (weight [Cout, k..., Cin]: output channels first, as here)."""
+    if module is None:
+        return False
+    if type(module) in _FOLDABLE:
+        return True
+    if is_spconv_module(module):
+        from sensitivity.integrations.spconv import is_sparse_conv
+
+        return is_sparse_conv(module)
+    return False
+
+
 def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
     """Fold BN `bn_name` into `conv_name` in place (the BN becomes Identity). Deterministic: applying the
     scan's recorded pairs to a fresh copy of the same model gives bit-identical weights."""
@@ -114,7 +127,7 @@ def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
         if node.kind != "module" or not isinstance(node.module, _BN) or calls[node.name] != 1:
             continue
         prod = flow.producer_chain(node)
-        if prod is None or calls[prod.name] != 1 or type(prod.module) not in _FOLDABLE:
+        if prod is None or calls[prod.name] != 1 or not _foldable(prod.module):
             continue
         bn = node.module
         if bn.running_mean is None or bn.running_var is None or not bn.track_running_stats:
@@ -138,12 +151,21 @@ def prepare(
     if device is not None:
         fp = fp.to(device)
         batch = batch_to(batch, device)
+    sparse = any(is_spconv_module(m) for m in fp.modules())
+    if sparse:
+        from sensitivity.integrations.spconv import add_cpu_bias_fallback_
+
+        add_cpu_bias_fallback_(fp)  # spconv's CPU kernels refuse conv + bias in eval mode
     for p in fp.parameters():
         p.requires_grad_(False)
     flow = record_dataflow(fp, batch)
     folded = fold_bn_(fp, flow) if fold_bn else {}
     if folded:
         log.info("folded %d BatchNorm layers into their convs", len(folded))
+        if sparse:
+            from sensitivity.integrations.spconv import add_cpu_bias_fallback_
+
+            add_cpu_bias_fallback_(fp)  # folding gave biases to sparse convs that had none (idempotent)
         flow = record_dataflow(fp, batch)  # the folded graph: what SmoothQuant folding is decided on
     targets = set(find_targets(fp, only, skip))
     if not targets:

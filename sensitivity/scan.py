@@ -150,10 +150,11 @@ class ScanResult:
         configure_layers(model, configs)
         return model
 
-    def save(self, out_dir: str, overwrite: bool = False) -> Any:
+    def save(self, out_dir: str, overwrite: bool = False, report: bool = True) -> Any:
+        """Write the report folder (atomically); `report=False` skips report.html and the plots."""
         from sensitivity.output import write_scan
 
-        return write_scan(self, out_dir, overwrite=overwrite)
+        return write_scan(self, out_dir, overwrite=overwrite, report=report)
 
 
 def state_configs(
@@ -337,6 +338,37 @@ def _sq_columns(
 
 
 def scan(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    options: ScanOptions | None = None,
+    *,
+    model_name: str = "model",
+    progress: PhaseProgress | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume_file: Path | None = None,
+    resume: bool = False,
+) -> ScanResult:
+    """Measure every target layer's isolated and cumulative quantization error; decide FP / naive /
+    SmoothQuant per layer; verify the decisions with quantized passes on held-out batches.
+
+    `evaluate(model) -> {metric: value}` (higher is better, e.g. top-1 or mAP) scores FP, all-naive,
+    naive+exclusion and the policy; with `options.exclude_budget` the next most sensitive layer is put in
+    FP, one evaluation per step, until the metric is within the budget of FP.
+
+    `resume_file`: where the calibration is checkpointed once done (removed by the caller when the
+    report is written); with `resume=True` a matching checkpoint there replaces the calibration pass.
+    """
+    from sensitivity.integrations.spconv import single_thread_if_sparse
+
+    # spconv's CPU kernels race with several threads (wrong outputs that would read as quantization error)
+    with single_thread_if_sparse(model):
+        return _scan(
+            model, batches, options, model_name=model_name, progress=progress, evaluate=evaluate,
+            resume_file=resume_file, resume=resume,
+        )  # fmt: skip
+
+
+def _scan(
     model: nn.Module,
     batches: Sequence[Batch],
     options: ScanOptions | None = None,
@@ -670,10 +702,24 @@ def calibrate_quant_state(
 ) -> dict[str, Any]:
     """A quant state (as scan writes to quant_state.pt) from a fresh calibration on all `batches`, for
     `apply --calib`: amax per layer and, for the policy's SmoothQuant layers, their factors."""
+    from sensitivity.integrations.spconv import single_thread_if_sparse
+
     progress = progress or PhaseProgress()
     batches = list(batches)
     if not batches:
         raise CalibrationDataError("the calibration set is empty: give at least one batch")
+    with single_thread_if_sparse(model):
+        return _calibrate_state(model, batches, policy, spec, fold_bn, progress)
+
+
+def _calibrate_state(
+    model: nn.Module,
+    batches: list[Batch],
+    policy: Policy,
+    spec: QuantSpec,
+    fold_bn: bool,
+    progress: PhaseProgress,
+) -> dict[str, Any]:
     prep = prepare(model, batches[0], fold_bn=fold_bn)
     observers = {
         layer.name: LayerObserver(spec, _channel_axis(prep.model.get_submodule(layer.name)))

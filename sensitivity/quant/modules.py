@@ -193,13 +193,13 @@ class QuantMixin:
         """Run the layer's own operation on an (already quantized) input and weight."""
         raise NotImplementedError
 
-    def forward(self, input: torch.Tensor, *args: object) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if self.dynamic_alpha is not None and self.input_quantizer.enabled:
             # dynamic SmoothQuant (research): factors and input amax from this batch
             from sensitivity.smoothquant import SmoothCandidate
 
-            return SmoothCandidate(self, self.dynamic_alpha, "dynamic")((input, *args))
-        return self._forward_with(self._quant_input(input), self.quantized_weight(), *args)
+            return SmoothCandidate(self, self.dynamic_alpha, "dynamic")((input, *args, *kwargs.values()))
+        return self._forward_with(self._quant_input(input), self.quantized_weight(), *args, **kwargs)
 
 
 class _QuantConv(QuantMixin):
