@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sensitivity.errors import SensitivityError
-from sensitivity.quant.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from sensitivity.apply import apply_policy, load_quantized
+    from sensitivity.policy import load_policy
+    from sensitivity.quant.spec import QuantSpec
+    from sensitivity.scan import ScanOptions, ScanResult, scan
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantSpec", "ScanOptions", "ScanResult", "SensitivityError", "__version__", "load_policy", "scan"]
+__all__ = [
+    "QuantSpec",
+    "ScanOptions",
+    "ScanResult",
+    "SensitivityError",
+    "__version__",
+    "apply_policy",
+    "load_policy",
+    "load_quantized",
+    "scan",
+]
 
 _LAZY = {
+    "QuantSpec": ("sensitivity.quant.spec", "QuantSpec"),
+    "apply_policy": ("sensitivity.apply", "apply_policy"),
+    "load_quantized": ("sensitivity.apply", "load_quantized"),
     "scan": ("sensitivity.scan", "scan"),
     "ScanOptions": ("sensitivity.scan", "ScanOptions"),
     "ScanResult": ("sensitivity.scan", "ScanResult"),
@@ -20,7 +38,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    # pandas / policy code load on first use, so `import sensitivity` stays light.
+    # torch, pandas and the rest load on first use: `import sensitivity` (and sensitivity.report) stay light.
     if name in _LAZY:
         import importlib
 

@@ -329,16 +329,29 @@ def scan(
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("reports/demo-digits"),
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report folder.")] = True,
     spec: SpecOpt = "W8A8",
+    lidar: Annotated[
+        bool,
+        typer.Option(
+            "--lidar", help="CenterPoint-shaped LiDAR model on real point clouds (needs the lidar extra)."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Train (once, cached) a CNN on real MNIST digits, scan it, and compare FP / W8A8 / policy accuracy."""
+    """Train (once, cached) a real model on real data, scan it, and compare FP / naive / policy results."""
+    if lidar:
+        from sensitivity.demo.lidar import run_lidar_demo
+
+        run_lidar_demo(out_dir=out_dir or Path("reports/demo-centerpoint"), overwrite=overwrite, spec=spec,
+                       progress=RichProgress(not quiet), console=out)  # fmt: skip
+        return
     from sensitivity.demo.run import run_demo
 
-    run_demo(out_dir=out_dir, overwrite=overwrite, specs=(spec, "W4A8") if spec != "W4A8" else (spec,),
-             progress=RichProgress(not quiet), console=out)  # fmt: skip
+    run_demo(out_dir=out_dir or Path("reports/demo-digits"), overwrite=overwrite,
+             specs=(spec, "W4A8") if spec != "W4A8" else (spec,), progress=RichProgress(not quiet),
+             console=out)  # fmt: skip
 
 
 ReportDirArg = Annotated[

@@ -7,6 +7,7 @@ existing folder is replaced only with `overwrite=True` (moved aside first, remov
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from sensitivity.scan import ScanResult
 
 __all__ = ["atomic_dir", "write_scan"]
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -154,9 +157,11 @@ def write_stats(result: ScanResult, path: Path) -> None:
     np.savez_compressed(path, **stats_arrays(result))
 
 
-def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def write_scan(
+    result: ScanResult, out_dir: str | os.PathLike[str], overwrite: bool = False, report: bool = True
+) -> Path:
     """Write layers.csv, scan.json, exclude.yaml, policy.yaml, quant_state.pt, stats.npz and the final
-    quantized model (model_quant.pt) into `out_dir`."""
+    quantized model (model_quant.pt) into `out_dir`; with `report`, report.html and plots/ too."""
     with atomic_dir(out_dir, overwrite) as tmp:
         result.table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g", lineterminator="\n")
         (tmp / "scan.json").write_text(json.dumps(scan_json(result), indent=2, allow_nan=False) + "\n")
@@ -171,4 +176,18 @@ def write_scan(result: ScanResult, out_dir: str | os.PathLike[str], overwrite: b
             save_quantized(
                 apply_policy(result.fp_model, result.policy, result.quant_state), tmp / "model_quant.pt"
             )
+        if report:
+            _write_report(tmp, Path(out_dir))
     return Path(out_dir)
+
+
+def _write_report(folder: Path, final: Path) -> None:
+    """report.html + plots/ from the files just written. A render failure must not cost the scan."""
+    from sensitivity.report import render_report
+
+    try:
+        render_report(folder)
+    except Exception as exc:
+        log.warning(
+            "report.html not written (%s); the scan is saved: run `sensitivity report %s`", exc, final
+        )

@@ -33,7 +33,14 @@ def test_bad_or_missing_devices_are_one_line(tmp_path: Path, capsys, device: str
         pytest.skip("a machine with 100 GPUs")
     torch.save(FoldableOutliers().state_dict(), tmp_path / "m.pth")
     torch.save(torch.randn(16, 3, 12, 12), tmp_path / "c.pt")
-    args = ["scan", str(tmp_path / "m.pth"), "--arch", f"{MODELS}:FoldableOutliers", "--calib", str(tmp_path / "c.pt")]
+    args = [
+        "scan",
+        str(tmp_path / "m.pth"),
+        "--arch",
+        f"{MODELS}:FoldableOutliers",
+        "--calib",
+        str(tmp_path / "c.pt"),
+    ]
     assert main([*args, "--device", device, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--device" in err and len(err.splitlines()) == 1
@@ -49,7 +56,10 @@ def test_cuda_scan_matches_cpu_decisions() -> None:
     # to a few percent of their size, not bit for bit
     for col in ("iso_naive_rel_l1", "cum_naive_rel_l1", "iso_sq_rel_l1"):
         torch.testing.assert_close(
-            torch.tensor(gpu.table[col].to_numpy()), torch.tensor(cpu.table[col].to_numpy()), rtol=0.05, atol=1e-4
+            torch.tensor(gpu.table[col].to_numpy()),
+            torch.tensor(cpu.table[col].to_numpy()),
+            rtol=0.05,
+            atol=1e-4,
         )
     q = gpu.quantized_model("policy")
     assert next(q.parameters()).is_cuda
