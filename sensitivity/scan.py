@@ -138,7 +138,8 @@ class ScanResult:
 
     def quantized_model(self, config: str = "policy") -> nn.Module:
         """The scanned model quantized with the final amax and factors (refitted on all batches), per
-        `config` (see `layer_configs`). Built from the in-memory, BN-folded FP model of this scan."""
+        `config` (see `layer_configs`). Built on the in-memory, BN-folded FP model of this scan, whose weight
+        tensors it shares (use `apply_policy` for a standalone, deployable copy)."""
         if self.fp_model is None:
             raise ValueError("this ScanResult holds no model (it was loaded from disk)")
         configs = self.layer_configs(config)

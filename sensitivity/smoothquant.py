@@ -106,11 +106,12 @@ def variant(qmod: QuantMixin, state: dict[str, Any]) -> Any:
     qmod.smoother = state["smoother"]
     qmod.input_quantizer.amax = state["input_amax"]
     qmod.weight_quantizer.amax = state["weight_amax"]
-    qmod._wq_cache = state.get("cache")
+    qmod._wq_cache = None
     try:
         yield
     finally:
-        state["cache"] = qmod._wq_cache
+        # the candidate's quantized weight is not kept: K alphas x every layer's weight would hold K more
+        # copies of the model for the whole pass, and re-quantizing a weight costs far less than the layer
         qmod.smoother, qmod.input_quantizer.amax, qmod.weight_quantizer.amax, qmod._wq_cache = saved
         qmod.dynamic_alpha = saved_dynamic
 
@@ -145,7 +146,6 @@ class SmoothCandidate:
             "smoother": smoother,
             "input_amax": smoothed_input_amax(x_absmax.to(s.device), s),
             "weight_amax": per_channel_amax(w, axis),
-            "cache": None,
             "scale": s,
         }
 

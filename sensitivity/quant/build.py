@@ -39,8 +39,15 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 def build_quant_model(
     fp_model: nn.Module, acts: dict[str, ActQuant], spec: QuantSpec, *, copy_model: bool = True
 ) -> nn.Module:
-    """A deepcopy of `fp_model` whose layers named in `acts` fake-quantize input (per tensor) and weight."""
-    model = copy.deepcopy(fp_model) if copy_model else fp_model
+    """A copy of `fp_model` (sharing its weight tensors) whose layers named in `acts` fake-quantize input
+    (per tensor) and weight. Callers that change weights in place must pass their own copy."""
+    if copy_model:
+        # a new module tree that shares the FP weight tensors (the quantized layers only read them):
+        # one copy of the weights in memory instead of two
+        shared = {id(t): t for t in (*fp_model.parameters(), *fp_model.buffers())}
+        model = copy.deepcopy(fp_model, memo=shared)
+    else:
+        model = fp_model
     for name, act in acts.items():
         mod = model.get_submodule(name)
         cls = quant_class_for(mod)
