@@ -58,6 +58,7 @@ __all__ = [
     "load_calibration",
     "run_checked",
     "run_model",
+    "split_batch",
     "split_holdout",
 ]
 
@@ -443,3 +444,23 @@ def first_sample(batch: Batch) -> Batch:
         if len(n) == 1 and n.pop() > 1:
             return type(batch)(t[:1] for t in batch)
     return batch
+
+
+def split_batch(batch: Batch, max_samples: int) -> list[Batch]:
+    """`batch` cut into pieces of at most `max_samples` along dim 0, where that is unambiguous (a tensor, or
+    a tuple/list of tensors sharing dim 0); any other batch comes back whole. Per-sample models (eval-mode
+    CNNs) give the same outputs for the pieces as for the whole."""
+    if max_samples < 1:
+        return [batch]
+    if isinstance(batch, Tensor):
+        return list(batch.split(max_samples)) if batch.dim() > 0 and batch.shape[0] > max_samples else [batch]
+    if (
+        isinstance(batch, (tuple, list))
+        and batch
+        and all(isinstance(t, Tensor) and t.dim() > 0 for t in batch)
+    ):
+        sizes = {t.shape[0] for t in batch}
+        if len(sizes) == 1 and sizes.pop() > max_samples:
+            parts = [t.split(max_samples) for t in batch]
+            return [type(batch)(p[i] for p in parts) for i in range(len(parts[0]))]
+    return [batch]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["METRICS", "ErrorStats", "error_metrics"]
+__all__ = ["METRICS", "ErrorStats", "error_metrics", "reference_sums"]
 
 #: Per-layer metrics, in the column order used by layers.csv.
 METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
@@ -46,44 +46,52 @@ class ErrorStats:
     nonfinite: float = 0.0
     max_abs_err: float = 0.0
 
-    def update(self, ref: torch.Tensor, test: torch.Tensor) -> None:
+    def update(
+        self,
+        ref: torch.Tensor,
+        test: torch.Tensor,
+        ref_sums: tuple[float, float] | None = None,
+        consume_test: bool = False,
+    ) -> None:
         """Add one pair of same-shape tensors (reference = FP output, test = quantized output).
 
-        Fast path: one difference tensor and single-pass reductions (norms, one dot product), no other
-        temporaries and no per-element finiteness mask; if any sum comes out non-finite (a NaN/Inf in the
-        data, or a float32 overflow), the pair is redone in float64 with non-finite elements masked out.
+        Fast path: the difference and four single-pass reductions (two dot products, one min/max, one sum
+        of |d|); no finiteness mask. If any sum comes out non-finite (a NaN/Inf in the data, or a float32
+        overflow), the pair is redone in float64 with non-finite elements masked out. `ref_sums` (from
+        `reference_sums(ref)`) saves the reference's own reductions when several candidates share one
+        reference; `consume_test=True` lets the difference be computed in `test`'s own memory.
         """
         if ref.shape != test.shape:
             raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs quantized {tuple(test.shape)}")
         ref = ref.detach().reshape(-1)
         test = test.detach().reshape(-1)
         if ref.dtype != test.dtype:
-            test = test.to(ref.dtype)
+            test, consume_test = test.to(ref.dtype), True
         if not ref.is_floating_point():
-            ref, test = ref.float(), test.float()
+            ref, test, consume_test = ref.float(), test.float(), True
         if ref.numel() == 0:
             return
-        vn = torch.linalg.vector_norm
-        diff = test - ref
-        # sum test² and ref·test follow from ref·diff: test = ref + diff (one pass fewer)
-        sums = torch.stack(
-            (vn(diff, 1), vn(diff, 2), vn(ref, 1), vn(ref, 2), torch.dot(ref, diff), vn(diff, float("inf")))
-        )
+        ref_l1, sq_ref = ref_sums if ref_sums is not None else reference_sums(ref)
+        diff = test.sub_(ref) if consume_test else test - ref
+        dmin, dmax = torch.aminmax(diff)
+        sums = torch.stack((torch.dot(diff, diff), torch.dot(ref, diff), dmin, dmax, diff.abs_().sum()))
         del diff
-        sums = sums.double()
-        if not bool(torch.isfinite(sums).all()):
+        vals = sums.double()
+        if not (bool(torch.isfinite(vals).all()) and math.isfinite(ref_l1) and math.isfinite(sq_ref)):
+            if consume_test:
+                test = test.add_(ref)  # undo the in-place difference (finite parts exact enough: slow path)
             self._update_masked(ref, test)
             return
-        l1, l2, ref_l1, ref_l2, ref_dot_diff, dmax = sums.tolist()
-        sq_err, sq_ref = l2 * l2, ref_l2 * ref_l2
+        sq_err, ref_dot_diff, dmin_v, dmax_v, l1 = vals.tolist()
         self.n += ref.numel()
         self.sum_abs_err += l1
         self.sum_sq_err += sq_err
         self.sum_abs_ref += ref_l1
         self.sum_sq_ref += sq_ref
+        # sum test² and ref·test follow from ref·diff: test = ref + diff
         self.sum_sq_test += sq_ref + 2.0 * ref_dot_diff + sq_err
         self.sum_dot += sq_ref + ref_dot_diff
-        self.max_abs_err = max(self.max_abs_err, dmax)
+        self.max_abs_err = max(self.max_abs_err, abs(dmin_v), abs(dmax_v))
 
     def _update_masked(self, ref: torch.Tensor, test: torch.Tensor) -> None:
         """Slow path: count non-finite elements, accumulate the rest in float64."""
@@ -124,6 +132,15 @@ class ErrorStats:
 
     def metrics(self) -> dict[str, float]:
         return error_metrics(self)
+
+
+def reference_sums(ref: torch.Tensor) -> tuple[float, float]:
+    """(sum |ref|, sum ref²) of a reference output, shared by every candidate compared against it."""
+    ref = ref.detach().reshape(-1)
+    if not ref.is_floating_point():
+        ref = ref.float()
+    vals = torch.stack((torch.linalg.vector_norm(ref, 1), torch.dot(ref, ref))).double().tolist()
+    return vals[0], vals[1]
 
 
 def error_metrics(s: ErrorStats) -> dict[str, float]:

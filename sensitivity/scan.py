@@ -91,6 +91,9 @@ class ScanOptions:
     exclude_budget: float | None = None
     #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
     device: str = "cpu"
+    #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
+    #: per-sample models: same numbers, bounded memory); 0 = whole batches
+    stored_activation_mb: float = 128.0
 
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
@@ -277,7 +280,7 @@ class _Verifier:
         with self.progress.phase(f"verify {label}", len(self.held)) as advance:
             result = compare_pass(
                 self.fp, self.qmodel, self.layers, self.held, output_keys=list(self.opts.outputs) or None,
-                progress=advance, device=self.opts.device,
+                progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result
@@ -481,7 +484,7 @@ def _scan(
         result = compare_pass(
             fp, qmodel, layers, held_local, candidates=candidates, observers=refit,
             histograms=histograms, output_keys=list(opts.outputs) or None, progress=advance,
-            first_index=len(batches) - len(held), device=opts.device,
+            first_index=len(batches) - len(held), device=opts.device, stored_budget_mb=opts.stored_activation_mb,
         )  # fmt: skip
     del candidates
     D.reduce_pass_(result)

@@ -20,9 +20,9 @@ from torch import nn
 from sensitivity.capture.hooks import forward_hooks
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import as_tensor, flatten_outputs
-from sensitivity.data import Batch, batch_to, run_checked
+from sensitivity.data import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.errors import FPModelError
-from sensitivity.metrics import ErrorStats
+from sensitivity.metrics import ErrorStats, reference_sums
 from sensitivity.prepare import LayerInfo, layer_macs
 from sensitivity.quant.spec import QuantSpec
 
@@ -112,6 +112,23 @@ class PassResult:
         return total
 
 
+def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
+    """Samples per piece so that one piece's stored FP outputs (every target layer's, kept until the
+    quantized pass of the same piece) stay within `budget_mb`; 0 = do not split. Uses the output shapes the
+    calibration pass recorded (per sample: dim 0 is the batch)."""
+    n = batch_len(batch)
+    if not n or budget_mb <= 0 or not layers or not all(li.out_shape for li in layers):
+        return 0
+    per_sample = 0.0
+    for li in layers:
+        numel = 1
+        for d in li.out_shape[1:]:
+            numel *= d
+        per_sample += 4.0 * numel * max(li.calls, 1)
+    fits = int(budget_mb * 2**20 // max(per_sample, 1.0))
+    return 0 if fits >= n else max(1, fits)
+
+
 def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     """Modules to watch for NaN/Inf: target layers and childless modules outside them (not quantizers)."""
     out = []
@@ -139,6 +156,7 @@ def compare_pass(
     first_index: int = 0,
     result: PassResult | None = None,
     device: torch.device | str | None = None,
+    stored_budget_mb: float = 128.0,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP)."""
     res = result if result is not None else PassResult()
@@ -157,10 +175,12 @@ def compare_pass(
                 observers[name].observe(x)
             if x is not None and histograms is not None:
                 histograms[name].update(x)
-        for cname, fn in candidates.get(name, {}).items():
+        cands = candidates.get(name, {})
+        sums = reference_sums(y) if cands else None
+        for cname, fn in cands.items():
             yc = as_tensor(fn(args))
-            if yc is not None:
-                res.iso[(name, cname)].update(y, yc)
+            if yc is not None:  # the candidate's output is ours: its memory holds the difference
+                res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True)
         stored[name].append(y.detach().clone())
 
     counter = [0]
@@ -189,8 +209,10 @@ def compare_pass(
 
     leaves = _leaf_names(q_model, target_set)
     with torch.no_grad():
-        for i, batch in enumerate(batches):
-            index = first_index + i
+        micro = _micro_batch(layers, batches[0], stored_budget_mb) if batches else 0
+        pieces = [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
+        last_index = [first_index - 1]
+        for index, batch in pieces:
             if device is not None:
                 batch = batch_to(batch, device)
             with forward_hooks(fp_model, names, fp_hook):
@@ -218,5 +240,7 @@ def compare_pass(
                 res.first_nonfinite_rank, res.first_nonfinite = found
                 res.nonfinite_upstream = list(upstream)
             stored.clear()
-            progress()
+            if index != last_index[0]:
+                last_index[0] = index
+                progress()
     return res
