@@ -198,7 +198,7 @@ def scan(
     ] = "cpu",
     alpha_grid: Annotated[
         str, typer.Option("--alpha-grid", help="SmoothQuant alphas: 0.5 | 0.25,0.5,0.75 | 0.1:0.9:0.1.")
-    ] = "0.25,0.5,0.75",
+    ] = "0.5",
     smoothquant: Annotated[
         bool, typer.Option("--smoothquant/--no-smoothquant", help="Score SmoothQuant per layer.")
     ] = True,

@@ -188,7 +188,7 @@ def _batches(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
-    result = scan(OutlierChannelsNet(seed=seed), _batches(seed))
+    result = scan(OutlierChannelsNet(seed=seed), _batches(seed), ScanOptions(alphas=(0.25, 0.5, 0.75)))
     t = result.table
     assert set(t.index[t["decision"] == "smoothquant"]) == {"mid", "fc1"}
     assert set(t.index[t["decision"] == "naive"]) == {"stem", "post", "fc2"}
@@ -208,7 +208,11 @@ def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
 
 @pytest.mark.parametrize("spec", ["W4A8", "W8A4"])
 def test_other_bit_widths(spec: str) -> None:
-    t = scan(OutlierChannelsNet(seed=2), _batches(2), ScanOptions(spec=QuantSpec.parse(spec))).table
+    t = scan(
+        OutlierChannelsNet(seed=2),
+        _batches(2),
+        ScanOptions(spec=QuantSpec.parse(spec), alphas=(0.25, 0.5, 0.75)),
+    ).table
     assert t["iso_sq_rel_l1"].notna().all()
     # the Linear with compensated outlier channels gains at every width
     assert t.loc["fc1", "decision"] == "smoothquant"
@@ -238,6 +242,13 @@ def _drift_batches() -> list[torch.Tensor]:
         x[:, 3] *= 0.05 if i < 3 else 20.0
         out.append(x)
     return out
+
+
+def test_default_grid_is_one_alpha_and_still_finds_the_outliers() -> None:
+    result = scan(OutlierChannelsNet(), _batches())
+    t = result.table
+    assert set(t["sq_alpha"].dropna()) == {0.5}
+    assert set(t.index[t["decision"] == "smoothquant"]) == {"mid", "fc1"}
 
 
 def test_held_out_scoring_rejects_static_factors_that_only_fit_calibration() -> None:

@@ -121,9 +121,12 @@ class QuantMixin:
         w = self.weight
         groups = getattr(self, "groups", 1)
         cout, cin_g = w.shape[0], w.shape[1]
+        shape = (cout, cin_g, *([1] * (w.dim() - 2)))
+        if groups == 1:
+            return s.reshape(1, -1, *([1] * (w.dim() - 2))).expand(shape)
         group_of_out = torch.arange(cout, device=s.device) // (cout // groups)
         idx = group_of_out[:, None] * cin_g + torch.arange(cin_g, device=s.device)[None, :]
-        return s[idx].reshape(cout, cin_g, *([1] * (w.dim() - 2)))
+        return s[idx].reshape(shape)
 
     def weight_input_absmax(self) -> torch.Tensor:
         """max |W| over everything that multiplies each input channel: SmoothQuant's weight statistic."""
