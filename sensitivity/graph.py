@@ -42,9 +42,16 @@ class Dataflow:
     producer: dict[ValueKey, int]
     consumers: dict[ValueKey, list[int]]
     outputs: set[ValueKey]
+    _calls: dict[str, list[Node]] | None = field(default=None, repr=False)
 
     def module_calls(self, name: str) -> list[Node]:
-        return [n for n in self.nodes if n.kind == "module" and n.name == name]
+        if self._calls is None:  # index once: folding asks for every layer (linear, not quadratic)
+            index: dict[str, list[Node]] = {}
+            for n in self.nodes:
+                if n.kind == "module":
+                    index.setdefault(n.name, []).append(n)
+            self._calls = index
+        return self._calls.get(name, [])
 
     def module_order(self) -> list[str]:
         """Leaf module names in first-call order."""

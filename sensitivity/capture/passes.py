@@ -129,15 +129,19 @@ def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) ->
     return 0 if fits >= n else max(1, fits)
 
 
+def _inside(name: str, targets: set[str]) -> bool:
+    """Is `name` a submodule of one of `targets`? (its ancestors looked up in the set: linear in depth)"""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in targets for i in range(1, len(parts)))
+
+
 def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     """Modules to watch for NaN/Inf: target layers and childless modules outside them (not quantizers)."""
     out = []
     for name, mod in model.named_modules():
         if not name:
             continue
-        if name in targets or (
-            next(mod.children(), None) is None and not any(name.startswith(t + ".") for t in targets)
-        ):
+        if name in targets or (next(mod.children(), None) is None and not _inside(name, targets)):
             out.append(name)
     return out
 
