@@ -2,8 +2,9 @@
 `build_sensitivity_profile`, AIMET's QuantAnalyzer): quantize one layer, run the whole model over the
 data, compare the outputs with FP, for every layer. Calibration (max) takes one FP pass first.
 
-Usage: python benchmarks/one_at_a_time.py MODEL.pth ARCH CALIB.pt BATCH_SIZE
-Prints one line per layer (name, output relative L1) to stdout.
+Usage: python benchmarks/one_at_a_time.py MODEL.pth ARCH CALIB.pt BATCH_SIZE [OUTPUT_KEY]
+Prints one line per layer (name, output relative L1) to stdout. Works for tensor and dict outputs
+(OUTPUT_KEY picks one, e.g. pred_dicts) and for spconv layers (run with one thread, as the scan does).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+from sensitivity.capture.outputs import as_tensor, flatten_outputs
 from sensitivity.data import load_calibration, run_model
 from sensitivity.load import load_model
 from sensitivity.quant.modules import quant_class_for
@@ -22,6 +24,7 @@ from sensitivity.quant.spec import QuantSpec
 
 def main() -> None:
     path, arch, calib, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    keys = sys.argv[5:6] or None
     model = load_model(path, arch=arch).eval()
     batches = load_calibration(calib, batch_size=batch_size)
     targets = [n for n, m in model.named_modules() if n and quant_class_for(m) is not None]
@@ -29,13 +32,14 @@ def main() -> None:
 
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple, _o: torch.Tensor) -> None:
-            amax[name] = max(amax.get(name, 0.0), float(args[0].abs().max()))
+            x = as_tensor(args[0])
+            amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
 
         return fn
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in targets]
     with torch.no_grad():
-        reference = [run_model(model, b) for b in batches]  # FP outputs + calibration in one pass
+        reference = [flatten_outputs(run_model(model, b), keys) for b in batches]  # FP outputs + calibration
     for h in handles:
         h.remove()
     spec = QuantSpec()
@@ -49,9 +53,10 @@ def main() -> None:
         err = ref_sum = 0.0
         with torch.no_grad():
             for b, ref in zip(batches, reference, strict=True):
-                out = run_model(trial, b)
-                err += float((out - ref).abs().sum())
-                ref_sum += float(ref.abs().sum())
+                out = flatten_outputs(run_model(trial, b), keys)
+                for k, r in ref.items():
+                    err += float((out[k] - r).abs().sum())
+                    ref_sum += float(r.abs().sum())
         print(f"{name}\t{err / ref_sum:.6g}")
 
 

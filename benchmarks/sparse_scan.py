@@ -79,6 +79,9 @@ def main() -> None:
         ]  # fmt: skip
         fp_cmd = [py, str(HERE / "fp_forward.py"), str(tmpd / "model.pth"), ARCH, str(tmpd / "calib.pt"), "1"]
         res = compare({"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats)
+        base_cmd = [py, str(HERE / "one_at_a_time.py"), str(tmpd / "model.pth"), ARCH, str(tmpd / "calib.pt"), "1",
+                    "pred_dicts"]  # fmt: skip
+        base = compare({"one-at-a-time": base_cmd}, repeats=1, warmup=0)["one-at-a-time"]
     a, b = res["scan"], res["fp-forward"]
     scan_s, fp_s = in_process(model, batches, args.repeats)
     print(
@@ -89,6 +92,7 @@ def main() -> None:
     print(f"    scan        wall {a.wall:7.2f} s   peak RSS {a.rss:8.1f} MiB")
     print(f"    FP forward  wall {b.wall:7.2f} s   peak RSS {b.rss:8.1f} MiB")
     print(f"    ratio scan / FP forward: time {a.wall / b.wall:.2f}x   peak memory {a.rss / b.rss:.2f}x")
+    print(f"    one-at-a-time baseline wall {base.wall:7.2f} s: the scan is {base.wall / a.wall:.1f}x faster")
     print("  in process (model and frames in memory):")
     print(f"    scan() {scan_s:.2f} s, FP forward over the frames {fp_s:.3f} s: ratio {scan_s / fp_s:.1f}x")
 

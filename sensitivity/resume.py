@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sensitivity.capture.observe import LayerObserver
-from sensitivity.errors import SensitivityError
+from sensitivity.errors import OutputDirError, SensitivityError
 
 __all__ = ["ResumeError", "load_calibration_checkpoint", "resume_path", "save_calibration_checkpoint"]
 
@@ -41,7 +41,7 @@ def _hash_tensors(h: Any, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     elif isinstance(obj, dict):
         for k in sorted(obj, key=str):
             h.update(str(k).encode())
@@ -54,8 +54,8 @@ def _hash_tensors(h: Any, obj: Any) -> None:
 
 
 def _fingerprint(model: nn.Module, batches: Sequence[Any], opts: Any) -> str:
-    """sha256 of the weights, the calibration batches and the options that shape calibration."""
-    h = hashlib.sha256()
+    """blake2b of the weights, the calibration batches and the options that shape calibration."""
+    h = hashlib.blake2b(digest_size=32)
     _hash_tensors(h, model.state_dict())
     _hash_tensors(h, list(batches))
     keys = ("spec", "only", "skip", "fold_bn", "holdout", "granularities", "alphas", "sq_mode")
@@ -81,14 +81,19 @@ def save_calibration_checkpoint(
             "shapes": shapes.get(name),
         }
     payload = {"format": FORMAT, "version": 1, "fingerprint": fingerprint, "layers": layers}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        torch.save(payload, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:  # a Python file: a full disk is an OSError, not a C++ RuntimeError
+            torch.save(payload, f)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot write the calibration checkpoint {path}: {exc.strerror or exc}"
+        ) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -117,3 +117,25 @@ def test_demo_end_to_end(trained_digits, tmp_path: Path, monkeypatch: pytest.Mon
     assert (out / "layers.csv").exists()
     rows = (out / "layers.csv").read_text().splitlines()
     assert len(rows) == 1 + 7  # header + the CNN's 6 convs and its classifier
+
+
+def test_scan_of_a_batchnorm_model_through_the_cli(tmp_path: Path) -> None:
+    # BN buffers include 0-d integer tensors (num_batches_tracked): the resume fingerprint must hash them
+    torch.manual_seed(0)
+    from tests.models import TinyConvNet
+
+    torch.save(TinyConvNet().state_dict(), tmp_path / "tiny.pth")
+    torch.save(torch.randn(16, 3, 12, 12), tmp_path / "calib.pt")
+    args = [
+        "scan",
+        str(tmp_path / "tiny.pth"),
+        "--arch",
+        f"{MODELS}:build_tiny",
+        "--calib",
+        str(tmp_path / "calib.pt"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "r"), "-q"]) == 0
+    assert json.loads((tmp_path / "r" / "scan.json").read_text())["folded_bn"] == {
+        "stem.0": "stem.1",
+        "conv1": "bn1",
+    }

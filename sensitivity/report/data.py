@@ -161,7 +161,8 @@ def _read_table(path: Path) -> pd.DataFrame:
     for mc in metric_columns(list(table.columns)):
         table[mc.column] = pd.to_numeric(table[mc.column], errors="coerce")
     if "reason" in table.columns:
-        table["reason"] = table["reason"].fillna("").astype(str)
+        # an all-empty reason column reads back as float NaN: cast first, then blank the NaNs
+        table["reason"] = table["reason"].astype(object).where(table["reason"].notna(), "").astype(str)
     return table
 
 
