@@ -1,7 +1,7 @@
 """What SmoothQuant's alpha search costs, and the im2col path's memory.
 
 1. A ResNet-18-shaped model (random weights, realistic BN statistics), 32 random 3x224x224 images:
-   `sensitivity scan` with the default alpha grid (0.25, 0.5, 0.75; channel granularity) against
+   `sensitivity scan` with the default alpha (0.5, channel granularity) and with a 3-alpha grid, against
    `sensitivity scan --no-smoothquant`, as whole processes, alternated; medians of --repeats runs.
 2. One 3x3 conv (64 -> 64 channels, 8x64x112x112 input): peak memory of the im2col + GEMM path above the
    input itself, relative to the input size, unchunked (one unfold: kh*kw = 9x the input) and chunked
@@ -75,12 +75,23 @@ def main() -> None:
             base = [sys.executable, "-m", "sensitivity", "scan", str(tmpd / "model.pth"),
                     "--arch", f"{HERE / 'resnets.py'}:resnet18", "--calib", str(tmpd / "calib.pt"),
                     "--out", str(tmpd / "r"), "--overwrite", "--quiet"]  # fmt: skip
-            res = compare({"with-sq": base, "without-sq": [*base, "--no-smoothquant"]}, repeats=args.repeats)
-        a, b = res["with-sq"], res["without-sq"]
+            res = compare(
+                {
+                    "default": base,
+                    "3-alphas": [*base, "--alpha-grid", "0.25,0.5,0.75"],
+                    "no-sq": [*base, "--no-smoothquant"],
+                },
+                repeats=args.repeats,
+            )
+        b = res["no-sq"]
         print(f"ResNet-18 shapes, {args.images} images, medians of {args.repeats} whole-process runs")
-        print(f"  scan with alpha search (3 alphas)  wall {a.wall:7.2f} s   peak RSS {a.rss:8.1f} MiB")
-        print(f"  scan without SmoothQuant           wall {b.wall:7.2f} s   peak RSS {b.rss:8.1f} MiB")
-        print(f"  ratio: time {a.wall / b.wall:.2f}x   peak memory {a.rss / b.rss:.2f}x")
+        print(f"  scan without SmoothQuant        wall {b.wall:7.2f} s   peak RSS {b.rss:8.1f} MiB")
+        for key, label in (("default", "default (alpha 0.5)"), ("3-alphas", "alpha grid 0.25,0.5,0.75")):
+            a = res[key]
+            print(
+                f"  scan, {label:<25} wall {a.wall:7.2f} s   peak RSS {a.rss:8.1f} MiB   "
+                f"ratio to no SmoothQuant: time {a.wall / b.wall:.2f}x, memory {a.rss / b.rss:.2f}x"
+            )
     mem = im2col_memory()
     print("im2col path, one 3x3 conv 64->64 on 8x64x112x112 (peak RSS growth / input size):")
     print(f"  unchunked unfold + GEMM  {mem['unchunked']:.2f}x the input")
