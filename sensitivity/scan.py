@@ -9,6 +9,7 @@ Decisions are scored on held-out batches so that a choice that only fits the cal
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -311,6 +312,23 @@ class _Verifier:
         return check
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _single_threaded_if_sparse(fn: F) -> F:
+    """Run `fn(model, ...)` with one torch thread when the model has spconv layers on CPU: spconv's CPU
+    kernels race with several threads (wrong outputs that would read as quantization error)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        from sensitivity.integrations.spconv import single_thread_if_sparse
+
+        with single_thread_if_sparse(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _sq_columns(
     table: pd.DataFrame, result: PassResult, names: list[str], opts: ScanOptions
 ) -> dict[str, np.ndarray]:
@@ -342,38 +360,8 @@ def _sq_columns(
     return sweeps
 
 
+@_single_threaded_if_sparse
 def scan(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    options: ScanOptions | None = None,
-    *,
-    model_name: str = "model",
-    progress: PhaseProgress | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    resume_file: Path | None = None,
-    resume: bool = False,
-) -> ScanResult:
-    """Measure every target layer's isolated and cumulative quantization error; decide FP / naive /
-    SmoothQuant per layer; verify the decisions with quantized passes on held-out batches.
-
-    `evaluate(model) -> {metric: value}` (higher is better, e.g. top-1 or mAP) scores FP, all-naive,
-    naive+exclusion and the policy; with `options.exclude_budget` the next most sensitive layer is put in
-    FP, one evaluation per step, until the metric is within the budget of FP.
-
-    `resume_file`: where the calibration is checkpointed once done (removed by the caller when the
-    report is written); with `resume=True` a matching checkpoint there replaces the calibration pass.
-    """
-    from sensitivity.integrations.spconv import single_thread_if_sparse
-
-    # spconv's CPU kernels race with several threads (wrong outputs that would read as quantization error)
-    with single_thread_if_sparse(model):
-        return _scan(
-            model, batches, options, model_name=model_name, progress=progress, evaluate=evaluate,
-            resume_file=resume_file, resume=resume,
-        )  # fmt: skip
-
-
-def _scan(
     model: nn.Module,
     batches: Sequence[Batch],
     options: ScanOptions | None = None,
@@ -696,6 +684,7 @@ def _quant_state(
     return {"version": 1, "spec": spec.to_dict(), "folded_bn": dict(folded), "layers": layers}
 
 
+@_single_threaded_if_sparse
 def calibrate_quant_state(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -707,24 +696,10 @@ def calibrate_quant_state(
 ) -> dict[str, Any]:
     """A quant state (as scan writes to quant_state.pt) from a fresh calibration on all `batches`, for
     `apply --calib`: amax per layer and, for the policy's SmoothQuant layers, their factors."""
-    from sensitivity.integrations.spconv import single_thread_if_sparse
-
     progress = progress or PhaseProgress()
     batches = list(batches)
     if not batches:
         raise CalibrationDataError("the calibration set is empty: give at least one batch")
-    with single_thread_if_sparse(model):
-        return _calibrate_state(model, batches, policy, spec, fold_bn, progress)
-
-
-def _calibrate_state(
-    model: nn.Module,
-    batches: list[Batch],
-    policy: Policy,
-    spec: QuantSpec,
-    fold_bn: bool,
-    progress: PhaseProgress,
-) -> dict[str, Any]:
     prep = prepare(model, batches[0], fold_bn=fold_bn)
     observers = {
         layer.name: LayerObserver(spec, _channel_axis(prep.model.get_submodule(layer.name)))
