@@ -132,3 +132,14 @@ class SlowNet(nn.Module):
 
         time.sleep(self.delay)
         return self.b(F.relu(self.a(x)))
+
+
+class Decode(nn.Module):
+    """CenterPoint-style decode of a `dim` head: exp of the regression output."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x * self.gain)

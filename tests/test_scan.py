@@ -13,7 +13,7 @@ from torch import nn
 from sensitivity.errors import CalibrationDataError, FPModelError, NoQuantizableLayersError
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.scan import ScanOptions, scan
-from tests.models import PlantedOutlierNet, TinyConvNet
+from tests.models import Decode, PlantedOutlierNet, TinyConvNet
 
 
 def _batches(n: int = 4, shape: tuple[int, ...] = (4, 3, 12, 12), seed: int = 1) -> list[torch.Tensor]:
@@ -68,17 +68,6 @@ def test_cumulative_equals_isolated_at_the_first_layer() -> None:
     t = scan(TinyConvNet(), _batches()).table
     assert t.loc["stem.0", "iso_naive_mse"] == t.loc["stem.0", "cum_naive_mse"]
     assert t.loc["conv1", "iso_naive_mse"] != t.loc["conv1", "cum_naive_mse"]
-
-
-class Decode(nn.Module):
-    """CenterPoint-style decode of a `dim` head: exp of the regression output."""
-
-    def __init__(self, gain: float) -> None:
-        super().__init__()
-        self.gain = gain
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(x * self.gain)
 
 
 class ExpHead(nn.Module):

@@ -26,6 +26,7 @@ from sensitivity.prepare import is_target
 from sensitivity.quant.modules import quant_class_for
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.scan import ScanOptions, scan
+from tests.models import Decode
 
 # spconv's SparseConvTensor.dense() indexes with a list (a torch deprecation warning, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
@@ -266,17 +267,6 @@ def test_single_thread_if_sparse(caplog: pytest.LogCaptureFixture) -> None:
         monkey.undo()
         torch.set_num_threads(1)
     assert sum("1 torch thread" in r.getMessage() for r in caplog.records) == 1  # logged once
-
-
-class Decode(nn.Module):
-    """CenterPoint-style decode of a `dim` head: exp of the regression output."""
-
-    def __init__(self, gain: float) -> None:
-        super().__init__()
-        self.gain = gain
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(x * self.gain)
 
 
 class SparseExpHead(nn.Module):
