@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from sensitivity.errors import SensitivityError
@@ -35,6 +37,19 @@ _LAZY = {
     "ScanResult": ("sensitivity.scan", "ScanResult"),
     "load_policy": ("sensitivity.policy", "load_policy"),
 }
+
+
+class _Package(types.ModuleType):
+    """Keeps `sensitivity.scan` the function: importing the submodule `sensitivity.scan` (which `from
+    sensitivity import scan` itself does, lazily) would otherwise bind the module over that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays in sys.modules (`from sensitivity.scan import ScanOptions`)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

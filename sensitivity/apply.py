@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from sensitivity.errors import ConfigError, ModelLoadError
+from sensitivity.files import atomic_torch_save
 from sensitivity.policy import Policy, dump_policy, parse_policy
 from sensitivity.prepare import fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
@@ -155,16 +155,7 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
         "layers": _layer_meta(qmodel),
         "state_dict": {k: v.detach().cpu() for k, v in qmodel.state_dict().items()},
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_quantized(path: str | os.PathLike[str], model_factory: Callable[[], nn.Module]) -> nn.Module:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -160,12 +161,33 @@ SignOpt = Annotated[
 
 @app.command()
 def scan(
+    ctx: typer.Context,
     model: Annotated[
-        Path, typer.Argument(help="State dict (.pth/.pt/.safetensors), TorchScript, or pickled module.")
+        Path,
+        typer.Argument(
+            help="State dict (.pth/.pt/.safetensors), TorchScript, or pickled module; with --pcdet-cfg, "
+            "the OpenPCDet checkpoint."
+        ),
     ],
     calib: Annotated[
-        str, typer.Option("--calib", help="Calibration data: .pt/.npz file, folder, or pkg.mod:fn.")
-    ],
+        str | None,
+        typer.Option(
+            "--calib",
+            help="Calibration data: .pt/.npz file, folder, or pkg.mod:fn (not needed with --pcdet-cfg).",
+        ),
+    ] = None,
+    pcdet_cfg: Annotated[
+        Path | None,
+        typer.Option(
+            "--pcdet-cfg",
+            help="OpenPCDet model config (needs pcdet): build the network from it, load MODEL into it, "
+            "calibrate on --batches (default 16) of its dataset's frames, --batch-size (default 1) per batch; "
+            "--outputs defaults to pred_dicts (the head outputs, before box decoding and NMS).",
+        ),
+    ] = None,
+    calib_split: Annotated[
+        str, typer.Option("--calib-split", help="With --pcdet-cfg: the dataset split to calibrate on.")
+    ] = "val",
     arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
     trust_pickle: Annotated[
@@ -263,12 +285,21 @@ def scan(
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     main_rank = distributed.is_main()
-    if main_rank and target.exists() and not overwrite:
-        from sensitivity.errors import OutputDirError
+    if main_rank:  # before any work: an existing folder (without --overwrite) or one that cannot be written
+        from sensitivity.output import check_output_dir
 
-        raise OutputDirError(f"output folder {target} already exists: pass --overwrite to replace it")
-    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
+        check_output_dir(target, overwrite)
+    if pcdet_cfg is not None:
+        net, data = _pcdet_inputs(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
+                                  batch_size, batches)  # fmt: skip
+        if not outputs:
+            from sensitivity.integrations.pcdet import DEFAULT_OUTPUTS
+
+            outputs = list(DEFAULT_OUTPUTS)
+    else:
+        _check_no_pcdet_options(ctx, calib)
+        net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
     thresholds = Thresholds()
     changes = {}
     if max_rel_l1 is not None:
@@ -325,6 +356,80 @@ def scan(
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was given on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _check_no_pcdet_options(ctx: typer.Context, calib: str | None) -> None:
+    """Without --pcdet-cfg: --calib is required and --calib-split means nothing."""
+    from sensitivity.errors import SpecError
+
+    if calib is None:
+        raise SpecError(
+            "missing option --calib (calibration data); for an OpenPCDet checkpoint pass --pcdet-cfg cfg.yaml"
+        )
+    if _given(ctx, "calib_split"):
+        raise SpecError("--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg")
+
+
+#: calibration batches taken from an OpenPCDet dataset when --batches is not given
+PCDET_DEFAULT_BATCHES = 16
+
+
+def _pcdet_inputs(
+    ctx: typer.Context, model: Path, cfg: Path, calib: str | None, split: str, arch: str | None,
+    arch_kwargs: str | None, trust_pickle: bool, batch_size: int, batches: int | None,
+) -> tuple[Any, list[Any]]:  # fmt: skip
+    """(PcdetForward, batches) for `scan MODEL --pcdet-cfg CFG`: the network from the config with the
+    checkpoint's weights; batches from the config's dataset (--calib-split, --batches), or from --calib
+    (e.g. a folder written by `pcdet-dump`). --batch-size counts frames per batch here and defaults to 1."""
+    from sensitivity.errors import SpecError
+    from sensitivity.integrations import pcdet
+
+    pcdet.require_pcdet()  # first: the one line that matters where it is missing
+    if arch is not None or arch_kwargs is not None:
+        raise SpecError("--pcdet-cfg builds the network from the OpenPCDet config: drop --arch/--arch-kwargs")
+    if calib is not None and _given(ctx, "calib_split"):
+        raise SpecError("--calib and --calib-split both choose the calibration data: give one of them")
+    if calib is not None:
+        from sensitivity.data import load_calibration
+
+        net = pcdet.build_model(cfg, model, trust_pickle=trust_pickle)
+        return net, load_calibration(calib, batch_size=batch_size, max_batches=batches)
+    frames_per_batch = batch_size if _given(ctx, "batch_size") else 1
+    n = batches if batches is not None else PCDET_DEFAULT_BATCHES
+    net, loader = pcdet.build_from_config(cfg, model, split=split, batch_size=frames_per_batch,
+                                          max_batches=n, trust_pickle=trust_pickle)  # fmt: skip
+    return net, pcdet.calibration_batches(loader, n)
+
+
+@app.command("pcdet-dump")
+def pcdet_dump(
+    cfg: Annotated[Path, typer.Option("--cfg", help="OpenPCDet model config (its DATA_CONFIG is used).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for batch_NNNNN.pt and pcdet_dump.json.")],
+    split: Annotated[str, typer.Option("--split", help="Dataset split (a DATA_SPLIT name).")] = "val",
+    batches: Annotated[
+        int, typer.Option("--batches", help="Batches to write (frames evenly spaced over the split).")
+    ] = PCDET_DEFAULT_BATCHES,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per batch.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+) -> None:
+    """Write calibration batch_dicts from an OpenPCDet dataset to .pt files (needs pcdet): scan them later
+    with --calib DIR, without the dataset code."""
+    from sensitivity.integrations.pcdet import dump_batches
+
+    written = dump_batches(cfg, split=split, n=batches, out_dir=out_dir, batch_size=batch_size,
+                           workers=workers, overwrite=overwrite)  # fmt: skip
+    out.print(
+        f"wrote {len(written)} batches of the {split} split to [bold]{escape(str(out_dir))}[/bold]: scan them "
+        f"with --calib {escape(str(out_dir))} (and --pcdet-cfg {escape(str(cfg))}, or --arch)",
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -428,14 +533,16 @@ def apply_cmd(
 ) -> None:
     """Build the final quantized model from a policy: FP / naive / SmoothQuant per layer."""
     from sensitivity.apply import apply_policy, save_quantized
-    from sensitivity.errors import ConfigError, ModelLoadError
+    from sensitivity.errors import ConfigError, ModelLoadError, OutputDirError
     from sensitivity.load import load_model
+    from sensitivity.output import check_output_dir
     from sensitivity.policy import load_policy
 
     if fmt not in ("native", "pytorch-quantization"):
         raise ConfigError(f"--format must be native or pytorch-quantization, got {fmt!r}")
     net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     folder = out_dir or policy.parent
+    check_output_dir(folder, overwrite=True)  # an existing folder is written into
     folder.mkdir(parents=True, exist_ok=True)
     if calib is not None:
         from sensitivity.data import load_calibration
@@ -470,7 +577,10 @@ def apply_cmd(
             f"wrote [bold]{pq}[/bold] and {sidecar_path(pq).name} (pytorch-quantization _amax layout)",
             soft_wrap=True,
         )
-    written = save_quantized(qmodel, folder / "model_quant.pt")
+    try:
+        written = save_quantized(qmodel, folder / "model_quant.pt")
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {folder / 'model_quant.pt'}: {exc.strerror or exc}") from exc
     out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
     if onnx:
         from sensitivity.export import export_onnx, tensorrt_warnings, verify_onnx
@@ -502,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
             return rv
     except SensitivityError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: the message quotes user input (a spec, a path), which may look like rich markup
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/bold red]: no report was written")

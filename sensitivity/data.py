@@ -127,6 +127,10 @@ def _read_torch(path: Path, batch_size: int) -> Iterator[Batch]:
         raise CalibrationDataError(f"cannot read calibration file {path}: {_exc(e)}") from e
     if kind == "empty":
         raise CalibrationDataError(f"calibration file {path} is empty")
+    if kind == "zip-broken":  # also a CRC mismatch, which torch.load would not notice
+        raise CalibrationDataError(
+            f"cannot read calibration file {path}: the zip archive is truncated or corrupt"
+        )
     if kind == "torchscript":
         raise CalibrationDataError(f"calibration file {path} is a TorchScript archive (a model), not data")
     if kind in ("zip-other", "safetensors", "unknown"):
@@ -290,7 +294,7 @@ def load_calibration(source: str | Path, batch_size: int = 8, max_batches: int |
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
-        raise CalibrationDataError(f"--max-batches must be a positive integer, got {max_batches!r}")
+        raise CalibrationDataError(f"--batches must be a positive integer, got {max_batches!r}")
     text = str(source).strip()
     if not text:
         raise CalibrationDataError("no calibration data given (--calib)")

@@ -33,6 +33,7 @@ import re
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,13 +116,15 @@ def _sniff(path: Path) -> str:
     if head[:2] == b"PK":
         try:
             with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
+                records = {name.split("/", 1)[-1] for name in z.namelist()}
+                kind = "torch-zip" if "data.pkl" in records else ""
+                kind = "torchscript" if "constants.pkl" in records else kind
+                # torch.load does not check the records' CRC-32: a flipped bit would load as another weight
+                if kind and z.testzip() is not None:
+                    return "zip-broken"
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError):
             return "zip-broken"
-        records = {name.split("/", 1)[-1] for name in names}
-        if "constants.pkl" in records:
-            return "torchscript"
-        return "torch-zip" if "data.pkl" in records else "zip-other"
+        return kind or "zip-other"
     if head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":

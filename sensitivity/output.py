@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from sensitivity.errors import OutputDirError
+from sensitivity.files import default_mode
 from sensitivity.policy import ExcludeEntry, write_exclude, write_policy
 
 if TYPE_CHECKING:
     from sensitivity.scan import ScanResult
 
-__all__ = ["atomic_dir", "write_scan"]
+__all__ = ["atomic_dir", "check_output_dir", "write_scan"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,31 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse, in one line, an output folder that cannot be written, before any work is done: one that
+    exists (without `overwrite`) or is a file, one below a file, or one whose nearest existing folder is
+    not writable."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputDirError(f"output folder {path} already exists: pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output path {path} exists and is not a folder")
+    for folder in path.parents:  # the nearest one that exists is where the folder will be made
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputDirError(f"cannot write to {path}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OutputDirError(f"cannot write to {path}: {folder} is not writable (permission denied)")
+            return
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a Python file, so a full disk raises OSError (ENOSPC / EFBIG) rather than
+    the C++ writer's RuntimeError, and becomes an OutputDirError in `atomic_dir`."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 class atomic_dir:
     """`with atomic_dir(path, overwrite) as tmp:` write into tmp; on success tmp becomes path."""
 
@@ -55,14 +81,12 @@ class atomic_dir:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise OutputDirError(f"output folder {self.path} already exists: pass --overwrite to replace it")
-        if self.path.exists() and not self.path.is_dir():
-            raise OutputDirError(f"output path {self.path} exists and is not a folder")
+        check_output_dir(self.path, self.overwrite)
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+            os.chmod(self.tmp, default_mode(directory=True))  # mkdtemp's 0700 would make the report private
         except OSError as exc:
             raise OutputDirError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
         return self.tmp
@@ -168,7 +192,7 @@ def write_scan(
         entries = [ExcludeEntry(layer=n, reason=r, metrics=m) for n, (r, m) in result.excluded.items()]
         write_exclude(entries, tmp / "exclude.yaml", spec=result.spec.name)
         write_policy(result.policy, tmp / "policy.yaml")
-        torch.save(result.quant_state, tmp / "quant_state.pt")
+        _torch_save(result.quant_state, tmp / "quant_state.pt")
         write_stats(result, tmp / "stats.npz")
         if result.fp_model is not None:
             from sensitivity.apply import apply_policy, save_quantized

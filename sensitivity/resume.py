@@ -12,8 +12,6 @@ over the held-out quarter, and their accumulators are only meaningful complete.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from torch import nn
 
 from sensitivity.capture.observe import LayerObserver
 from sensitivity.errors import OutputDirError, SensitivityError
+from sensitivity.files import atomic_torch_save
 
 __all__ = ["ResumeError", "load_calibration_checkpoint", "resume_path", "save_calibration_checkpoint"]
 
@@ -81,20 +80,13 @@ def save_calibration_checkpoint(
             "shapes": shapes.get(name),
         }
     payload = {"format": FORMAT, "version": 1, "fingerprint": fingerprint, "layers": layers}
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:  # a Python file: a full disk is an OSError, not a C++ RuntimeError
-            torch.save(payload, f)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)
     except OSError as exc:
         raise OutputDirError(
             f"cannot write the calibration checkpoint {path}: {exc.strerror or exc}"
         ) from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_calibration_checkpoint(

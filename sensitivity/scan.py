@@ -29,8 +29,9 @@ from sensitivity.candidates import build_candidates, sq_key
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, calibrate, compare_pass
 from sensitivity.data import Batch, first_sample, split_holdout
-from sensitivity.errors import CalibrationDataError, SpecError
+from sensitivity.errors import CalibrationDataError, SensitivityError, SpecError
 from sensitivity.fold import find_fold_site
+from sensitivity.load import _exc
 from sensitivity.metrics import ErrorStats
 from sensitivity.policy import DEFAULT_SQ_MARGIN, Policy, Rule, Thresholds, assign_methods, glob_match
 from sensitivity.policy.exclude import exclude_by_thresholds
@@ -198,7 +199,17 @@ def _evaluate(
     `rules` and `quant_state` methods for the layers it moves to FP)."""
 
     def run(model: nn.Module) -> dict[str, float]:
-        values = D.broadcast(evaluate(model) if D.is_main() else None)  # rank 0 evaluates once
+        values: Any = None
+        if D.is_main():  # rank 0 evaluates once; a failure reaches every rank (none waits forever)
+            try:
+                values = evaluate(model)
+            except SensitivityError as exc:
+                values = exc
+            except Exception as exc:
+                values = SpecError(f"--eval function raised {_exc(exc)}")
+        values = D.broadcast(values)
+        if isinstance(values, SensitivityError):
+            raise values
         if not isinstance(values, dict) or not values:
             raise SpecError("--eval function must return a non-empty dict of metric name -> number")
         try:

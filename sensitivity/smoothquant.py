@@ -71,8 +71,14 @@ def smoothed_input_amax(x_absmax: torch.Tensor, s: torch.Tensor) -> torch.Tensor
     return (x_absmax.float() / s.float()).max()
 
 
+#: Most values an alpha grid may list (`0:1:0.001`): a bound, since a range's count comes from its step.
+MAX_ALPHAS = 1001
+
+
 def parse_alpha_grid(text: str) -> tuple[float, ...]:
     """`0.5`, `0.25,0.5,0.75` or `start:stop:step` (inclusive, e.g. `0.1:0.9:0.1`); empty = no SmoothQuant."""
+    from sensitivity.errors import SpecError
+
     text = text.strip()
     if not text:
         return ()
@@ -81,18 +87,16 @@ def parse_alpha_grid(text: str) -> tuple[float, ...]:
             start, stop, step = (float(p) for p in text.split(":"))
             if step <= 0:
                 raise ValueError
-            n = round((stop - start) / step) + 1
-            values = [round(start + i * step, 6) for i in range(max(n, 0))]
+            n = round((stop - start) / step) + 1  # OverflowError when infinite, ValueError when NaN
+            values = None if n > MAX_ALPHAS else [round(start + i * step, 6) for i in range(max(n, 0))]
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        from sensitivity.errors import SpecError
-
+    except (ValueError, OverflowError):
         raise SpecError(f"cannot parse alpha grid {text!r}: use 0.5, 0.25,0.5,0.75 or 0.1:0.9:0.1") from None
+    if values is None:
+        raise SpecError(f"alpha grid {text!r} lists more than {MAX_ALPHAS} values: use a larger step")
     bad = [v for v in values if not 0.0 <= v <= 1.0]
     if bad or not values:
-        from sensitivity.errors import SpecError
-
         raise SpecError(f"alpha grid {text!r} must list values in [0, 1]")
     return tuple(dict.fromkeys(values))
 

@@ -336,7 +336,7 @@ def test_bad_batch_size(tmp_path: Path, batch_size: Any) -> None:
 def test_bad_max_batches(tmp_path: Path) -> None:
     fails(
         CalibrationDataError,
-        "--max-batches must be a positive integer",
+        "--batches must be a positive integer",
         call=lambda: load_calibration(tmp_path, max_batches=0),
     )
 

@@ -39,7 +39,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sensitivity.errors import SensitivityError
+from sensitivity.files import atomic_torch_save
 
 __all__ = [
     "CACHE_ENV",
@@ -383,15 +383,7 @@ def _train_loop(config: TrainConfig, split: DigitsSplit) -> DigitsCNN:
 
 def _atomic_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(obj, path)
 
 
 def _load_cached(path: Path) -> DigitsCNN | None:

@@ -24,8 +24,7 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.errors import SensitivityError
+from sensitivity.files import atomic_write
 from sensitivity.quant.build import quant_layers
 from sensitivity.quant.modules import QuantMixin
 
@@ -158,18 +158,6 @@ def _weight_amax(name: str, m: QuantMixin) -> tuple[Tensor, int]:
     return q.amax.detach().float().cpu().reshape(shape).clone(), axis
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> str:
-    """`write` into a temp file beside `path` (same filesystem, so the caller's os.replace is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def save_amax_state_dict(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write `qmodel` (from `apply_policy`) as a pytorch-quantization state dict, plus its JSON sidecar.
 
@@ -233,10 +221,12 @@ def save_amax_state_dict(qmodel: nn.Module, path: str | os.PathLike[str]) -> Pat
         "unsigned": unsigned,
         "layers": info,
     }
-    tmp_pt = _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # both written to temp files first (same filesystem), then moved together
+    tmp_pt = str(atomic_write(path, lambda fh: torch.save(state, fh), keep_temp=True))
     try:
         side = sidecar_path(path)
-        tmp_js = _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+        text = (json.dumps(sidecar, indent=2) + "\n").encode()
+        tmp_js = str(atomic_write(side, lambda fh: fh.write(text), keep_temp=True))
         os.replace(tmp_js, side)
         os.replace(tmp_pt, path)
     finally:

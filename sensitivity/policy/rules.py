@@ -165,7 +165,8 @@ class ExcludeEntry:
 def spec_problem(spec: object) -> str | None:
     """Checks the `W<bits>A<bits>` form with bits in 2..16, as QuantSpec does (without importing torch)."""
     match = _SPEC_RE.match(spec) if isinstance(spec, str) else None
-    if not match or not all(2 <= int(bits) <= 16 for bits in match.groups()):
+    # (a length check first: int() refuses strings of thousands of digits)
+    if not match or not all(len(bits.lstrip("0")) <= 2 and 2 <= int(bits) <= 16 for bits in match.groups()):
         return f"spec must be of the form W<bits>A<bits> with bits in 2..16, e.g. W8A8; got {_short(spec)}"
     return None
 

@@ -59,7 +59,13 @@ class QuantSpec:
             raise SpecError(
                 f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8"
             )
-        return cls(w_bits=int(match.group(1)), a_bits=int(match.group(2)), **options)  # type: ignore[arg-type]
+        try:
+            w_bits, a_bits = int(match.group(1)), int(match.group(2))
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            raise SpecError(
+                f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8"
+            ) from None
+        return cls(w_bits=w_bits, a_bits=a_bits, **options)  # type: ignore[arg-type]
 
     @property
     def name(self) -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from sensitivity.files import atomic_write
 from sensitivity.report.data import ReportData, ReportDataError, load_report_data
 from sensitivity.report.plots import PLOTS, render_plots
 from sensitivity.report.tables import comparison_table, format_number, layer_table
@@ -133,15 +133,7 @@ def render_html(data: ReportData, pngs: dict[str, bytes]) -> str:
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(payload))
 
 
 def render_report(report_dir: str | os.PathLike[str]) -> Path:
