@@ -583,15 +583,39 @@ def apply_cmd(
         raise OutputDirError(f"cannot write {folder / 'model_quant.pt'}: {exc.strerror or exc}") from exc
     out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
     if onnx:
+        import json
+
         from sensitivity.export import export_onnx, tensorrt_warnings, verify_onnx
+        from sensitivity.quant.modules import is_spconv_module
 
         example = state.get("example_input")
         if example is None:
             raise ConfigError("no example input in the quant state for ONNX export: pass --calib")
-        path = export_onnx(qmodel, example, folder / "model_quant.onnx", opset=opset)
-        check = verify_onnx(path, qmodel, [example])
-        import json
+        target, names = qmodel, None
+        if any(is_spconv_module(m) for m in qmodel.modules()):
+            # sparse convs have no standard ONNX form: the dense part (BEV backbone + head) goes to ONNX,
+            # the sparse layers' scales to JSON for the engine that runs them
+            from sensitivity.export import (
+                BEVDensePart,
+                ExportError,
+                bev_input,
+                has_bev_dense_part,
+                sparse_scales,
+            )
 
+            if not has_bev_dense_part(qmodel):
+                raise ExportError(
+                    "ONNX export of sparse convs is not possible; for OpenPCDet-style detectors the dense part "
+                    "(backbone_2d + dense_head) is exported, but this model has no such modules"
+                )
+            example = bev_input(qmodel, example)
+            target = BEVDensePart(qmodel)
+            names = target.output_names(example)
+            scales = folder / "sparse_scales.json"
+            scales.write_text(json.dumps(sparse_scales(qmodel), indent=2) + "\n")
+            out.print(f"wrote [bold]{scales}[/bold] (the sparse layers' int8 scales)", soft_wrap=True)
+        path = export_onnx(target, example, folder / "model_quant.onnx", opset=opset, output_names=names)
+        check = verify_onnx(path, target, [example])
         (folder / "export.json").write_text(json.dumps(check, indent=2) + "\n")
         out.print(
             f"wrote [bold]{path}[/bold]: ONNX Runtime vs torch max |diff| {check['max_abs_diff_qdq_reference']:.3g} "

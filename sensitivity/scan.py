@@ -632,6 +632,11 @@ def _example(batch: Batch) -> Any:
         return small.detach().cpu().clone()
     if isinstance(small, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in small):
         return tuple(t.detach().cpu().clone() for t in small)
+    if isinstance(small, dict):  # e.g. an OpenPCDet batch_dict: its tensors and plain values
+        plain = (int, float, str, bool)
+        kept = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in small.items()
+                if isinstance(v, (torch.Tensor, *plain))}  # fmt: skip
+        return kept or None
     return None
 
 

@@ -259,3 +259,52 @@ def test_scan_end_to_end_on_real_frames(centerpoint: cp.CenterPoint, frames: lis
             folded_err = (got[t][h] - fp_out[t][h]).abs().mean()
             unfolded_err = (want[t][h] - fp_out[t][h]).abs().mean()
             assert folded_err <= 1.5 * unfolded_err, (t, h, float(folded_err), float(unfolded_err))
+
+
+def test_export_dense_part_to_onnx_and_sparse_scales_to_json(centerpoint, frames, tmp_path) -> None:
+    """Sparse convs have no standard ONNX form: the BEV backbone + head go to ONNX (Q/DQ, checked in ONNX
+    Runtime), the 21 spconv layers' int8 scales to JSON."""
+    import json
+
+    from sensitivity.cli import main
+
+    model_path = tmp_path / "cp.pth"
+    torch.save(centerpoint.state_dict(), model_path)
+    calib = tmp_path / "frames.pt"
+    torch.save(list(frames), calib)
+    arch = "sensitivity.demo.centerpoint:build_centerpoint"
+    out = tmp_path / "r"
+    base = ["--arch", arch]
+    assert (
+        main(
+            [
+                "scan",
+                str(model_path),
+                *base,
+                "--calib",
+                str(calib),
+                "--outputs",
+                "pred_dicts",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert main(["apply", str(model_path), *base, "--policy", str(out / "policy.yaml"), "--onnx"]) == 0
+    scales = json.loads((out / "sparse_scales.json").read_text())["layers"]
+    assert set(scales) == set(SPARSE_LAYERS)
+    first = scales[SPARSE_LAYERS[0]]
+    assert first["weight_layout"] == "Cout,k...,Cin" and len(first["weight_scale"]) == len(
+        first["weight_amax"]
+    )
+    check = json.loads((out / "export.json").read_text())
+    # ORT computes Q/DQ as written (x / scale, like the torch model): conv summation order only
+    assert check["max_abs_diff_qdq_reference"] <= 1e-4 * max(1.0, check["output_absmax"])
+    import onnx
+
+    graph = onnx.load(str(out / "model_quant.onnx")).graph
+    assert graph.input[0].name == "input" and "task0.hm" in [o.name for o in graph.output]
+    assert any(n.name.startswith("/heads_list.0/hm/hm.1/") for n in graph.node)  # module paths in node names
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 2

@@ -298,8 +298,9 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
 
 
 def is_spconv_module(module: nn.Module) -> bool:
-    """True for modules whose class comes from spconv (checked by name: spconv is imported only if used)."""
-    return type(module).__module__.split(".", 1)[0] == "spconv"
+    """True for modules whose class is (or, like our quantized wrappers, derives from) a spconv class;
+    checked by module name, so spconv is imported only where it is used."""
+    return any(c.__module__.split(".", 1)[0] == "spconv" for c in type(module).__mro__[:-1])
 
 
 def quant_class_for(module: nn.Module) -> type[nn.Module] | None:
