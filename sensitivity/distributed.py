@@ -108,23 +108,8 @@ def reduce_observers_(observers: dict[str, LayerObserver]) -> None:
         state = obs.calibrator.state()
         ops = obs.calibrator.reduce_ops()
         merged = {k: _reduce(v, ops[k]) for k, v in state.items()}
-        _reset_calibrator(obs)
+        obs.calibrator = obs.new_calibrator()  # empty, same configuration: merging copies the reduced state
         obs.calibrator.merge_state(merged)
-
-
-def _reset_calibrator(obs: LayerObserver) -> None:
-    """A fresh calibrator of the same configuration (merge_state into it = the all-reduced state)."""
-    from sensitivity.quant.calibrate import make_calibrator
-
-    old = obs.calibrator
-    obs.calibrator = make_calibrator(
-        obs.spec.calibrator,
-        obs.spec.a_bits,
-        False,
-        percentile=obs.spec.percentile,
-        num_bins=obs.spec.num_bins,
-        hist_range=getattr(old, "hist_range", None),
-    )
 
 
 def reduce_histograms_(histograms: dict[str, RangeHistogram]) -> None:

@@ -39,10 +39,14 @@ class LayerObserver:
     hist_range: float | None = None
 
     def __post_init__(self) -> None:
-        self.calibrator = make_calibrator(
+        self.calibrator = self.new_calibrator()
+
+    def new_calibrator(self, unsigned: bool = False) -> Calibrator:
+        """An empty calibrator of this observer's configuration (merge a state into it to copy one)."""
+        return make_calibrator(
             self.spec.calibrator,
             self.spec.a_bits,
-            False,
+            unsigned,
             percentile=self.spec.percentile,
             num_bins=self.spec.num_bins,
             hist_range=self.hist_range,
@@ -84,13 +88,7 @@ class LayerObserver:
         unsigned = self.unsigned() if unsigned is None else unsigned
         if not unsigned or self.spec.calibrator == "max":
             return self.calibrator.compute_amax()
-        twin = make_calibrator(
-            self.spec.calibrator,
-            self.spec.a_bits,
-            True,
-            percentile=self.spec.percentile,
-            num_bins=self.spec.num_bins,
-        )
+        twin = self.new_calibrator(unsigned=True)  # same range as the source, so the copy is exact
         twin.merge_state(self.calibrator.state())
         return twin.compute_amax()
 

@@ -40,14 +40,13 @@ Training (`train_centerpoint`, cached like the digits demo under ``$SENSITIVITY_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sensitivity.demo import pointclouds as pc
-from sensitivity.demo.digits import _atomic_save, resolve_cache_dir
+from sensitivity.demo.digits import _atomic_save, _single_thread, resolve_cache_dir
 from sensitivity.integrations.spconv import add_cpu_bias_fallback_, require_spconv
 
 spconv = require_spconv()  # SpconvUnavailableError naming the `lidar` extra when missing
@@ -486,17 +485,6 @@ class CenterPointTrainConfig:
     heldout_band: tuple[float, float] = (1 / 3, 2 / 3)  # of the tile's x extent: the held-out area
     keep_range: tuple[float, float] = (0.6, 1.0)  # point dropout augmentation
     model: CenterPointConfig = field(default_factory=CenterPointConfig)
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: spconv's CPU kernels race with several, and the weights become reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 Frame = tuple[np.ndarray, np.ndarray]
