@@ -143,3 +143,18 @@ class Decode(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x * self.gain)
+
+
+def plant_exp_fault_(stem: nn.Conv2d, dim: nn.Conv2d, bias: float) -> torch.Tensor:
+    """Set `stem` (3 -> 8) and `dim` (8 -> 1) so that `dim`'s input has 7 channels at 1 and one at 1e5
+    (multiply by the returned gain); `dim`'s weight compensates, so FP dim = bias - 6. Per-tensor input
+    quantization (amax 1e5) zeroes the ordinary channels and the tiny weight: quantized dim = bias."""
+    gain = torch.ones(1, 8, 1, 1)
+    gain[:, 1] = 1e5
+    with torch.no_grad():
+        stem.weight.zero_()
+        stem.bias.fill_(1.0)
+        dim.weight.fill_(-1.0)
+        dim.weight[:, 1] = 1e-5
+        dim.bias.fill_(bias)
+    return gain

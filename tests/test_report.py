@@ -21,7 +21,7 @@ from torch import nn
 from sensitivity.cli import main
 from sensitivity.report import PLOTS, ReportDataError, load_report_data, render_report
 from sensitivity.scan import scan
-from tests.models import PlantedOutlierNet
+from tests.models import PlantedOutlierNet, plant_exp_fault_
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REPORT_BYTES = 5 * 1024 * 1024
@@ -38,15 +38,7 @@ class NaNChain(nn.Module):
         self.dim = nn.Conv2d(8, 1, 1)
         self.post = nn.Conv2d(1, 4, 1)
         self.head = nn.Linear(4, 3)
-        gain = torch.ones(1, 8, 1, 1)
-        gain[:, 1] = 1e5
-        self.register_buffer("gain", gain)
-        with torch.no_grad():
-            self.stem.weight.zero_()
-            self.stem.bias.fill_(1.0)
-            self.dim.weight.fill_(-1.0)
-            self.dim.weight[:, 1] = 1e-5
-            self.dim.bias.fill_(5.0)
+        self.register_buffer("gain", plant_exp_fault_(self.stem, self.dim, 5.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = torch.exp(self.dim(F.relu(self.stem(x)) * self.gain) * 20.0)

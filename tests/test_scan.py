@@ -13,7 +13,7 @@ from torch import nn
 from sensitivity.errors import CalibrationDataError, FPModelError, NoQuantizableLayersError
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.scan import ScanOptions, scan
-from tests.models import Decode, PlantedOutlierNet, TinyConvNet
+from tests.models import Decode, PlantedOutlierNet, TinyConvNet, plant_exp_fault_
 
 
 def _batches(n: int = 4, shape: tuple[int, ...] = (4, 3, 12, 12), seed: int = 1) -> list[torch.Tensor]:
@@ -80,15 +80,7 @@ class ExpHead(nn.Module):
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.dim = nn.Conv2d(8, 1, 1)
         self.decode = Decode(gain)
-        gain = torch.ones(1, 8, 1, 1)
-        gain[:, 1] = 1e5
-        self.register_buffer("gain", gain)
-        with torch.no_grad():
-            self.stem.weight.zero_()
-            self.stem.bias.fill_(1.0)
-            self.dim.weight.fill_(-1.0)
-            self.dim.weight[:, 1] = 1e-5
-            self.dim.bias.fill_(bias)
+        self.register_buffer("gain", plant_exp_fault_(self.stem, self.dim, bias))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = F.relu(self.stem(x)) * self.gain
