@@ -3,7 +3,7 @@ and SmoothQuant per alpha (channel granularity; im2col for research)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import nn
@@ -48,8 +48,10 @@ def build_candidates(
     alphas: Sequence[float],
     granularities: Sequence[str],
     mode: str,
+    no_smoothing: Collection[str] = (),
 ) -> tuple[dict[str, dict[str, Candidate]], dict[str, str]]:
-    """Candidates per layer, and the im2col refusals (layer -> reason) for the report."""
+    """Candidates per layer, and the im2col refusals (layer -> reason) for the report. Layers named in
+    `no_smoothing` (their forward computes the weight) get no SmoothQuant candidates."""
     candidates: dict[str, dict[str, Candidate]] = {}
     refused: dict[str, str] = {}
     for name, qmod in qlayers.items():
@@ -58,6 +60,9 @@ def build_candidates(
         if obs.nonnegative:
             alt_name, fn = alt_sign_candidate(qmod, obs, spec)
             cands[alt_name] = fn
+        if name in no_smoothing:
+            candidates[name] = cands
+            continue
         x_absmax = obs.chan_absmax.clone() if obs.chan_absmax is not None else None
         if "channel" in granularities and x_absmax is not None:
             for a in alphas:

@@ -9,7 +9,7 @@ everything called outside them, and identify tensors by (id, version): an in-pla
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sensitivity.data import Batch, first_sample, run_checked, run_model
+from sensitivity.data import Batch, first_sample, run_checked
+from sensitivity.errors import CalibrationDataError
+from sensitivity.quant.wrapped import call_as_caller
 
-__all__ = ["Dataflow", "Node", "record_dataflow"]
+__all__ = ["Dataflow", "Node", "eager_modules", "record_dataflow"]
 
 ValueKey = tuple[int, int]
 
@@ -123,10 +125,12 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth or self.internal:
+        if self.internal:
             return func(*args, **kwargs)
+        if self.depth:
+            return call_as_caller(func, args, kwargs)
         before = [self.key(t) for t in _tensors((args, kwargs))]
-        out = func(*args, **kwargs)
+        out = call_as_caller(func, args, kwargs)
         outs = list(_tensors(out))
         if outs:  # size()/shape/dim() read a tensor without consuming its values
             node = Node(len(self.nodes), "function", getattr(func, "__name__", str(func)))
@@ -136,8 +140,24 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def record_dataflow(model: nn.Module, batch: Batch) -> Dataflow:
-    """Run `model` once on `batch` and return its eager dataflow (leaf modules + top-level functions)."""
+def eager_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` without TorchScript modules and what they hold: scripted code runs no
+    Python hooks (registering one raises), so it is opaque to the scan."""
+    scripted: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in scripted):
+            continue
+        if isinstance(mod, torch.jit.ScriptModule):
+            scripted.append(name)
+            continue
+        yield name, mod
+
+
+def record_dataflow(model: nn.Module, batch: Batch, leaves: Collection[str] = ()) -> Dataflow:
+    """Run `model` once on `batch` and return its eager dataflow (leaf modules + top-level functions).
+
+    Modules without children are leaves, and so are the modules named in `leaves` (target layers whose
+    class has submodules of its own, like a conv subclass holding its padding module)."""
     small = first_sample(batch)
     rec = _Recorder()
     names = {m: n for n, m in model.named_modules()}
@@ -161,18 +181,18 @@ def record_dataflow(model: nn.Module, batch: Batch) -> Dataflow:
             rec.nodes.append(node)
             rec.internal = False
 
-    for mod in model.modules():
-        if next(mod.children(), None) is None:
+    leaf_set = set(leaves)
+    for name, mod in eager_modules(model):
+        if next(mod.children(), None) is None or name in leaf_set:
             handles.append(mod.register_forward_pre_hook(pre))
             handles.append(mod.register_forward_hook(post))
     try:
         with torch.no_grad(), rec:
             try:
-                out = run_model(model, small)
-            except Exception:
-                if small is batch:
-                    raise
-                run_checked(model, batch, 0)  # the error message should describe the user's batch
+                out = run_checked(model, small, 0)
+            except CalibrationDataError:
+                if small is not batch:
+                    run_checked(model, batch, 0)  # the error message should describe the user's batch
                 raise
             rec.internal = True
             out_keys = {(id(t), t._version) for t in _tensors(out)}

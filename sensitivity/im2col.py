@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant
-from sensitivity.quant.modules import QuantMixin, per_channel_amax
+from sensitivity.quant.modules import QuantMixin, QuantWrapped, is_wrapped_kind, per_channel_amax
 
 __all__ = [
     "Im2colCandidate",
@@ -37,10 +37,10 @@ CHUNK_ELEMS = 1 << 22
 
 def im2col_refusal(module: nn.Module) -> str | None:
     """Why a layer has no im2col form here, or None when it has one."""
-    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and not (
-        isinstance(module, QuantMixin) and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    ):
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return f"{type(module).__name__} has no im2col form here (dense Conv1d/2d/3d only)"
+    if isinstance(module, QuantWrapped) or is_wrapped_kind(module):
+        return f"{type(module).__name__}'s own forward wraps the conv (the im2col path runs the plain conv only)"
     if getattr(module, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={module.padding_mode!r} (im2col path pads with zeros only)"  # type: ignore[attr-defined]
     if isinstance(module.padding, str):  # type: ignore[attr-defined]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -12,11 +14,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from sensitivity.data import Batch, batch_to
 from sensitivity.errors import NoQuantizableLayersError
-from sensitivity.graph import Dataflow, record_dataflow
+from sensitivity.graph import Dataflow, eager_modules, record_dataflow
 from sensitivity.policy.glob import glob_match
-from sensitivity.quant.modules import QUANT_MODULES, is_spconv_module, quant_class_for
+from sensitivity.quant.modules import (
+    QUANT_MODULES,
+    QuantMixin,
+    is_spconv_module,
+    is_wrapped_kind,
+    quant_class_for,
+)
+from sensitivity.quant.wrapped import probing
 
-__all__ = ["LayerInfo", "Prepared", "find_targets", "fold_bn_", "fuse_pair_", "is_target", "prepare"]
+__all__ = [
+    "LayerInfo", "Prepared", "find_targets", "fold_bn_", "frozen_copy", "fuse_pair_", "is_target", "prepare",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +36,13 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def is_target(module: nn.Module) -> bool:
-    """Conv / ConvTranspose / Linear of exactly the torch type (subclasses have their own forward), or a
-    spconv convolution (SubMConv3d, SparseConv3d, SparseInverseConv3d, ...)."""
-    return type(module) in QUANT_MODULES or (is_spconv_module(module) and quant_class_for(module) is not None)
+    """Conv / ConvTranspose / Linear, their subclasses (quantized where their forward calls the op), or a
+    spconv convolution (SubMConv3d, SparseConv3d, SparseInverseConv3d, ...); never our quantized layers."""
+    if isinstance(module, QuantMixin):
+        return False
+    if is_spconv_module(module):
+        return quant_class_for(module) is not None
+    return any(b in QUANT_MODULES for b in type(module).__mro__)
 
 
 @dataclass
@@ -43,6 +58,10 @@ class LayerInfo:
     macs: int = 0
     calls: int = 0
     folded_bn: str = ""
+    #: how the layer is quantized when that is not the plain way (a subclass whose forward wraps the op)
+    note: str = ""
+    #: its forward computes the weight that reaches the op: no BN folding, no SmoothQuant
+    weight_transformed: bool = False
 
 
 @dataclass
@@ -51,6 +70,8 @@ class Prepared:
     layers: list[LayerInfo]
     flow: Dataflow
     folded: dict[str, str] = field(default_factory=dict)
+    #: conv-like modules that are not scanned -> why (TorchScript, never ran, --only/--skip, ...)
+    unscanned: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -60,7 +81,7 @@ class Prepared:
 def find_targets(model: nn.Module, only: list[str] | None = None, skip: list[str] | None = None) -> list[str]:
     """Target layer names (module-tree order), filtered by `only` / `skip` glob lists."""
     names = []
-    for name, mod in model.named_modules():
+    for name, mod in eager_modules(model):
         if not name or not is_target(mod):
             continue
         if only and not any(glob_match(p, name) for p in only):
@@ -81,7 +102,7 @@ def _foldable(module: nn.Module | None) -> bool:
     """Conv1d/2d/3d, Linear, or a spconv conv (weight [Cout, k..., Cin]: output channels first, as here)."""
     if module is None:
         return False
-    if type(module) in _FOLDABLE:
+    if isinstance(module, _FOLDABLE):
         return True
     if is_spconv_module(module):
         from sensitivity.integrations.spconv import is_sparse_conv
@@ -113,11 +134,12 @@ def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
     _set_submodule(model, bn_name, nn.Identity())
 
 
-def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
+def fold_bn_(model: nn.Module, flow: Dataflow, skip: set[str] = frozenset()) -> dict[str, str]:  # type: ignore[assignment]
     """Fold each BatchNorm whose input is the sole output of a Conv/Linear called once; returns {conv: bn}.
 
-    Exact only when the conv's output feeds nothing else and both run once, which the dataflow proves.
-    """
+    Exact only when the conv's output feeds nothing else and both run once, which the dataflow proves;
+    `skip` names layers never folded into (subclasses whose forward computes the weight or post-processes
+    the op's output)."""
     folded: dict[str, str] = {}
     calls: dict[str, int] = {}
     for node in flow.nodes:
@@ -127,7 +149,7 @@ def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
         if node.kind != "module" or not isinstance(node.module, _BN) or calls[node.name] != 1:
             continue
         prod = flow.producer_chain(node)
-        if prod is None or calls[prod.name] != 1 or not _foldable(prod.module):
+        if prod is None or prod.name in skip or calls[prod.name] != 1 or not _foldable(prod.module):
             continue
         bn = node.module
         if bn.running_mean is None or bn.running_var is None or not bn.track_running_stats:
@@ -135,6 +157,61 @@ def fold_bn_(model: nn.Module, flow: Dataflow) -> dict[str, str]:
         fuse_pair_(model, prod.name, node.name)
         folded[prod.name] = node.name
     return folded
+
+
+def _conv_like(module: nn.Module) -> bool:
+    """Conv / ConvTranspose / Linear of any kind, supported or not (for the "not scanned" list)."""
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not isinstance(module, QuantMixin)
+
+
+def _script_problems(model: nn.Module) -> dict[str, str]:
+    """Conv-like modules inside TorchScript submodules: hooks cannot run in scripted code."""
+    found: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.jit.ScriptModule) or any(name.startswith(p + ".") for p in found):
+            continue
+        scripted = [(n, m) for n, m in mod.named_modules() if _SCRIPTED_CONV.match(m.original_name or "")]
+        for sub, _ in scripted:
+            found[f"{name}.{sub}" if sub else name] = (
+                f"inside TorchScript module {name or 'the model'}: hooks cannot run in scripted code "
+                "(script only the parts without convs, or pass the eager model)"
+            )
+    return found
+
+
+_SCRIPTED_CONV = re.compile(r"^(Conv|ConvTranspose|LazyConv)[123]d$|^Linear$")
+
+
+def _unscanned(
+    fp: nn.Module, candidates: set[str], targets: set[str], ran: set[str], problems: dict[str, str],
+    only: list[str] | None, skip: list[str] | None,
+) -> dict[str, str]:  # fmt: skip
+    """Every conv-like module that is not scanned, with the reason, in module-tree order."""
+    out: dict[str, str] = _script_problems(fp)
+    for name, mod in fp.named_modules():
+        if not name or name in out or not (_conv_like(mod) or name in candidates):
+            continue
+        if name in problems:
+            out[name] = f"{type(mod).__name__}: {problems[name]}"
+        elif name not in candidates:
+            out[name] = f"{type(mod).__name__} has no quantized form here (not a torch conv / Linear subclass)"
+        elif name not in targets:
+            out[name] = "matched --skip" if skip and any(glob_match(p, name) for p in skip) else "not in --only"
+        elif name not in ran:
+            out[name] = "never ran on the first calibration batch"
+    return out
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deepcopy in eval mode with every parameter frozen: the user's model is never touched. Parameters
+    that are not leaves after the copy (a TorchScript submodule's) are left as they are."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        fp = copy.deepcopy(model).eval()
+    for p in fp.parameters():
+        if p.is_leaf:
+            p.requires_grad_(False)
+    return fp
 
 
 def prepare(
@@ -146,8 +223,12 @@ def prepare(
     fold_bn: bool = True,
     device: torch.device | str | None = None,
 ) -> Prepared:
-    """Deepcopy `model` (the user's object is never touched) onto `device`, fold BN, order the target layers."""
-    fp = copy.deepcopy(model).eval()
+    """Deepcopy `model` (the user's object is never touched) onto `device`, fold BN, order the target layers.
+
+    Conv subclasses whose forward wraps the op are probed on the first batch: one that calls its op other
+    than once per call is not scanned; one that computes its weight in forward gets no BN folding (and, in
+    the scan, no SmoothQuant)."""
+    fp = frozen_copy(model)
     if device is not None:
         fp = fp.to(device)
         batch = batch_to(batch, device)
@@ -156,34 +237,42 @@ def prepare(
         from sensitivity.integrations.spconv import add_cpu_bias_fallback_
 
         add_cpu_bias_fallback_(fp)  # spconv's CPU kernels refuse conv + bias in eval mode
-    for p in fp.parameters():
-        p.requires_grad_(False)
-    flow = record_dataflow(fp, batch)
-    folded = fold_bn_(fp, flow) if fold_bn else {}
+    candidates = {n for n, m in eager_modules(fp) if n and is_target(m)}
+    wrapped = {n: fp.get_submodule(n) for n in sorted(candidates) if is_wrapped_kind(fp.get_submodule(n))}
+    with probing(wrapped) as probes:
+        flow = record_dataflow(fp, batch, leaves=candidates)
+    found = {n: probe() for n, probe in probes.items()}
+    problems = {n: p.problem for n, p in found.items() if p.problem}
+    transformed = {n for n, p in found.items() if p.module_calls and not p.weight_is_parameter}
+    no_fold = transformed | set(problems) | {n for n, p in found.items() if not p.returns_op_output}
+    folded = fold_bn_(fp, flow, skip=no_fold) if fold_bn else {}
     if folded:
         log.info("folded %d BatchNorm layers into their convs", len(folded))
         if sparse:
             from sensitivity.integrations.spconv import add_cpu_bias_fallback_
 
             add_cpu_bias_fallback_(fp)  # folding gave biases to sparse convs that had none (idempotent)
-        flow = record_dataflow(fp, batch)  # the folded graph: what SmoothQuant folding is decided on
-    targets = set(find_targets(fp, only, skip))
-    if not targets:
-        what = " after --only/--skip" if (only or skip) else ""
-        raise NoQuantizableLayersError(f"no Conv / Linear / sparse-conv layer to quantize{what}")
+        flow = record_dataflow(fp, batch, leaves=candidates)  # the folded graph, for SmoothQuant folding
+    targets = set(find_targets(fp, only, skip)) - set(problems)
     order = [n for n in flow.module_order() if n in targets]
-    never = sorted(targets - set(order))
-    if never:
+    unscanned = _unscanned(fp, candidates, targets, set(order), problems, only, skip)
+    if unscanned:
         log.warning(
-            "%d target layers never ran on the first batch and are not scanned: %s", len(never), never[:5]
-        )
+            "%d conv-like layers are not scanned: %s",
+            len(unscanned), "; ".join(f"{n} ({why})" for n, why in list(unscanned.items())[:3]),
+        )  # fmt: skip
     if not order:
-        raise NoQuantizableLayersError(
-            "none of the model's Conv / Linear layers ran on the calibration batch"
-        )
+        what = " after --only/--skip" if (only or skip) else ""
+        ran = "" if not targets else " (none of them ran on the first calibration batch)"
+        raise NoQuantizableLayersError(f"no Conv / Linear / sparse-conv layer to quantize{what}{ran}")
     layers = []
     for i, name in enumerate(order):
         mod = fp.get_submodule(name)
+        note = ""
+        if name in transformed:
+            note = "forward transforms the weight: no BN folding, no SmoothQuant"
+        elif name in wrapped:
+            note = "forward wraps the op: quantized where the op is called"
         layers.append(
             LayerInfo(
                 name=name,
@@ -191,9 +280,11 @@ def prepare(
                 order=i,
                 weight_shape=tuple(mod.weight.shape),
                 folded_bn=folded.get(name, ""),
+                note=note,
+                weight_transformed=name in transformed,
             )
         )
-    return Prepared(fp, layers, flow, folded)
+    return Prepared(fp, layers, flow, folded, unscanned)
 
 
 def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:

@@ -95,10 +95,12 @@ def test_only_and_skip_globs() -> None:
     assert find_targets(model, skip=["fc", "d*"]) == ["stem.0", "conv1", "pw"]
 
 
-def test_subclassed_layers_are_not_targets() -> None:
+def test_subclassed_layers_are_targets_and_quantized_at_their_op() -> None:
+    """Once skipped silently (an EfficientNet scanned 1 of 50 convs): tests/test_subclass_convs.py has the rest."""
+
     class MyConv(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) * 2
 
     model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
-    assert find_targets(model) == ["1"]
+    assert find_targets(model) == ["0", "1"]

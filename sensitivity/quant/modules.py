@@ -7,12 +7,15 @@ many batches through the same weights, and re-quantizing them per call would dom
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.wrapped import OP_NAMES, OpIntercept, overrides_forward
 
 __all__ = [
     "QUANT_MODULES",
@@ -24,8 +27,10 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantLinear",
     "QuantMixin",
+    "QuantWrapped",
     "Smoother",
     "is_spconv_module",
+    "is_wrapped_kind",
     "quant_class_for",
     "weight_channel_axis",
 ]
@@ -303,12 +308,83 @@ def is_spconv_module(module: nn.Module) -> bool:
     return any(c.__module__.split(".", 1)[0] == "spconv" for c in type(module).__mro__[:-1])
 
 
+class QuantWrapped(QuantMixin):
+    """Twin of a conv / Linear subclass whose own `forward` wraps the op (pads the input, transforms the
+    weight): that forward runs unchanged and the op receives the quantized input and weight (see
+    `sensitivity.quant.wrapped`)."""
+
+    _op: str = ""
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        with OpIntercept(self._op, self._quantize_op_args):
+            return self._float_cls.forward(self, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def _quantize_op_args(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._quant_input(x)
+        if w is self.weight:
+            return x, self.quantized_weight()
+        if self.smoother is not None and not self.smoother.folded:
+            raise RuntimeError(
+                f"{type(self).__name__}: SmoothQuant cannot apply to a layer whose forward transforms its weight"
+            )
+        if not self.weight_quantizer.enabled:
+            return x, w
+        # a weight computed in forward (e.g. standardized): quantized as it reaches the op, own amax
+        wq = TensorQuantizer(self.weight_quantizer.num_bits, axis=self.weight_quantizer.axis)
+        wq.set_amax(per_channel_amax(w, self.weight_quantizer.axis))  # type: ignore[arg-type]
+        return x, wq(w)
+
+
+@functools.cache
+def _subclass_twin(cls: type[nn.Module]) -> type[nn.Module]:
+    """The quantized twin of a user subclass of a supported layer: it subclasses `cls` (isinstance, methods
+    and state-dict keys stay the user's). Without its own forward, the base's quantized forward serves;
+    with one, `QuantWrapped` runs it and quantizes at the op."""
+    base = next(b for b in cls.__mro__ if b in QUANT_MODULES)
+    if overrides_forward(cls):
+        bases: tuple[type, ...] = (QuantWrapped, cls)
+        attrs: dict[str, object] = {"_float_cls": cls, "_op": OP_NAMES[base]}
+        if issubclass(cls, nn.Linear):
+            attrs.update(
+                input_channel_axis=-1,
+                _weight_input_scale=QuantLinear._weight_input_scale,
+                weight_input_absmax=QuantLinear.weight_input_absmax,
+            )
+        elif issubclass(cls, nn.modules.conv._ConvTransposeNd):
+            attrs.update(
+                _weight_input_scale=_QuantConvTranspose._weight_input_scale,
+                weight_input_absmax=_QuantConvTranspose.weight_input_absmax,
+            )
+    else:
+        bases, attrs = (QUANT_MODULES[base], cls), {"_float_cls": cls}
+    twin = type(f"Quant{cls.__name__}", bases, {**attrs, "__module__": cls.__module__})
+    twin.__qualname__ = twin.__name__
+    return twin
+
+
+def is_wrapped_kind(module: nn.Module) -> bool:
+    """A float layer (not one of ours) whose class overrides the torch layer's forward: its op input and
+    weight are only seen by intercepting the op."""
+    cls = type(module)
+    return (
+        cls not in QUANT_MODULES
+        and not isinstance(module, QuantMixin)
+        and any(b in QUANT_MODULES for b in cls.__mro__)
+        and overrides_forward(cls)
+    )
+
+
 def quant_class_for(module: nn.Module) -> type[nn.Module] | None:
-    """The quantized class for exactly this float type (subclasses are user layers with their own forward);
-    spconv convolutions resolve through `sensitivity.integrations.spconv`, imported only for them."""
+    """The quantized class for this float layer: its exact twin for the torch types, a generated twin for
+    their subclasses (`_subclass_twin`), None for our own quantized layers and other modules; spconv
+    convolutions resolve through `sensitivity.integrations.spconv`, imported only for them."""
     cls = QUANT_MODULES.get(type(module))
-    if cls is None and is_spconv_module(module):
+    if cls is not None or isinstance(module, QuantMixin):
+        return cls
+    if is_spconv_module(module):
         from sensitivity.integrations.spconv import sparse_quant_class_for
 
-        cls = sparse_quant_class_for(module)
-    return cls
+        return sparse_quant_class_for(module)
+    if any(b in QUANT_MODULES for b in type(module).__mro__):
+        return _subclass_twin(type(module))
+    return None
