@@ -1,7 +1,6 @@
-"""Write a scan's folder atomically: everything goes to a temp folder beside the target, then a rename.
-
-A failed or interrupted scan therefore never leaves a half-written report that looks complete, and an
-existing folder is replaced only with `overwrite=True` (moved aside first, removed after the swap).
+"""Write a scan's report folder: everything goes to a temp folder beside the target, then one atomic
+move (`sensitivity.files.atomic_dir`), so a failed or interrupted scan never leaves a half-written report
+that looks complete, and an existing folder is replaced only with `overwrite=True` when the tool wrote it.
 """
 
 from __future__ import annotations
@@ -11,22 +10,20 @@ import logging
 import math
 import os
 import platform
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from sensitivity.errors import OutputDirError
-from sensitivity.files import default_mode
+from sensitivity.files import atomic_dir, torch_save_file
 from sensitivity.policy import ExcludeEntry, write_exclude, write_policy
 
 if TYPE_CHECKING:
     from sensitivity.scan import ScanResult
 
-__all__ = ["atomic_dir", "check_output_dir", "write_scan"]
+__all__ = ["scan_json", "stats_arrays", "write_scan"]
 
 log = logging.getLogger(__name__)
 
@@ -45,72 +42,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return _jsonable(value.item())
     return value
-
-
-def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Refuse, in one line, an output folder that cannot be written, before any work is done: one that
-    exists (without `overwrite`) or is a file, one below a file, or one whose nearest existing folder is
-    not writable."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputDirError(f"output folder {path} already exists: pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"output path {path} exists and is not a folder")
-    for folder in path.parents:  # the nearest one that exists is where the folder will be made
-        if folder.exists():
-            if not folder.is_dir():
-                raise OutputDirError(f"cannot write to {path}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise OutputDirError(f"cannot write to {path}: {folder} is not writable (permission denied)")
-            return
-
-
-def _torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` through a Python file, so a full disk raises OSError (ENOSPC / EFBIG) rather than
-    the C++ writer's RuntimeError, and becomes an OutputDirError in `atomic_dir`."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-class atomic_dir:
-    """`with atomic_dir(path, overwrite) as tmp:` write into tmp; on success tmp becomes path."""
-
-    def __init__(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
-        self.path = Path(path)
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        check_output_dir(self.path, self.overwrite)
-        parent = self.path.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
-            os.chmod(self.tmp, default_mode(directory=True))  # mkdtemp's 0700 would make the report private
-        except OSError as exc:
-            raise OutputDirError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and not isinstance(exc, OutputDirError):
-                raise OutputDirError(f"writing {self.path} failed: {exc.strerror or exc}") from exc
-            return
-        old = None
-        try:
-            if self.path.exists():
-                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-                os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-        except OSError as exc:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if old is not None and not self.path.exists():
-                os.replace(old, self.path)
-            raise OutputDirError(f"cannot move the report into {self.path}: {exc.strerror or exc}") from exc
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def scan_json(result: ScanResult) -> dict[str, Any]:
@@ -137,9 +68,12 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
             "layers": len(result.layers),
             "excluded": list(result.excluded),
             "folded_bn": result.folded_bn,
+            "unscanned": result.unscanned,
+            "warnings": result.warnings,
             "first_nonfinite": result.first_nonfinite,
             "policy_first_nonfinite": result.policy_first_nonfinite,
             "comparison": result.comparison.to_dict(orient="records"),
+            "output_comparison": result.output_comparison.to_dict(orient="records"),
             "timings": result.timings,
             "versions": {
                 "sensitivity": getattr(sensitivity, "__version__", "0"),
@@ -182,17 +116,22 @@ def write_stats(result: ScanResult, path: Path) -> None:
 
 
 def write_scan(
-    result: ScanResult, out_dir: str | os.PathLike[str], overwrite: bool = False, report: bool = True
+    result: ScanResult,
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+    report: bool = True,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> Path:
     """Write layers.csv, scan.json, exclude.yaml, policy.yaml, quant_state.pt, stats.npz and the final
-    quantized model (model_quant.pt) into `out_dir`; with `report`, report.html and plots/ too."""
-    with atomic_dir(out_dir, overwrite) as tmp:
+    quantized model (model_quant.pt) into `out_dir`; with `report`, report.html and plots/ too. `inputs`
+    (the model file, the calibration data...) may not be inside, or hold, the folder."""
+    with atomic_dir(out_dir, overwrite, inputs) as tmp:
         result.table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g", lineterminator="\n")
         (tmp / "scan.json").write_text(json.dumps(scan_json(result), indent=2, allow_nan=False) + "\n")
         entries = [ExcludeEntry(layer=n, reason=r, metrics=m) for n, (r, m) in result.excluded.items()]
         write_exclude(entries, tmp / "exclude.yaml", spec=result.spec.name)
         write_policy(result.policy, tmp / "policy.yaml")
-        _torch_save(result.quant_state, tmp / "quant_state.pt")
+        torch_save_file(result.quant_state, tmp / "quant_state.pt")
         write_stats(result, tmp / "stats.npz")
         if result.fp_model is not None:
             from sensitivity.apply import apply_policy, save_quantized

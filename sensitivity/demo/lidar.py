@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from sensitivity.files import check_output_dir
 from sensitivity.scan import PhaseProgress, ScanOptions, scan
 
 __all__ = ["run_lidar_demo"]
@@ -34,6 +35,7 @@ def run_lidar_demo(
     from sensitivity.quant.spec import QuantSpec
 
     console = console or Console()
+    check_output_dir(out_dir, overwrite)  # before training: a folder the demo may not replace is refused now
     t0 = time.perf_counter()
     model = train_centerpoint()
     console.print(

@@ -16,6 +16,7 @@ from rich.table import Table
 from torch import nn
 
 from sensitivity.demo.digits import accuracy, calibration_batches, data_source, load_split, train_digits_cnn
+from sensitivity.files import check_output_dir
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.scan import PhaseProgress, ScanOptions, ScanResult, scan
 
@@ -53,6 +54,9 @@ def run_demo(
     """Train or load the digits CNN, scan it per spec (reports under `out_dir`, `out_dir`-w4a8, ...),
     print and return top-1 accuracy per spec and configuration."""
     console = console or Console()
+    folders = [out_dir, *(out_dir.with_name(f"{out_dir.name}-{spec.lower()}") for spec in specs[1:])]
+    for folder in folders:  # before training: a folder the demo may not replace is refused now
+        check_output_dir(folder, overwrite)
     t0 = time.perf_counter()
     model = train_digits_cnn()
     console.print(
@@ -66,8 +70,7 @@ def run_demo(
         return {"top1": accuracy(m, images, labels)}
 
     results: dict[str, ScanResult] = {}
-    for i, spec in enumerate(specs):
-        folder = out_dir if i == 0 else out_dir.with_name(f"{out_dir.name}-{spec.lower()}")
+    for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
         result = scan(
             model, batches, ScanOptions(spec=QuantSpec.parse(spec), exclude_budget=ACCURACY_BUDGET),
             model_name=f"demo-digits-{spec.lower()}",

@@ -576,19 +576,19 @@ def dump_batches(
     and other non-plain metadata are dropped), and ``pcdet_dump.json`` (config, split, frame ids, dropped
     keys). The folder is written atomically (`--overwrite` replaces an existing one); `--calib out_dir`
     then reads the batches in order, without OpenPCDet's dataset code. Returns the batch files' paths."""
-    from sensitivity.output import _torch_save, atomic_dir, check_output_dir
+    from sensitivity.files import atomic_dir, check_output_dir, torch_save_file
 
     pcdet = require_pcdet()
     if n < 1:
         raise CalibrationDataError(f"--batches must be a positive integer, got {n}")
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[cfg_path])
     config, root = _load_config(pcdet, cfg_path)
     cfg_name = Path(cfg_path).name
     dataset = _build_dataset(pcdet, config, root, split, cfg_name)
     loader = _loader(dataset, n * batch_size, batch_size, workers)
     names, frame_ids, dropped = [], [], set()
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=[cfg_path], kind="pcdet-dump") as tmp:
         for i, batch in enumerate(itertools.islice(loader, n)):
             kept = {}
             for key, value in batch_to_torch(batch).items():
@@ -600,7 +600,7 @@ def dump_batches(
             ids = kept.get("frame_id")
             frame_ids.extend(ids if isinstance(ids, list) else [ids])
             name = f"batch_{i:05d}.pt"
-            _torch_save([kept], tmp / name)
+            torch_save_file([kept], tmp / name)
             names.append(name)
         if not names:
             raise CalibrationDataError(f"the {split} split of {cfg_name}'s dataset gave no batches")

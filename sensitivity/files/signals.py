@@ -1,0 +1,79 @@
+"""Signals: SIGTERM ends the run like Ctrl-C (clean-up runs, exit 143), and the few steps that must not be
+cut in half (swapping a finished report folder into place, removing a temp folder) defer both signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+__all__ = ["InterruptHandlers", "Terminated", "deferred_signals"]
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (context managers clean up), exit code 143."""
+
+
+class InterruptHandlers:
+    """SIGINT raises KeyboardInterrupt and SIGTERM raises `Terminated` in the main thread, until `done()`:
+    from then on both are ignored, so a signal that arrives once the command has finished (while the
+    interpreter shuts down, say) cannot turn a finished run into a traceback or a death by signal.
+    `restore()` puts the previous handlers back (for callers that run the CLI in-process)."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.saved: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.finished:
+            return
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    def install(self) -> InterruptHandlers:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _DEFERRED:
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def done(self) -> None:
+        self.finished = True
+
+    def ignore(self) -> None:
+        """Ignore both signals at the OS level from now on: the interpreter's shutdown puts the default
+        handlers back for Python-level handlers (a late SIGTERM would kill the finished process), never
+        for ignored signals."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in _DEFERRED:
+                signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved.clear()
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT / SIGTERM that arrive inside the block are held and delivered when it ends.
+
+    Python-level handlers are swapped (masking the thread is not enough: CPython runs handlers in the main
+    thread whichever thread the OS picked). Outside the main thread this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in _DEFERRED:
+        saved[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
