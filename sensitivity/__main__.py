@@ -2,6 +2,6 @@
 
 import sys
 
-from sensitivity.cli import main
+from sensitivity.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -9,7 +9,6 @@ policy + layer settings (no pickled modules); `load_quantized` rebuilds the same
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +17,85 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.errors import ConfigError, ModelLoadError
+from sensitivity.errors import ConfigError, ModelLoadError, SensitivityError
 from sensitivity.files import atomic_torch_save
-from sensitivity.policy import Policy, dump_policy, parse_policy
-from sensitivity.prepare import fuse_pair_
+from sensitivity.policy import METHODS, Policy, dump_policy, parse_policy
+from sensitivity.prepare import frozen_copy, fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
 from sensitivity.quant.modules import QuantMixin, Smoother
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
 
-__all__ = ["FORMAT", "apply_policy", "fold_smoothing_", "load_quantized", "save_quantized"]
+__all__ = [
+    "FORMAT",
+    "apply_policy",
+    "check_quant_state",
+    "fold_smoothing_",
+    "load_quant_state",
+    "load_quantized",
+    "save_quantized",
+]
 
 FORMAT = "sensitivity-quantized"
+
+
+_LAYER_TENSORS = ("input_amax", "weight_amax")
+_LAYER_OPTIONAL_TENSORS = ("channel_absmax", "smooth_scale", "smooth_input_amax")
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a quant state (a dict as quant_state.pt holds), or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a quant state (a dict with spec and layers)"
+    for key in ("spec", "layers"):
+        if key not in state:
+            return f"it has no {key!r} entry"
+    if not isinstance(state["spec"], dict):
+        return f"'spec' is a {type(state['spec']).__name__}, not a mapping"
+    try:
+        QuantSpec.from_dict(state["spec"])
+    except (SensitivityError, TypeError, ValueError) as exc:
+        return f"'spec' is not a valid spec ({exc})"
+    layers = state["layers"]
+    if not isinstance(layers, dict) or not layers:
+        return "'layers' is not a non-empty mapping of layer name -> settings"
+    for name, entry in layers.items():
+        if not isinstance(entry, dict):
+            return f"layer {name!r}: settings are a {type(entry).__name__}, not a mapping"
+        if entry.get("method") not in METHODS:
+            return f"layer {name!r}: method {entry.get('method')!r} is not one of {', '.join(METHODS)}"
+        for key in _LAYER_TENSORS:
+            if not isinstance(entry.get(key), torch.Tensor):
+                return f"layer {name!r}: {key!r} is not a tensor"
+        for key in _LAYER_OPTIONAL_TENSORS:
+            if entry.get(key) is not None and not isinstance(entry[key], torch.Tensor):
+                return f"layer {name!r}: {key!r} is neither a tensor nor empty"
+        if entry["input_amax"].numel() != 1 or not bool(torch.isfinite(entry["input_amax"]).all()):
+            return f"layer {name!r}: 'input_amax' is not one finite number"
+    for key in ("folded_bn", "sq_fold"):
+        value = state.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return f"{key!r} is not a mapping of layer names"
+    return None
+
+
+def check_quant_state(state: Any, source: str = "quant state") -> dict[str, Any]:
+    """`state` if it is a well-formed quant state, else ModelLoadError naming what is wrong (in one line)."""
+    problem = _state_problem(state)
+    if problem:
+        raise ModelLoadError(f"{source} is not a usable quant state: {problem}")
+    return state
+
+
+def load_quant_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a quant_state.pt (weights-only: tensors and plain data)."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"no quant state at {path}: pass --quant-state or --calib to recalibrate")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable quant state: {str(exc).splitlines()[0]}") from exc
+    return check_quant_state(state, str(path))
 
 
 def _configs(qlayers: dict[str, QuantMixin], policy: Policy, state: dict[str, Any]) -> dict[str, LayerQuant]:
@@ -96,10 +162,14 @@ def apply_policy(
 ) -> nn.Module:
     """The final quantized model (a new module; `model` is untouched). `quant_state` is a scan's
     `quant_state.pt`; `model` the same FP architecture and weights the scan saw."""
+    check_quant_state(quant_state)
     spec = QuantSpec.from_dict(quant_state["spec"])
-    fp = copy.deepcopy(model).eval()
-    for p in fp.parameters():
-        p.requires_grad_(False)
+    if policy.spec != spec.name:
+        raise ConfigError(
+            f"the policy is for {policy.spec} but the quant state was calibrated for {spec.name}: rescan with "
+            f"--spec {policy.spec}, or apply with --calib to recalibrate for it"
+        )
+    fp = frozen_copy(model)
     try:
         for conv, bn in quant_state.get("folded_bn", {}).items():
             fuse_pair_(fp, conv, bn)

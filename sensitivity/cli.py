@@ -15,7 +15,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sensitivity.errors import SensitivityError
+from sensitivity.errors import SensitivityError, SpecError
+from sensitivity.files import (
+    InterruptHandlers,
+    Terminated,
+    check_output_dir,
+    check_output_files,
+    default_report_name,
+    staged_files,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -23,8 +31,15 @@ app = typer.Typer(
     help="Find the layers that quantization breaks, and decide per layer: FP, naive W8A8, or SmoothQuant.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+def _console(stderr: bool = False) -> Console:
+    """A rich console; when not writing to a terminal (piped, redirected) tables are not squeezed into 80
+    columns, so layer names stay on one line."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=max(probe.width, 200))
+
+
+console = _console(stderr=True)
+out = _console()
 
 
 class RichProgress:
@@ -71,12 +86,14 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
-    """The comparison table and the worst layers by isolated relative L1."""
+    """The comparison table (with the user metric when there is one) and the worst layers."""
     comp = Table(
         title=f"{result.model_name}: {result.spec.name} ({result.spec.calibrator}) on held-out batches"
     )
-    for col in ("config", "quantized", "FP", "SQ", "out rel L1", "out SQNR dB", "cosine", "non-finite"):
-        comp.add_column(col, justify="right" if col != "config" else "left", overflow="fold")
+    evals = [c for c in result.comparison.columns if str(c).startswith("eval_")]
+    cols = ("config", "quantized", "FP", "SQ", "out rel L1", "out SQNR dB", "cosine", "non-finite")
+    for col in (*cols, *(c.removeprefix("eval_") for c in evals)):
+        comp.add_column(col, justify="right" if col != "config" else "left", no_wrap=True)
     for row in result.comparison.to_dict(orient="records"):
         comp.add_row(
             row["config"],
@@ -87,15 +104,23 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
             _fmt(row["out_sqnr_db"]),
             _fmt(row["out_cosine"], 6),
             _fmt(int(row["out_nonfinite"])),
+            *(_fmt(row[c]) for c in evals),
         )
     out.print(comp)
+    per_output = result.output_comparison
+    if len(per_output) and per_output["output"].nunique() > 1:
+        t = Table(title="per model output (held-out batches)")
+        for col in ("config", "output", "rel L1", "SQNR dB", "cosine", "max |err|", "non-finite"):
+            t.add_column(col, justify="left" if col in ("config", "output") else "right", no_wrap=True)
+        for r in per_output.to_dict(orient="records"):
+            cells = (_fmt(r["out_rel_l1"]), _fmt(r["out_sqnr_db"]), _fmt(r["out_cosine"], 6), _fmt(r["out_max_abs"]))
+            t.add_row(r["config"], r["output"], *cells, _fmt(int(r["out_nonfinite"])))
+        out.print(t)
     table = result.table
     worst = table.sort_values("iso_naive_rel_l1", ascending=False, na_position="first").head(top)
     t = Table(title=f"worst {len(worst)} of {len(table)} layers (isolated error)")
     for col in ("#", "layer", "type", "iso rel L1", "iso SQNR dB", "cum rel L1", "non-finite", "decision"):
-        t.add_column(
-            col, justify="left" if col in ("layer", "type", "decision") else "right", overflow="fold"
-        )
+        t.add_column(col, justify="left" if col in ("layer", "type", "decision") else "right", no_wrap=True)
     for name, row in worst.iterrows():
         decision = row["decision"]
         style = "red" if decision == "fp" else None
@@ -113,7 +138,7 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
     out.print(t)
     if result.first_nonfinite:
         out.print(
-            f"[red]first non-finite values in the quantized model at: {result.first_nonfinite}[/red]",
+            f"[red]first non-finite values in the quantized model at: {escape(result.first_nonfinite)}[/red]",
             soft_wrap=True,
         )
     decisions = table["decision"].value_counts()
@@ -123,8 +148,10 @@ def print_summary(result: Any, out_dir: Path | None, top: int = 10) -> None:
         f"{decisions.get('fp', 0)} FP",
         soft_wrap=True,
     )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
     if out_dir is not None:
-        out.print(f"report written to [bold]{out_dir}[/bold]", soft_wrap=True)
+        out.print(f"report written to [bold]{escape(str(out_dir))}[/bold]", soft_wrap=True)
 
 
 def _check_device(device: str) -> str:
@@ -211,7 +238,10 @@ def scan(
     exclude: Annotated[
         Path | None, typer.Option("--exclude", help="A (user-edited) exclude.yaml to honour.")
     ] = None,
-    outputs: Annotated[list[str] | None, typer.Option("--outputs", help="Output keys that count.")] = None,
+    outputs: Annotated[
+        list[str] | None,
+        typer.Option("--outputs", help="Output dict keys that count, or pkg.module:function -> {name: tensor}."),
+    ] = None,
     max_rel_l1: Annotated[float | None, typer.Option("--max-rel-l1", help="Exclude above this.")] = None,
     min_sqnr_db: Annotated[float | None, typer.Option("--min-sqnr-db", help="Exclude below this.")] = None,
     holdout: Annotated[float, typer.Option("--holdout", help="Fraction of batches held out.")] = 0.25,
@@ -277,7 +307,8 @@ def scan(
         from sensitivity.errors import SpecError
 
         raise SpecError("--resume DIR writes the report into DIR: drop --out or give the same folder")
-    target = resume or out_dir or Path("reports") / model.stem
+    target = resume or out_dir or Path("reports") / default_report_name(model)
+    inputs = [model, calib, exclude, pcdet_cfg]
     device = _check_device(device)
     distributed.init_from_env(device)  # under torchrun: join the group; each rank scans its shard
     if device == "cuda" and distributed.is_distributed():
@@ -285,10 +316,8 @@ def scan(
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     main_rank = distributed.is_main()
-    if main_rank:  # before any work: an existing folder (without --overwrite) or one that cannot be written
-        from sensitivity.output import check_output_dir
-
-        check_output_dir(target, overwrite)
+    if main_rank:  # before any work: a folder that may not be written or replaced (files/folders.py)
+        check_output_dir(target, overwrite, inputs)
     if pcdet_cfg is not None:
         net, data = _pcdet_inputs(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
                                   batch_size, batches)  # fmt: skip
@@ -311,6 +340,7 @@ def scan(
 
         thresholds = replace(thresholds, **changes)
     user_exclude: tuple[str, ...] = tuple(load_exclude(exclude)) if exclude is not None else ()
+    output_keys, output_fn = _outputs_option(outputs)
     options = ScanOptions(
         spec=qspec,
         only=_split(only),
@@ -319,7 +349,8 @@ def scan(
         holdout=holdout,
         thresholds=thresholds,
         exclude=user_exclude,
-        outputs=_split(outputs),
+        outputs=output_keys,
+        output_fn=output_fn,
         seed=seed,
         alphas=parse_alpha_grid(alpha_grid) if smoothquant else (),
         granularities=_split([sq_granularity]),
@@ -348,7 +379,7 @@ def scan(
     )  # fmt: skip
     if main_rank:  # one report, written by rank 0
         result.calibration["ranks"] = distributed.world_size()
-        written = result.save(str(target), overwrite=overwrite)
+        written = result.save(str(target), overwrite=overwrite, inputs=inputs)
         checkpoint.unlink(missing_ok=True)  # the report is complete: nothing left to resume
         print_summary(result, written)
     if distributed.is_distributed():
@@ -356,6 +387,20 @@ def scan(
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _outputs_option(values: list[str] | None) -> tuple[tuple[str, ...], Any]:
+    """--outputs: dict keys (`pred_dicts,boxes`), or one `pkg.module:function` / `file.py:function` that maps
+    the model's output to named tensors."""
+    keys = _split(values)
+    specs = [k for k in keys if ":" in k]
+    if not specs:
+        return keys, None
+    if len(keys) > 1:
+        raise SpecError("--outputs takes dict keys or one pkg.module:function, not both")
+    from sensitivity.load import resolve_callable
+
+    return (), resolve_callable(specs[0], "--outputs", error=SpecError)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -532,18 +577,26 @@ def apply_cmd(
     ] = None,
 ) -> None:
     """Build the final quantized model from a policy: FP / naive / SmoothQuant per layer."""
-    from sensitivity.apply import apply_policy, save_quantized
-    from sensitivity.errors import ConfigError, ModelLoadError, OutputDirError
+    from sensitivity.apply import apply_policy, load_quant_state
+    from sensitivity.errors import ConfigError
     from sensitivity.load import load_model
-    from sensitivity.output import check_output_dir
     from sensitivity.policy import load_policy
 
     if fmt not in ("native", "pytorch-quantization"):
         raise ConfigError(f"--format must be native or pytorch-quantization, got {fmt!r}")
-    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    if onnx:
+        from sensitivity.export import check_opset
+
+        check_opset(opset)
     folder = out_dir or policy.parent
-    check_output_dir(folder, overwrite=True)  # an existing folder is written into
-    folder.mkdir(parents=True, exist_ok=True)
+    outputs = ["model_quant.pt"]
+    if onnx:
+        outputs += ["model_quant.onnx", "export.json", "sparse_scales.json"]
+    if fmt == "pytorch-quantization":
+        outputs += ["model_quant_pytorch_quantization.pt", "model_quant_pytorch_quantization.json"]
+    inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib]
+    folder = check_output_files(folder, outputs, inputs)  # no input overwritten, no user file replaced
+    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     if calib is not None:
         from sensitivity.data import load_calibration
         from sensitivity.quant.spec import QuantSpec
@@ -553,82 +606,83 @@ def apply_cmd(
         data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
         state = calibrate_quant_state(net, data, pol, QuantSpec.parse(pol.spec), progress=RichProgress())
     else:
-        state_path = quant_state or policy.with_name("quant_state.pt")
-        if not state_path.exists():
-            raise ModelLoadError(
-                f"no quant state at {state_path}: pass --quant-state or --calib to recalibrate"
-            )
-        import torch
-
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{state_path} is not a readable quant state: {str(exc).splitlines()[0]}"
-            ) from exc
+        state = load_quant_state(quant_state or policy.with_name("quant_state.pt"))
         pol = load_policy(policy, layers=list(state["layers"]))
     qmodel = apply_policy(net, pol, state)
+    _write_applied(qmodel, state, folder, fmt, onnx, opset)
+
+
+def _write_applied(qmodel: Any, state: dict[str, Any], folder: Path, fmt: str, onnx: bool, opset: int) -> None:
+    """apply's outputs, staged and moved into `folder` together (an interrupt leaves all or none); an ONNX
+    export that fails keeps model_quant.pt and export.json (which records the failure), then says why."""
+    from sensitivity.apply import save_quantized
+    from sensitivity.export import ExportError
+
+    failed: ExportError | None = None
+    check: dict[str, Any] = {}
+    with staged_files(folder) as tmp:
+        if fmt == "pytorch-quantization":
+            # first: a layer that layout cannot express refuses before anything is written
+            from sensitivity.integrations.pytorch_quantization import save_amax_state_dict
+
+            save_amax_state_dict(qmodel, tmp / "model_quant_pytorch_quantization.pt")
+        save_quantized(qmodel, tmp / "model_quant.pt")
+        if onnx:
+            from sensitivity.export import export_and_verify
+
+            try:
+                check = export_and_verify(qmodel, state.get("example_input"), tmp, opset)
+            except ExportError as exc:
+                failed = exc
     if fmt == "pytorch-quantization":
-        # first: a layer that layout cannot express refuses before anything is written
-        from sensitivity.integrations.pytorch_quantization import save_amax_state_dict, sidecar_path
-
-        pq = save_amax_state_dict(qmodel, folder / "model_quant_pytorch_quantization.pt")
-        out.print(
-            f"wrote [bold]{pq}[/bold] and {sidecar_path(pq).name} (pytorch-quantization _amax layout)",
-            soft_wrap=True,
-        )
-    try:
-        written = save_quantized(qmodel, folder / "model_quant.pt")
-    except OSError as exc:
-        raise OutputDirError(f"cannot write {folder / 'model_quant.pt'}: {exc.strerror or exc}") from exc
-    out.print(f"wrote [bold]{written}[/bold]", soft_wrap=True)
+        out.print(f"wrote [bold]{folder / 'model_quant_pytorch_quantization.pt'}[/bold] and its .json sidecar "
+                  "(pytorch-quantization _amax layout)", soft_wrap=True)  # fmt: skip
+    out.print(f"wrote [bold]{folder / 'model_quant.pt'}[/bold]", soft_wrap=True)
+    if failed is not None:
+        raise failed
     if onnx:
-        import json
+        from sensitivity.export import tensorrt_warnings
 
-        from sensitivity.export import export_onnx, tensorrt_warnings, verify_onnx
-        from sensitivity.quant.modules import is_spconv_module
-
-        example = state.get("example_input")
-        if example is None:
-            raise ConfigError("no example input in the quant state for ONNX export: pass --calib")
-        target, names = qmodel, None
-        if any(is_spconv_module(m) for m in qmodel.modules()):
-            # sparse convs have no standard ONNX form: the dense part (BEV backbone + head) goes to ONNX,
-            # the sparse layers' scales to JSON for the engine that runs them
-            from sensitivity.export import (
-                BEVDensePart,
-                ExportError,
-                bev_input,
-                has_bev_dense_part,
-                sparse_scales,
-            )
-
-            if not has_bev_dense_part(qmodel):
-                raise ExportError(
-                    "ONNX export of sparse convs is not possible; for OpenPCDet-style detectors the dense part "
-                    "(backbone_2d + dense_head) is exported, but this model has no such modules"
-                )
-            example = bev_input(qmodel, example)
-            target = BEVDensePart(qmodel)
-            names = target.output_names(example)
-            scales = folder / "sparse_scales.json"
-            scales.write_text(json.dumps(sparse_scales(qmodel), indent=2) + "\n")
-            out.print(f"wrote [bold]{scales}[/bold] (the sparse layers' int8 scales)", soft_wrap=True)
-        path = export_onnx(target, example, folder / "model_quant.onnx", opset=opset, output_names=names)
-        check = verify_onnx(path, target, [example])
-        (folder / "export.json").write_text(json.dumps(check, indent=2) + "\n")
+        if "sparse_scales" in check:
+            out.print(f"wrote [bold]{folder / 'sparse_scales.json'}[/bold] (the sparse layers' int8 scales)",
+                      soft_wrap=True)  # fmt: skip
         out.print(
-            f"wrote [bold]{path}[/bold]: ONNX Runtime vs torch max |diff| {check['max_abs_diff_qdq_reference']:.3g} "
-            f"(Q/DQ as written), {check['max_abs_diff_int8_kernels']:.3g} with ORT's int8 kernels",
+            f"wrote [bold]{folder / 'model_quant.onnx'}[/bold]: ONNX Runtime vs torch max |diff| "
+            f"{check['max_abs_diff_qdq_reference']:.3g} (Q/DQ as written), "
+            f"{check['max_abs_diff_int8_kernels']:.3g} with ORT's int8 kernels",
             soft_wrap=True,
         )
         for warning in tensorrt_warnings(qmodel):
             console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: SensitivityError -> one red line + exit 2; Ctrl-C -> exit 130, nothing half-written."""
+def _quiet_exit(message: str, code: int) -> int:
+    console.print(f"[bold red]{message}[/bold red]: no report was written")
+    return code
+
+
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
+    """Entry point: SensitivityError -> one red line + exit 2; Ctrl-C -> exit 130 and SIGTERM -> exit 143,
+    nothing half-written (temp folders are removed on the way out). Signals that arrive once the command
+    is done are ignored; `restore_signals=False` (the process entry points) keeps it so until exit."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = InterruptHandlers().install()
+    try:
+        return _main(argv, handlers)
+    finally:
+        handlers.done()
+        if restore_signals:
+            handlers.restore()
+        else:
+            handlers.ignore()
+
+
+def run() -> int:
+    """The `sensitivity` console script and `python -m sensitivity`."""
+    return main(restore_signals=False)
+
+
+def _main(argv: list[str] | None, handlers: InterruptHandlers) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)
         if rv == 130:  # typer turns Ctrl-C into an exit code of 130 in non-standalone mode
@@ -640,20 +694,26 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/bold red]: no report was written")
-        return 130
+        handlers.done()  # a second Ctrl-C while saying so is ignored (no traceback)
+        return _quiet_exit("interrupted", 130)
+    except Terminated:
+        handlers.done()
+        return _quiet_exit("terminated", 143)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:
-        console.print("[bold red]aborted[/bold red]")
-        return 130
+        handlers.done()
+        return _quiet_exit("interrupted", 130)
     except Exception as exc:  # usage errors (typer's click, vendored or not) show themselves
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
+        if type(exc).__name__ == "Abort":  # click's own Abort where typer re-exports another class
+            handlers.done()
+            return _quiet_exit("interrupted", 130)
         raise
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

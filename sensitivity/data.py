@@ -28,6 +28,7 @@ integers (the model decides). Floating tensors with NaN/Inf are rejected, naming
 from __future__ import annotations
 
 import itertools
+import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sensitivity.errors import CalibrationDataError
+from sensitivity.errors import CalibrationDataError, SensitivityError
 from sensitivity.load import (
     _check_file,
     _exc,
@@ -52,6 +53,7 @@ __all__ = [
     "DATA_SUFFIXES",
     "Batch",
     "batch_len",
+    "batch_map",
     "batch_to",
     "describe_batch",
     "first_sample",
@@ -269,6 +271,26 @@ def _tensors(value: Any, where: str) -> Iterator[tuple[str, Tensor]]:
             yield from _tensors(v, f"{where}[{k!r}]")
 
 
+def _unsupported_kind(t: Tensor) -> str | None:
+    """Why a tensor cannot be calibration data (sparse, nested, meta, quantized, float8...), or None."""
+    if t.is_nested:
+        return "nested"
+    if t.layout != torch.strided:
+        return f"{str(t.layout).removeprefix('torch.')} (sparse)"
+    if t.device.type == "meta":
+        return "meta (no data)"
+    if t.is_quantized:
+        return f"quantized {str(t.dtype).removeprefix('torch.')}"
+    if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+        return f"{str(t.dtype).removeprefix('torch.')} (float8)"
+    if t.dtype in _BARE_DTYPES:  # unsigned beyond uint8: torch has almost no ops for them
+        return str(t.dtype).removeprefix("torch.")
+    return None
+
+
+_BARE_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _check_batch(batch: Any, index: int, source: str) -> Batch:
     if not isinstance(batch, (Tensor, tuple, list, Mapping)):
         raise CalibrationDataError(
@@ -276,6 +298,13 @@ def _check_batch(batch: Any, index: int, source: str) -> Batch:
             "expected a tensor, a tuple/list (positional inputs) or a dict"
         )
     for where, t in _tensors(batch, "batch"):
+        kind = _unsupported_kind(t)
+        if kind:
+            at = "" if where == "batch" else f" (at {where})"
+            raise CalibrationDataError(
+                f"calibration batch {index} from {source} holds a {kind} tensor{at}: give ordinary (dense, "
+                "strided) tensors of a standard dtype"
+            )
         if t.is_floating_point() or t.is_complex():
             bad = int((~torch.isfinite(t)).sum())
             if bad:
@@ -335,36 +364,44 @@ def split_holdout(batches: list[Batch], fraction: float = 0.25) -> tuple[list[Ba
 def run_model(model: nn.Module, batch: Batch) -> Any:
     """One model call: tensor -> `model(t)`, tuple/list -> `model(*b)`, dict -> `model(dict(b))`.
 
-    Dicts are passed as a shallow copy: OpenPCDet writes its intermediates into the batch_dict it is
-    given, which would otherwise keep every stored batch's feature maps alive and leak keys into later
-    passes."""
+    The model gets its own copy of every tensor (and dicts as a shallow copy): a model that writes into
+    its input (in-place ops on the batch, OpenPCDet storing intermediates in the batch_dict it is given)
+    would otherwise change the user's batches, and the FP and quantized passes would see different data.
+    One copy of the input per call costs far less than the forward itself."""
+    batch = batch_map(batch, Tensor.clone)
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     if isinstance(batch, Mapping):
-        return model(dict(batch))
+        return model(batch)
     raise CalibrationDataError(
         f"cannot feed a {type(batch).__name__} to the model: expected a tensor, tuple or dict"
     )
 
 
-def batch_to(batch: Batch, device: torch.device | str) -> Batch:
-    """`batch` with every tensor (in nested tuples, lists and dicts) moved to `device`; other values kept."""
+def batch_map(batch: Any, fn: Any) -> Any:
+    """`batch` with `fn` applied to every tensor in nested tuples, lists and dicts (new containers); other
+    values kept."""
     if isinstance(batch, Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, tuple):
-        items = [batch_to(v, device) for v in batch]
+        items = [batch_map(v, fn) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
     if isinstance(batch, list):
-        return [batch_to(v, device) for v in batch]
+        return [batch_map(v, fn) for v in batch]
     if isinstance(batch, Mapping):
-        moved = {k: batch_to(v, device) for k, v in batch.items()}
+        mapped = {k: batch_map(v, fn) for k, v in batch.items()}
         try:
-            return type(batch)(moved)
+            return type(batch)(mapped)
         except Exception:
-            return moved
+            return mapped
     return batch
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """`batch` with every tensor (in nested tuples, lists and dicts) moved to `device`; other values kept."""
+    return batch_map(batch, lambda t: t.to(device))
 
 
 def _leaf(value: Any) -> str:
@@ -423,15 +460,39 @@ def batch_len(batch: Any) -> int | None:
 
 
 def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
-    """Run the model on a batch, turning shape/dtype rejections into a one-line CalibrationDataError."""
+    """Run the model on a batch; whatever the model raises on it (a shape, dtype or type it rejects)
+    becomes a one-line CalibrationDataError naming the batch and where in the model it failed."""
     try:
         return run_model(model, batch)
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
+    except SensitivityError:
+        raise
+    except Exception as exc:
+        where = _model_frame(exc)
+        hint = ""
+        if any(not t.is_floating_point() for _, t in _tensors(batch, "")) and isinstance(
+            exc, (RuntimeError, TypeError)
+        ):
+            hint = " (the batch holds integer tensors: convert them to float, or make the model convert)"
         text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
+        common = isinstance(exc, (RuntimeError, TypeError, ValueError, IndexError, KeyError)) and text
+        what = _one_line(text.splitlines()[0]) if common else _exc(exc)
         raise CalibrationDataError(
-            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {first}"
+            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {what}{where}{hint}"
         ) from exc
+
+
+def _model_frame(exc: BaseException) -> str:
+    """` (at file.py:line)` of the innermost traceback frame outside torch and this package, if any."""
+    import traceback
+
+    here = str(Path(__file__).resolve().parent)
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = frame.filename
+        if path.startswith(here) or f"{os.sep}torch{os.sep}" in path or path.startswith("<"):
+            continue
+        found = f" (at {Path(path).name}:{frame.lineno})"
+    return found
 
 
 def first_sample(batch: Batch) -> Batch:

@@ -10,9 +10,15 @@ kernels: the fake-quant vs real-int8 gap).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
+import sys
+import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +26,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from sensitivity.capture.outputs import flatten_outputs
 from sensitivity.errors import SensitivityError
+from sensitivity.files import atomic_write
+from sensitivity.load import _exc
 from sensitivity.quant.build import quant_layers
+from sensitivity.quant.modules import is_spconv_module
 
 __all__ = [
+    "MIN_OPSET",
     "BEVDensePart",
     "ExportError",
     "bev_input",
+    "check_opset",
+    "export_and_verify",
     "export_onnx",
+    "flat_outputs",
     "has_bev_dense_part",
     "sparse_scales",
     "tensorrt_warnings",
@@ -80,6 +94,69 @@ def _names(example: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     return [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))], args
 
 
+#: Opsets the TorchScript exporter (which turns fake-quantize ops into Q/DQ) writes: per-channel
+#: QuantizeLinear needs 13; torch's exporter stops at its own maximum.
+MIN_OPSET = 13
+
+
+def max_opset() -> int:
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 17))
+
+
+def check_opset(opset: int) -> int:
+    """The opset, or ExportError before anything is built or written."""
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise ExportError(f"--opset must be between {MIN_OPSET} (per-channel QuantizeLinear) and {top}, got {opset}")
+    return opset
+
+
+@contextlib.contextmanager
+def _silenced_fds() -> Iterator[None]:
+    """stdout and stderr of the process (file descriptors 1 and 2) go to a temp file while the block runs:
+    torch's exporter prints its whole IR graph from C++ when it fails, a wall of text the one-line error
+    already summarises."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def flat_outputs(model: nn.Module) -> Iterator[Callable[..., list[str]]]:
+    """While active, `model(*args)` returns its output flattened to a tuple of tensors (dicts, nested
+    tuples, `.features`, in `flatten_outputs` order): ONNX graphs have a flat list of outputs. An instance
+    `forward`, not a wrapper module, so node names keep the model's own module paths. Yields a function
+    giving the outputs' names for some inputs."""
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(inner(*args, **kwargs)).values())
+
+    def names(*args: Any) -> list[str]:
+        with torch.no_grad():
+            return list(flatten_outputs(inner(*args)))
+
+    model.__dict__["forward"] = forward
+    try:
+        yield names
+    finally:
+        model.__dict__.pop("forward", None)
+
+
 def export_onnx(
     qmodel: nn.Module,
     example: Any,
@@ -87,33 +164,37 @@ def export_onnx(
     opset: int = 17,
     output_names: list[str] | None = None,
 ) -> Path:
-    """Export `qmodel` (from apply_policy) to `path` with Q/DQ nodes and a dynamic batch dimension."""
+    """Export `qmodel` (from apply_policy) to `path` with Q/DQ nodes and a dynamic batch dimension. Any
+    output structure exports (flattened, named by its keys); a model ONNX cannot express raises
+    ExportError in one line, and nothing is left at `path`."""
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx extra: pip install 'sensitivity[onnx]'") from exc
-    if opset < 13:
-        raise ExportError(f"per-channel QuantizeLinear needs opset >= 13, got {opset}")
+    check_opset(opset)
     _check_exportable(qmodel)
     input_names, args = _names(example)
     path = Path(path)
-    with torch.no_grad():
-        out = qmodel(*args)
-    n_out = len(out) if isinstance(out, (tuple, list)) else 1
-    if output_names is None or len(output_names) != n_out:
-        output_names = [f"output{i}" for i in range(n_out)] if n_out > 1 else ["output"]
-    dynamic = {n: {0: "batch"} for n in [*input_names, *output_names]}
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with flat_outputs(qmodel) as flat_names, torch.no_grad(), warnings.catch_warnings(), _silenced_fds():
+            names = flat_names(*args)
+            if output_names is None or len(output_names) != len(names):
+                output_names = [re.sub(r"[^A-Za-z0-9_.:-]", "_", n) for n in names]
+            dynamic = {n: {0: "batch"} for n in [*input_names, *output_names]}
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # dynamo=False on purpose: the TorchScript exporter turns fake-quantize ops into Q/DQ pairs
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
             torch.onnx.export(
                 qmodel, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
                 output_names=output_names, dynamic_axes=dynamic, do_constant_folding=True,
             )  # fmt: skip
         os.replace(tmp, path)
+    except SensitivityError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"ONNX export of the quantized model failed: {_exc(exc)}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -132,17 +213,22 @@ def verify_onnx(path: str | os.PathLike[str], qmodel: nn.Module, inputs: list[An
         opts = ort.SessionOptions()
         opts.graph_optimization_level = level
         opts.log_severity_level = 3
-        sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            sessions[label] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot load the exported model: {_exc(exc)}") from exc
     worst = {"reference": 0.0, "int8_kernels": 0.0}
     ref_scale = 0.0
     for example in inputs:
         names, args = _names(example)
         with torch.no_grad():
-            out = qmodel(*args)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
+            outs = list(flatten_outputs(qmodel(*args)).values())
         feed = {n: a.numpy() for n, a in zip(names, args, strict=True)}
         for label, sess in sessions.items():
-            got = sess.run(None, feed)
+            try:
+                got = sess.run(None, feed)
+            except Exception as exc:
+                raise ExportError(f"ONNX Runtime cannot run the exported model: {_exc(exc)}") from exc
             for o, g in zip(outs, got, strict=True):
                 worst[label] = max(worst[label], float(np.abs(o.numpy() - g).max()))
         ref_scale = max(ref_scale, max(float(o.abs().max()) for o in outs))
@@ -152,6 +238,42 @@ def verify_onnx(path: str | os.PathLike[str], qmodel: nn.Module, inputs: list[An
         "output_absmax": ref_scale,
         "qdq_nodes": _count_qdq(path),
     }
+
+
+def export_and_verify(qmodel: nn.Module, example: Any, folder: Path, opset: int = 17) -> dict[str, Any]:
+    """Write `model_quant.onnx` (for spconv models: the dense BEV part, plus `sparse_scales.json`) into
+    `folder`, check it in ONNX Runtime and record the check in `export.json`, also when the export fails
+    (then ExportError follows, after the record is written)."""
+    record: dict[str, Any] = {"ok": False, "opset": opset}
+    try:
+        if example is None:
+            raise ExportError("no example input in the quant state for ONNX export: pass --calib")
+        target, names = qmodel, None
+        if any(is_spconv_module(m) for m in qmodel.modules()):
+            # sparse convs have no standard ONNX form: the dense part (BEV backbone + head) goes to ONNX,
+            # the sparse layers' scales to JSON for the engine that runs them
+            if not has_bev_dense_part(qmodel):
+                raise ExportError(
+                    "ONNX export of sparse convs is not possible; for OpenPCDet-style detectors the dense part "
+                    "(backbone_2d + dense_head) is exported, but this model has no such modules"
+                )
+            example = bev_input(qmodel, example)
+            target = BEVDensePart(qmodel)
+            names = target.output_names(example)
+            scales = folder / "sparse_scales.json"
+            atomic_write(scales, lambda f: f.write((json.dumps(sparse_scales(qmodel), indent=2) + "\n").encode()))
+            record["sparse_scales"] = scales.name
+        path = export_onnx(target, example, folder / "model_quant.onnx", opset=opset, output_names=names)
+        record["onnx"] = path.name
+        record.update(verify_onnx(path, target, [example]))
+        record["ok"] = True
+    except SensitivityError as exc:
+        record["error"] = str(exc)
+        raise
+    finally:
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write(folder / "export.json", lambda f: f.write(text.encode()))
+    return record
 
 
 def _count_qdq(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -231,8 +353,6 @@ def sparse_scales(qmodel: nn.Module) -> dict[str, Any]:
     form): input amax / scale / bits / sign, weight amax / scale per output channel (layout
     [Cout, k..., Cin], axis 0), the SmoothQuant factors where the input division stays a multiply, and
     whether the layer is kept in FP."""
-    from sensitivity.quant.modules import is_spconv_module
-
     layers: dict[str, Any] = {}
     for name, m in quant_layers(qmodel).items():
         if not is_spconv_module(m):

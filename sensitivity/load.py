@@ -378,6 +378,8 @@ def _parse_kwargs(arch_kwargs: dict[str, Any] | str | None) -> dict[str, Any]:
         raise ModelLoadError(
             f"--arch-kwargs is not valid JSON ({e.msg} at column {e.colno}): {_one_line(text, 120)}"
         ) from None
+    except RecursionError:
+        raise ModelLoadError(f"--arch-kwargs is nested too deeply: {_one_line(text, 60)}") from None
     if not isinstance(value, dict):
         raise ModelLoadError(
             f"--arch-kwargs must be a JSON object like '{{\"width\": 8}}', got a {type(value).__name__}"

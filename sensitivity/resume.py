@@ -89,6 +89,40 @@ def save_calibration_checkpoint(
         ) from exc
 
 
+_LAYER_KEYS = ("min_value", "max_abs", "batches", "hist_range", "chan_absmax", "col_absmax", "calibrator")
+
+
+def _checkpoint_problem(payload: dict[str, Any]) -> str | None:
+    if not isinstance(payload.get("fingerprint"), str):
+        return "no fingerprint"
+    layers = payload.get("layers")
+    if not isinstance(layers, dict):
+        return "no layers"
+    for name, d in layers.items():
+        if not isinstance(d, dict) or any(k not in d for k in _LAYER_KEYS):
+            return f"layer {name!r} lacks its statistics"
+        if not isinstance(d["calibrator"], dict):
+            return f"layer {name!r} has no calibrator state"
+    return None
+
+
+def _restore(
+    layers: dict[str, Any], new_observers: Callable[..., dict[str, LayerObserver]]
+) -> dict[str, LayerObserver]:
+    ranges = {n: d["hist_range"] for n, d in layers.items()}
+    observers = new_observers({n: r for n, r in ranges.items() if r is not None})
+    for name, obs in observers.items():
+        d = layers[name]
+        obs.min_value, obs.max_abs, obs.batches = (
+            float(d["min_value"]),
+            float(d["max_abs"]),
+            int(d["batches"]),
+        )
+        obs.chan_absmax, obs.col_absmax = d["chan_absmax"], d["col_absmax"]
+        obs.calibrator.merge_state(d["calibrator"])
+    return observers
+
+
 def load_calibration_checkpoint(
     path: Path | None,
     fingerprint: str,
@@ -107,21 +141,19 @@ def load_calibration_checkpoint(
         raise ResumeError(f"cannot read the resume checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ResumeError(f"{path} is not a sensitivity calibration checkpoint")
+    problem = _checkpoint_problem(payload)
+    if problem:
+        raise ResumeError(f"{path} is a damaged calibration checkpoint ({problem}): rerun without --resume")
     if payload["fingerprint"] != fingerprint:
         raise ResumeError(
             f"{path} was calibrated on another model, calibration set or options: rerun without --resume"
         )
-    ranges = {n: d["hist_range"] for n, d in payload["layers"].items()}
-    observers = new_observers({n: r for n, r in ranges.items() if r is not None})
-    for name, obs in observers.items():
-        d = payload["layers"][name]
-        obs.min_value, obs.max_abs, obs.batches = (
-            float(d["min_value"]),
-            float(d["max_abs"]),
-            int(d["batches"]),
-        )
-        obs.chan_absmax, obs.col_absmax = d["chan_absmax"], d["col_absmax"]
-        obs.calibrator.merge_state(d["calibrator"])
+    try:
+        observers = _restore(payload["layers"], new_observers)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ResumeError(
+            f"{path} is a damaged calibration checkpoint ({exc}): rerun without --resume"
+        ) from exc
     for li in infos:
         shapes = payload["layers"].get(li.name, {}).get("shapes")
         if shapes:

@@ -27,8 +27,9 @@ from torch import nn
 from sensitivity import distributed as D
 from sensitivity.candidates import build_candidates, sq_key
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
+from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import PassResult, calibrate, compare_pass
-from sensitivity.data import Batch, first_sample, split_holdout
+from sensitivity.data import Batch, batch_len, first_sample, split_holdout
 from sensitivity.errors import CalibrationDataError, SensitivityError, SpecError
 from sensitivity.fold import find_fold_site
 from sensitivity.load import _exc
@@ -97,6 +98,12 @@ class ScanOptions:
     #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
     #: per-sample models: same numbers, bounded memory); 0 = whole batches
     stored_activation_mb: float = 128.0
+    #: `output -> {name: tensor}`: what the model's outputs are (instead of `outputs` keys), each measured apart
+    output_fn: Callable[[Any], Any] | None = None
+
+    @property
+    def output_selector(self) -> OutputSelector:
+        return OutputSelector(tuple(self.outputs), self.output_fn)
 
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
@@ -133,6 +140,13 @@ class ScanResult:
     sweeps: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     folded_bn: dict[str, str] = field(default_factory=dict)
     fp_model: nn.Module | None = field(repr=False, default=None)
+    #: conv-like modules that were not scanned -> why (TorchScript, never ran, --only/--skip, ...)
+    unscanned: dict[str, str] = field(default_factory=dict)
+    #: things the user should know about this scan's trustworthiness (shown on the console and in the report)
+    warnings: list[str] = field(default_factory=list)
+    #: the comparison per named model output (config, output, out_* metrics): outputs in different units
+    #: (box coordinates, class scores) are measured apart
+    output_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def spec(self) -> QuantSpec:
@@ -157,11 +171,13 @@ class ScanResult:
         configure_layers(model, configs)
         return model
 
-    def save(self, out_dir: str, overwrite: bool = False, report: bool = True) -> Any:
-        """Write the report folder (atomically); `report=False` skips report.html and the plots."""
+    def save(self, out_dir: str, overwrite: bool = False, report: bool = True, inputs: Sequence[Any] = ()) -> Any:
+        """Write the report folder (atomically); `report=False` skips report.html and the plots. An
+        existing folder is replaced only with `overwrite` and only when sensitivity wrote it; `inputs`
+        (paths of the model, data...) may not lie in it or hold it."""
         from sensitivity.output import write_scan
 
-        return write_scan(self, out_dir, overwrite=overwrite, report=report)
+        return write_scan(self, out_dir, overwrite=overwrite, report=report, inputs=inputs)
 
 
 def state_configs(
@@ -184,9 +200,41 @@ def state_configs(
     return out
 
 
+def _run_eval(evaluate: Callable[[nn.Module], dict[str, float]], model: nn.Module) -> dict[str, float]:
+    """The user's metric on `model` as {name: float}; rank 0 evaluates once and every rank gets the result
+    (a failure reaches every rank, so none waits forever)."""
+    values: Any = None
+    if D.is_main():
+        try:
+            values = evaluate(model)
+        except SensitivityError as exc:
+            values = exc
+        except Exception as exc:
+            values = SpecError(f"--eval function raised {_exc(exc)}")
+    values = D.broadcast(values)
+    if isinstance(values, SensitivityError):
+        raise values
+    if not isinstance(values, dict) or not values:
+        raise SpecError("--eval function must return a non-empty dict of metric name -> number")
+    try:
+        return {str(k): float(v) for k, v in values.items()}
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"--eval function returned a non-numeric metric: {values!r}") from exc
+
+
+def _eval_fp(evaluate: Callable[[nn.Module], dict[str, float]], fp: nn.Module) -> dict[str, float]:
+    """The metric of the FP model, first of all (a broken --eval fails in seconds, not after the scan)."""
+    values = _run_eval(evaluate, fp)
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise SpecError(f"--eval function returned {k}={v} for the FP model: every metric must be a finite number")
+    return values
+
+
 def _evaluate(
     evaluate: Callable[[nn.Module], dict[str, float]],
-    fp: nn.Module,
+    fp_eval: dict[str, float],
     qmodel: nn.Module,
     quant_state: dict[str, Any],
     excluded: dict[str, Any],
@@ -194,33 +242,17 @@ def _evaluate(
     table: pd.DataFrame,
     opts: ScanOptions,
     progress: PhaseProgress,
+    notes: list[str],
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """User metric for FP / naive / naive+exclusion / policy, then the greedy exclusion budget (mutates
-    `rules` and `quant_state` methods for the layers it moves to FP)."""
+    """User metric for naive / naive+exclusion / policy (FP measured before), then the greedy exclusion
+    budget (mutates `rules` and `quant_state` methods for the layers it moves to FP; what went wrong goes
+    to `notes`)."""
 
     def run(model: nn.Module) -> dict[str, float]:
-        values: Any = None
-        if D.is_main():  # rank 0 evaluates once; a failure reaches every rank (none waits forever)
-            try:
-                values = evaluate(model)
-            except SensitivityError as exc:
-                values = exc
-            except Exception as exc:
-                values = SpecError(f"--eval function raised {_exc(exc)}")
-        values = D.broadcast(values)
-        if isinstance(values, SensitivityError):
-            raise values
-        if not isinstance(values, dict) or not values:
-            raise SpecError("--eval function must return a non-empty dict of metric name -> number")
-        try:
-            return {str(k): float(v) for k, v in values.items()}
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"--eval function returned a non-numeric metric: {values!r}") from exc
+        return _run_eval(evaluate, model)
 
-    evals: dict[str, dict[str, float]] = {}
-    with progress.phase("evaluate", 4) as advance:
-        evals["fp"] = run(fp)
-        advance()
+    evals: dict[str, dict[str, float]] = {"fp": fp_eval}
+    with progress.phase("evaluate", 3) as advance:
         for label, config in (("naive", "naive"), ("naive+exclusion", "exclusion"), ("policy", "policy")):
             configure_layers(qmodel, state_configs(quant_state, config, excluded))
             evals[label] = run(qmodel)
@@ -242,7 +274,7 @@ def _evaluate(
     order = sorted((n for n, r in rules.items() if r.method != "fp"), key=sensitivity, reverse=True)
     with progress.phase("exclusion budget", len(order)) as advance:
         for n in order:
-            if current >= target:
+            if current >= target:  # a NaN metric (a broken quantized model) never meets the target
                 break
             rules[n] = Rule(
                 match=n, method="fp",
@@ -257,13 +289,28 @@ def _evaluate(
     if steps:
         configure_layers(qmodel, state_configs(quant_state, "policy"))
         evals["policy"] = run(qmodel)
+    broken = [c for c in ("naive", "naive+exclusion", "policy") if not math.isfinite(evals[c][key])]
+    broken += [f"budget step {st['step']}" for st in steps if not math.isfinite(st["metric"])]
+    if broken:
+        notes.append(
+            f"--eval returned a non-finite {key} for {', '.join(broken)} (a broken quantized model: counted as "
+            "failing the budget)"
+        )
+    if not current >= target:
+        notes.append(
+            f"the exclusion budget was not reached: {key} {current:.4g} with {len(steps)} more layers in FP, "
+            f"target {target:.4g} (FP {evals['fp'][key]:.4g} - {opts.exclude_budget:g})"
+        )
     return evals, steps
+
+
+_OUT_METRICS = ("rel_l1", "sqnr_db", "cosine", "max_abs", "nonfinite")
 
 
 def _comparison_row(name: str, stats: ErrorStats | None, fp_layers: int, n_layers: int) -> dict[str, Any]:
     row: dict[str, Any] = {"config": name, "quantized_layers": n_layers - fp_layers, "fp_layers": fp_layers}
     m = stats.metrics() if stats is not None else None
-    for key in ("rel_l1", "sqnr_db", "cosine", "max_abs", "nonfinite"):
+    for key in _OUT_METRICS:
         if m is None:
             row[f"out_{key}"] = {"rel_l1": 0.0, "sqnr_db": math.inf, "cosine": 1.0}.get(key, 0.0)
         else:
@@ -292,7 +339,7 @@ class _Verifier:
         configure_layers(self.qmodel, configs)
         with self.progress.phase(f"verify {label}", len(self.held)) as advance:
             result = compare_pass(
-                self.fp, self.qmodel, self.layers, self.held, output_keys=list(self.opts.outputs) or None,
+                self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
                 progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
             )  # fmt: skip
         D.reduce_pass_(result)
@@ -414,6 +461,7 @@ def scan(
         )
         advance()
     fp, layers, names = prep.model, prep.layers, prep.names
+    fp_eval = _eval_fp(evaluate, fp) if evaluate is not None else {}
     fit, held = split_holdout(batches, opts.holdout)
     fit_only = len(fit) + len(held) == len(batches) and len(batches) > 1
     timings["prepare_s"] = time.perf_counter() - t0
@@ -456,7 +504,8 @@ def scan(
             D.reduce_observers_(ranges)
             observers = new_observers({n: ranges[n].max_abs for n in names})
         with progress.phase("calibrate", len(fit_local)) as advance:
-            calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers, device=opts.device)
+            calibrate(fp, layers, fit_local, spec, progress=advance, observers=observers, device=opts.device,
+                      outputs=opts.output_selector)  # fmt: skip
         D.reduce_observers_(observers)
         if resume_file is not None and D.is_main():
             save_calibration_checkpoint(resume_file, fingerprint, observers, layers)
@@ -470,8 +519,9 @@ def scan(
     qmodel = build_quant_model(fp, acts, spec)
     qlayers = {n: m for n, m in quant_layers(qmodel).items() if n in acts}
     candidates, im2col_refused = build_candidates(
-        qlayers, observers, spec, opts.alphas, opts.granularities if opts.alphas else (), opts.sq_mode
-    )
+        qlayers, observers, spec, opts.alphas, opts.granularities if opts.alphas else (), opts.sq_mode,
+        no_smoothing={layer.name for layer in layers if layer.weight_transformed},
+    )  # fmt: skip
     alt_names = sorted({c for cands in candidates.values() for c in cands if c in ("signed", "unsigned")})
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
 
@@ -483,7 +533,7 @@ def scan(
     with progress.phase("scan", len(held_local)) as advance:
         result = compare_pass(
             fp, qmodel, layers, held_local, candidates=candidates, observers=refit,
-            histograms=histograms, output_keys=list(opts.outputs) or None, progress=advance,
+            histograms=histograms, outputs=opts.output_selector, progress=advance,
             first_index=len(batches) - len(held), device=opts.device, stored_budget_mb=opts.stored_activation_mb,
         )  # fmt: skip
     del candidates
@@ -554,15 +604,21 @@ def scan(
     quant_state = final_state()
     evals: dict[str, dict[str, float]] = {}
     budget_steps: list[dict[str, Any]] = []
+    eval_notes: list[str] = []
     if evaluate is not None:
         t = time.perf_counter()
         evals, budget_steps = _evaluate(
-            evaluate, fp, qmodel, quant_state, excluded, rules, table, opts, progress
+            evaluate, fp_eval, qmodel, quant_state, excluded, rules, table, opts, progress, eval_notes
         )
-        if budget_steps:  # the budget moved layers to FP: re-derive the state and re-verify the policy
+        if budget_steps:  # the budget moved layers to FP: re-derive the state and re-verify both configs
             quant_state = final_state()
             pol_configs = state_configs(quant_state, "policy")
             pol_check = verifier.run(pol_configs, "policy")
+            for step in budget_steps:  # exclude.yaml lists every layer the budget keeps in FP
+                rule = rules[step["layer"]]
+                excluded[step["layer"]] = (rule.reason, dict(rule.metrics))
+            excluded = {n: excluded[n] for n in names if n in excluded}
+            ex_check = verifier.run(state_configs(quant_state, "exclusion", excluded), "exclusion")
         timings["eval_s"] = time.perf_counter() - t
 
     for n in names:
@@ -587,6 +643,15 @@ def scan(
         ]
     )
     comparison["smoothquant_layers"] = [0, 0, 0, sum(1 for r in rules.values() if r.method == "smoothquant")]
+    checks = {"naive": result, "naive+exclusion": ex_check, "policy": pol_check}
+    output_comparison = pd.DataFrame(
+        [
+            {"config": config, "output": key, **_comparison_row(config, stats, 0, 0)}
+            for config, check in checks.items()
+            for key, stats in check.out.items()
+        ],
+        columns=["config", "output", *(f"out_{k}" for k in _OUT_METRICS)],
+    )
     for key in sorted({k for v in evals.values() for k in v}):
         comparison[f"eval_{key}"] = [evals.get(c, {}).get(key, math.nan) for c in comparison["config"]]
     policy_rules = [rules[n] for n in names if rules[n].method != "naive"]
@@ -601,6 +666,7 @@ def scan(
         excluded=excluded,
         policy=policy,
         comparison=comparison,
+        output_comparison=output_comparison,
         first_nonfinite=result.first_nonfinite,
         policy_first_nonfinite=pol_check.first_nonfinite,
         quant_state=quant_state,
@@ -611,7 +677,34 @@ def scan(
         sweeps=sweeps,
         folded_bn=prep.folded,
         fp_model=fp,
+        unscanned=prep.unscanned,
+        warnings=_scan_warnings(prep.unscanned, held, batches) + eval_notes,
     )
+
+
+#: Fewer held-out samples than this and the decisions rest on too little data to trust.
+MIN_HELDOUT_SAMPLES = 32
+
+
+def _scan_warnings(unscanned: dict[str, str], held: list[Batch], batches: list[Batch]) -> list[str]:
+    """What makes this scan less trustworthy than it looks: layers left out, too little held-out data."""
+    out = []
+    if unscanned:
+        first = "; ".join(f"{n} ({why})" for n, why in list(unscanned.items())[:3])
+        more = f" and {len(unscanned) - 3} more" if len(unscanned) > 3 else ""
+        out.append(f"{len(unscanned)} conv-like layers were not scanned: {first}{more}")
+    samples = sum(batch_len(b) or 1 for b in held)
+    if len(batches) == 1:
+        out.append(
+            "only one calibration batch: it is both fitted and scored, so the decisions are not checked on "
+            "held-out data (give more batches)"
+        )
+    elif samples < MIN_HELDOUT_SAMPLES:
+        out.append(
+            f"the decisions rest on {samples} held-out samples ({len(held)} batch{'es' if len(held) > 1 else ''}):"
+            f" give more calibration data (at least {MIN_HELDOUT_SAMPLES} held-out samples) to trust them"
+        )
+    return out
 
 
 def _checkpoint_amax(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sensitivity.errors import SensitivityError
+from sensitivity.errors import SensitivityError, SpecError
 
-__all__ = ["as_tensor", "flatten_outputs"]
+__all__ = ["OutputSelector", "as_tensor", "flatten_outputs"]
 
 
 def as_tensor(obj: Any) -> torch.Tensor | None:
@@ -48,3 +50,34 @@ def flatten_outputs(obj: Any, keys: list[str] | None = None) -> dict[str, torch.
             )
         flat = picked
     return flat
+
+
+@dataclass(frozen=True)
+class OutputSelector:
+    """Which model outputs count, by name: all floating-point tensors, those under `keys` (dict paths), or
+    what `fn(output) -> {name: tensor}` makes of the output (`--outputs pkg.module:function`), e.g. a
+    detector's one tensor of box coordinates and class scores split into `boxes` and `scores`, which are
+    in different units and must be measured apart."""
+
+    keys: tuple[str, ...] = ()
+    fn: Callable[[Any], Any] | None = None
+
+    def __call__(self, output: Any) -> dict[str, torch.Tensor]:
+        if self.fn is None:
+            return flatten_outputs(output, list(self.keys) or None)
+        try:
+            mapped = self.fn(output)
+        except SensitivityError:
+            raise
+        except Exception as exc:
+            name = getattr(self.fn, "__name__", "the --outputs function")
+            raise SpecError(f"--outputs function {name} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(mapped, torch.Tensor):
+            mapped = {"output": mapped}
+        flat = flatten_outputs(mapped) if isinstance(mapped, (Mapping, list, tuple)) else {}
+        if not flat:
+            raise SpecError(
+                "--outputs function must return a dict of name -> floating-point tensor, got "
+                f"{type(mapped).__name__}"
+            )
+        return flat

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.capture.hooks import forward_hooks
+from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
-from sensitivity.capture.outputs import as_tensor, flatten_outputs
+from sensitivity.capture.outputs import OutputSelector, as_tensor, flatten_outputs
 from sensitivity.data import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.errors import FPModelError
+from sensitivity.graph import eager_modules
 from sensitivity.metrics import ErrorStats, reference_sums
 from sensitivity.prepare import LayerInfo, layer_macs
 from sensitivity.quant.spec import QuantSpec
@@ -46,8 +47,10 @@ def calibrate(
     observers: dict[str, LayerObserver] | None = None,
     first_index: int = 0,
     device: torch.device | str | None = None,
+    outputs: OutputSelector | None = None,
 ) -> dict[str, LayerObserver]:
-    """Observe every target layer's input over `batches`; also fills shapes, calls and MACs of `layers`."""
+    """Observe every target layer's input over `batches`; also fills shapes, calls and MACs of `layers`.
+    `outputs` is tried on the first batch's output, so a selection that fails does so before any work."""
     if observers is None:
         observers = {
             layer.name: LayerObserver(spec, channel_dim(model.get_submodule(layer.name))) for layer in layers
@@ -55,7 +58,7 @@ def calibrate(
     info = {layer.name: layer for layer in layers}
 
     def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        x = as_tensor(args[0])
+        x = inputs(name, args)
         y = as_tensor(out)
         if x is None or y is None:
             return
@@ -66,12 +69,14 @@ def calibrate(
             li.macs = layer_macs(mod, li.in_shape, li.out_shape)
 
     names = [layer.name for layer in layers]
-    with torch.no_grad(), forward_hooks(model, names, hook):
+    with torch.no_grad(), layer_inputs(model, names) as inputs, forward_hooks(model, names, hook):
         for i, batch in enumerate(batches):
             if device is not None:
                 batch = batch_to(batch, device)
             out = run_checked(model, batch, first_index + i)
             _check_fp_outputs(out, first_index + i)
+            if i == 0 and outputs is not None:
+                outputs(out)
             progress()
     return observers
 
@@ -138,7 +143,7 @@ def _inside(name: str, targets: set[str]) -> bool:
 def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     """Modules to watch for NaN/Inf: target layers and childless modules outside them (not quantizers)."""
     out = []
-    for name, mod in model.named_modules():
+    for name, mod in eager_modules(model):
         if not name:
             continue
         if name in targets or (next(mod.children(), None) is None and not _inside(name, targets)):
@@ -155,7 +160,7 @@ def compare_pass(
     candidates: dict[str, dict[str, Candidate]] | None = None,
     observers: dict[str, LayerObserver] | None = None,
     histograms: dict[str, RangeHistogram] | None = None,
-    output_keys: list[str] | None = None,
+    outputs: OutputSelector | None = None,
     progress: Progress = _noop,
     first_index: int = 0,
     result: PassResult | None = None,
@@ -168,13 +173,15 @@ def compare_pass(
     candidates = candidates or {}
     stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
     target_set = set(names)
+    inputs = LayerInputs({})
+    select = outputs or OutputSelector()
 
     def fp_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
         if y is None:
             return
         if observers is not None or histograms is not None:
-            x = as_tensor(args[0])
+            x = inputs(name, args)
             if x is not None and observers is not None:
                 observers[name].observe(x)
             if x is not None and histograms is not None:
@@ -219,7 +226,7 @@ def compare_pass(
         for index, batch in pieces:
             if device is not None:
                 batch = batch_to(batch, device)
-            with forward_hooks(fp_model, names, fp_hook):
+            with layer_inputs(fp_model, names) as inputs, forward_hooks(fp_model, names, fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
             _check_fp_outputs(fp_out, index)
             counter[0] = 0
@@ -228,8 +235,8 @@ def compare_pass(
             upstream.clear()
             with forward_hooks(q_model, names, q_hook), forward_hooks(q_model, leaves, leaf_hook):
                 q_out = run_checked(q_model, batch, index)
-            ref_flat = flatten_outputs(fp_out, output_keys)
-            q_flat = flatten_outputs(q_out, output_keys)
+            ref_flat = select(fp_out)
+            q_flat = select(q_out)
             for key, ref in ref_flat.items():
                 if key in q_flat:
                     res.out[key].update(ref, q_flat[key])

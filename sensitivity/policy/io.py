@@ -259,7 +259,8 @@ class _Doc:
     def _parse(self, text: str, what: str) -> tuple[yaml.Node | None, Any]:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            size = _expanded_size(node)
+            data = yaml.safe_load(text) if size <= MAX_YAML_VALUES else None
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             problem = "; ".join(_one_line(p) for p in (e.context, e.problem) if p) or "syntax error"
@@ -280,6 +281,9 @@ class _Doc:
             what = f" {_short(bad.value)} ({tag})" if bad is not None else ""
             where = f" (line {_line(bad)})" if bad is not None else ""
             raise ConfigError(f"{self.source}: invalid YAML value{what}: {problem}{where}") from None
+        if size > MAX_YAML_VALUES:
+            expands = "a recursive structure" if size == math.inf else f"{int(size):,} values"
+            self.fail(f"the YAML expands to {expands} through anchors and aliases (at most {MAX_YAML_VALUES:,})")
         if data is None:
             self.fail(f"the file is empty; expected a {what} mapping with keys version, ...")
         if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
@@ -345,6 +349,37 @@ class _Doc:
         if len(item_nodes) != len(value):
             item_nodes = [nodes] * len(value)
         return list(zip(value, item_nodes, strict=True))
+
+
+#: A policy or exclude file may expand to at most this many values: YAML aliases can make a few hundred
+#: bytes expand to billions ("billion laughs"), and everything after parsing walks the expanded data.
+MAX_YAML_VALUES = 1_000_000
+
+
+def _expanded_size(root: yaml.Node | None) -> float:
+    """How many nodes the document has once every alias is expanded (inf for a recursive alias), computed
+    on the node graph (each shared node once), so the count itself costs nothing like the expansion."""
+    sizes: dict[int, float] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node) -> float:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            return math.inf
+        on_path.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1.0 + sum(size(c) for c in children)
+        on_path.discard(key)
+        sizes[key] = total
+        return total
+
+    return 0 if root is None else size(root)
 
 
 def _unconstructible(root: yaml.Node | None) -> yaml.ScalarNode | None:

@@ -75,6 +75,11 @@ class ReportData:
     policy_yaml: str | None = None
     metrics: list[MetricColumn] = field(default_factory=list)
 
+    @property
+    def folded(self) -> set[str]:
+        """Layers a BatchNorm was folded into (their stored weight histogram is of the folded weight)."""
+        return {str(k) for k in (self.scan.get("folded_bn") or {})}
+
     # ------------------------------------------------------------------------------------ column helpers
     def methods(self, mode: str, metric: str = "rel_l1", sign_variants: bool = False) -> list[str]:
         """Methods with a `{mode}_{method}_{metric}` column, in column order."""
@@ -175,7 +180,32 @@ def _read_scan(path: Path) -> dict[str, Any]:
         raise ReportDataError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(scan, dict) or scan.get("format") != "sensitivity-scan":
         raise ReportDataError(f'{path} is not a sensitivity scan.json (no "format": "sensitivity-scan")')
+    for key, kind in _SCAN_TYPES.items():
+        value = scan.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ReportDataError(f"{path}: {key!r} must be {_KIND_NAMES[kind]}, not {type(value).__name__}")
+    for key, kind in _SPEC_TYPES.items():
+        value = (scan.get("spec") or {}).get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ReportDataError(f"{path}: 'spec.{key}' must be {_KIND_NAMES[kind]}, not {type(value).__name__}")
+    if not all(isinstance(row, dict) for row in scan.get("comparison") or []):
+        raise ReportDataError(f"{path}: 'comparison' must be a list of mappings")
     return scan
+
+
+#: The types scan.json's fields must have for the report to read them (a hand-edited file may not).
+_SCAN_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "spec": dict, "options": dict, "calibration": dict, "timings": dict, "comparison": list,
+    "output_comparison": list,
+    "folded_bn": dict, "unscanned": dict, "warnings": list, "excluded": list, "versions": dict,
+    "first_nonfinite": str, "policy_first_nonfinite": str,
+}  # fmt: skip
+_SPEC_TYPES: dict[str, type | tuple[type, ...]] = {
+    "spec": str, "calibrator": str, "act_sign": str, "w_bits": int, "a_bits": int, "percentile": (int, float),
+}  # fmt: skip
+_KIND_NAMES = {
+    dict: "a mapping", list: "a list", str: "a string", int: "an integer", (int, float): "a number",
+}
 
 
 def _read_stats(path: Path) -> dict[str, np.ndarray]:

@@ -382,6 +382,7 @@ def plot_alpha_sweeps(data: ReportData, k: int = 4) -> Figure | None:
                     )
             if np.isfinite(naive) and naive > 0:
                 ax.axhline(naive, color=COLORS["naive"], ls="--", lw=1.2, label="naive")
+            ax.set_xlim(-0.03, 1.03)  # the whole α range, also for a one-α sweep (else a 0.48..0.52 axis)
             ax.set_xlabel("α (migration strength)")
             ax.set_ylabel("isolated rel L1 (log)")
             ax.set_title(_short(name, 48), loc="left")
@@ -490,7 +491,8 @@ def plot_histograms(data: ReportData, k: int = 3) -> Figure | None:
         for (name, w, a), (ax_w, ax_a) in zip(rows, axes, strict=True):
             short = _short(name, 40)
             if w[0] is not None and w[1] is not None:
-                _hist(ax_w, w[0], w[1], "#5b8db8", f"{short} · weights (BN-folded)")
+                folded = " (BN-folded)" if name in data.folded else ""
+                _hist(ax_w, w[0], w[1], "#5b8db8", f"{short} · weights{folded}")
             else:
                 ax_w.set_visible(False)
             if a[0] is not None and a[1] is not None:

@@ -18,7 +18,7 @@ from markupsafe import Markup
 from sensitivity.files import atomic_write
 from sensitivity.report.data import ReportData, ReportDataError, load_report_data
 from sensitivity.report.plots import PLOTS, render_plots
-from sensitivity.report.tables import comparison_table, format_number, layer_table
+from sensitivity.report.tables import comparison_table, format_number, layer_table, output_table
 
 __all__ = ["render_html", "render_report"]
 
@@ -75,6 +75,8 @@ def _summary(data: ReportData) -> dict[str, Any]:
         "first_nonfinite": scan.get("first_nonfinite"),
         "policy_first_nonfinite": scan.get("policy_first_nonfinite"),
         "thresholds": (scan.get("options") or {}).get("thresholds") or {},
+        "warnings": [str(w) for w in scan.get("warnings") or []],
+        "unscanned": {str(k): str(v) for k, v in (scan.get("unscanned") or {}).items()},
     }
 
 
@@ -122,6 +124,7 @@ def render_html(data: ReportData, pngs: dict[str, bytes]) -> str:
         title=f"{data.scan.get('model', data.folder.name)} · quantization sensitivity",
         summary=_summary(data),
         comparison=comparison_table(data),
+        outputs=output_table(data),
         layers=layer_table(data),
         plots=plots,
         files=files,

@@ -19,10 +19,26 @@ __all__ = ["ReportServer", "can_open_browser", "make_server", "open_in_browser"]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves the report folder; no per-request log lines on stderr (the CLI prints the URL once)."""
+    """Serves the report folder; no per-request log lines on stderr (the CLI prints the URL once).
+
+    Only requests addressed to the loopback names are answered: a page on another site that makes the
+    browser resolve its own host name to 127.0.0.1 (DNS rebinding) sends its own name in `Host`, and gets
+    421 Misdirected Request instead of the report."""
 
     def log_message(self, format: str, *args: object) -> None:
         return
+
+    def _host_ok(self) -> bool:
+        host = (self.headers.get("Host") or "").strip().lower()
+        port = self.server.server_address[1]
+        allowed = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+        return host in allowed or (port == 80 and host in ("127.0.0.1", "localhost", "[::1]"))
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        if not self._host_ok():
+            self.send_error(421, "Misdirected Request: this server answers only to 127.0.0.1 / localhost")
+            return None
+        return super().send_head()
 
 
 class ReportServer(http.server.ThreadingHTTPServer):
@@ -37,6 +53,8 @@ class ReportServer(http.server.ThreadingHTTPServer):
 def make_server(folder: str | os.PathLike[str], port: int = 0, host: str = "127.0.0.1") -> ReportServer:
     """A server for `folder` on `host:port` (port 0: a free one). Call serve_forever(); Ctrl-C stops it."""
     handler = functools.partial(_QuietHandler, directory=str(folder))
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ReportDataError(f"--port must be a port number in 0..65535 (0: a free one), got {port}")
     try:
         return ReportServer((host, port), handler)
     except OSError as exc:

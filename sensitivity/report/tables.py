@@ -303,6 +303,23 @@ def _comparison_cell(value: Any, digits: int) -> Cell:
     return Cell("", "", "num empty")
 
 
+def output_table(data: ReportData) -> list[dict[str, str]]:
+    """Per named model output and configuration (when the model has several outputs): rows of text."""
+    records = [r for r in data.scan.get("output_comparison") or [] if isinstance(r, dict)]
+    if len({str(r.get("output")) for r in records}) < 2:
+        return []
+    return [
+        {
+            "config": str(r.get("config", "")),
+            "output": str(r.get("output", "")),
+            **{k: format_number(_float(r.get(f"out_{k}")), 6 if k == "cosine" else 4)
+               for k in ("rel_l1", "sqnr_db", "cosine", "max_abs")},
+            "nonfinite": format_count(r.get("out_nonfinite")),
+        }
+        for r in records
+    ]  # fmt: skip
+
+
 def comparison_table(data: ReportData) -> ComparisonTable:
     """FP vs all-naive vs naive+exclusion vs the chosen policy at the model outputs, plus user metrics."""
     records = [dict(r) for r in data.scan.get("comparison") or [] if isinstance(r, dict)]
