@@ -35,8 +35,8 @@ def test_scan_writes_the_report_folder(planted: tuple[Path, Path], tmp_path: Pat
     out = tmp_path / "report"
     assert _scan(model, calib, out) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "exclude.yaml", "layers.csv", "model_quant.pt", "plots", "policy.yaml", "quant_state.pt", "report.html",
-        "scan.json", "stats.npz",
+        ".sensitivity", "exclude.yaml", "layers.csv", "model_quant.pt", "plots", "policy.yaml", "quant_state.pt",
+        "report.html", "scan.json", "stats.npz",
     ]  # fmt: skip
     exclude = yaml.safe_load((out / "exclude.yaml").read_text())
     assert [e["layer"] for e in exclude["exclude"]] == ["mid"]

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,56 +22,10 @@ import torch
 from torch import nn
 
 from sensitivity.cli import main
+from tests.cli_helpers import ARCH, MODELS, _scan
 from tests.models import PlantedOutlierNet
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = str(ROOT / "tests" / "models.py")
-ARCH = f"{MODELS}:build_planted"
-
-
-@pytest.fixture()
-def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder holding a good model (`model.pth`, PlantedOutlierNet) and calibration set (`calib.pt`);
-    also the working directory, so a default `reports/` folder would show up in it."""
-    monkeypatch.chdir(tmp_path)
-    torch.save(PlantedOutlierNet().state_dict(), tmp_path / "model.pth")
-    torch.save(torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)), tmp_path / "calib.pt")
-    return tmp_path
-
-
-def _scan(
-    work: Path,
-    *extra: str,
-    model: str = "model.pth",
-    calib: str = "calib.pt",
-    arch: str | None = ARCH,
-    out: str | Path = "out",
-) -> list[str]:
-    """`sensitivity scan` argv; file names are relative to `work` (absolute paths pass through)."""
-    arch_args = ["--arch", arch] if arch else []
-    return ["scan", str(work / model), *arch_args, "--calib", str(work / calib), "--out", str(work / out), "-q",
-            *extra]  # fmt: skip
-
-
-def fails(work: Path, capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
-    """Run the CLI: exit code 2, one red line holding every fragment, and no new file in `work`."""
-    before = set(os.listdir(work))
-    assert main(argv) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith("error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in captured.err + captured.out
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
-    assert set(os.listdir(work)) == before, "the failed command left files behind"
-    return err
-
-
-@pytest.fixture()
-def refused(work: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
-    """`refused(argv, *fragments)`: runs the CLI and checks the refusal (see `fails`)."""
-    return lambda argv, *fragments: fails(work, capsys, argv, *fragments)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -242,14 +195,13 @@ def test_model_without_quantizable_layers(work: Path, refused) -> None:
     assert err == "error: no Conv / Linear / sparse-conv layer to quantize"
 
 
-def test_eval_function_that_raises(work: Path, capsys) -> None:
+def test_eval_function_that_raises(work: Path, refused) -> None:
+    """The FP model is evaluated first of all: a broken function fails in seconds, before calibration (so
+    no checkpoint is left either)."""
     (work / "user").mkdir()
     (work / "user" / "metric.py").write_text("def top1(model):\n    raise RuntimeError('no /data/val')\n")
-    before = set(os.listdir(work))
-    assert main(_scan(work, "--no-smoothquant", "--eval", f"{work / 'user' / 'metric.py'}:top1")) == 2
-    assert capsys.readouterr().err.strip() == "error: --eval function raised RuntimeError: no /data/val"
-    # the calibration was done: its checkpoint stays, so `--resume` finishes once the function is fixed
-    assert set(os.listdir(work)) - before == {".out.resume.pt"}
+    err = refused(_scan(work, "--no-smoothquant", "--eval", f"{work / 'user' / 'metric.py'}:top1"))
+    assert err == "error: --eval function raised RuntimeError: no /data/val"
 
 
 # --------------------------------------------------------------------------------------- spec / options
@@ -340,6 +292,7 @@ else:
     save = apply.save_quantized
     apply.save_quantized = lambda *args: (disk_full(), save(*args))[1]
 from sensitivity.cli import main
+from tests.cli_helpers import ARCH, MODELS, _scan, fails
 sys.exit(main(argv))
 """
 

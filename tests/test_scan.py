@@ -193,7 +193,8 @@ def test_saved_report_is_deterministic(tmp_path: Path) -> None:
         out = scan(PlantedOutlierNet(), _batches(), ScanOptions(seed=7)).save(str(tmp_path / f"r{i}"))
         digests.append([(out / f).read_bytes() for f in files])
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            [*files, "scan.json", "quant_state.pt", "stats.npz", "model_quant.pt", "report.html", "plots"]
+            [*files, ".sensitivity", "scan.json", "quant_state.pt", "stats.npz", "model_quant.pt", "report.html",
+             "plots"]
         )
     assert digests[0] == digests[1]
     state = torch.load(tmp_path / "r0" / "quant_state.pt", weights_only=True)
