@@ -617,10 +617,20 @@ def apply_cmd(
         path = export_onnx(target, example, folder / "model_quant.onnx", opset=opset, output_names=names)
         check = verify_onnx(path, target, [example])
         (folder / "export.json").write_text(json.dumps(check, indent=2) + "\n")
+        kernels = (
+            "with ORT's int8 kernels"
+            if check["int8_kernel_nodes"]
+            else "with ORT's optimisations (it fused no int8 kernels here)"
+        )
         out.print(
             f"wrote [bold]{path}[/bold]: ONNX Runtime vs torch max |diff| {check['max_abs_diff_qdq_reference']:.3g} "
-            f"(Q/DQ as written), {check['max_abs_diff_int8_kernels']:.3g} with ORT's int8 kernels",
+            f"(Q/DQ as written; outputs up to {check['output_absmax']:.3g}), "
+            f"{check['max_abs_diff_int8_kernels']:.3g} {kernels}",
             soft_wrap=True,
+        )
+        color = "green" if check["verdict"] == "ok" else "red"
+        out.print(
+            f"parity [{color}]{check['verdict']}[/{color}]: {escape(check['verdict_reason'])}", soft_wrap=True
         )
         for warning in tensorrt_warnings(qmodel):
             console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
