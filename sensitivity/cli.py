@@ -646,11 +646,20 @@ def _write_applied(qmodel: Any, state: dict[str, Any], folder: Path, fmt: str, o
         if "sparse_scales" in check:
             out.print(f"wrote [bold]{folder / 'sparse_scales.json'}[/bold] (the sparse layers' int8 scales)",
                       soft_wrap=True)  # fmt: skip
+        kernels = (
+            "with ORT's int8 kernels"
+            if check["int8_kernel_nodes"]
+            else "with ORT's optimisations (it fused no int8 kernels here)"
+        )
         out.print(
             f"wrote [bold]{folder / 'model_quant.onnx'}[/bold]: ONNX Runtime vs torch max |diff| "
-            f"{check['max_abs_diff_qdq_reference']:.3g} (Q/DQ as written), "
-            f"{check['max_abs_diff_int8_kernels']:.3g} with ORT's int8 kernels",
+            f"{check['max_abs_diff_qdq_reference']:.3g} (Q/DQ as written; outputs up to {check['output_absmax']:.3g}), "
+            f"{check['max_abs_diff_int8_kernels']:.3g} {kernels}",
             soft_wrap=True,
+        )
+        color = "green" if check["verdict"] == "ok" else "red"
+        out.print(
+            f"parity [{color}]{check['verdict']}[/{color}]: {escape(check['verdict_reason'])}", soft_wrap=True
         )
         for warning in tensorrt_warnings(qmodel):
             console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)

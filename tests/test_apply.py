@@ -7,7 +7,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from sensitivity.apply import apply_policy, load_quantized, save_quantized
 from sensitivity.cli import main
 from sensitivity.errors import ConfigError, SpecError
-from sensitivity.export import ExportError, export_onnx, tensorrt_warnings, verify_onnx
+from sensitivity.export import PARITY_RTOL, ExportError, export_onnx, tensorrt_warnings, verify_onnx
 from sensitivity.policy import Policy, Rule, Thresholds
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.scan import ScanOptions, scan
@@ -107,8 +109,44 @@ def test_onnx_export_matches_in_onnx_runtime(tmp_path: Path) -> None:
     check = verify_onnx(path, q, inputs)
     # ORT computes Q/DQ with x / scale like the torch model: only conv/GEMM summation order differs
     assert check["max_abs_diff_qdq_reference"] <= 1e-5
-    # real int8 kernels round intermediate sums differently: a measurable, bounded gap
+    # ORT's optimised graph rounds intermediate sums differently: a measurable, bounded gap...
     assert 0 < check["max_abs_diff_int8_kernels"] < 0.05 * check["output_absmax"]
+    # ...but not from int8 kernels: ORT's CPU QDQ fusion wants DQ -> Conv -> Q, and TensorRT-style
+    # placement (Q/DQ on layer inputs only) has no Q after a layer, so ORT fuses Conv+Relu in float
+    assert check["int8_kernel_nodes"] == 0
+    assert check["verdict"] == "ok" and "float rounding" in check["verdict_reason"]
+    assert "local_check" not in check  # outputs agree: no layer-by-layer check needed
+    # forced, the layer-by-layer check finds every layer and agrees too
+    local = verify_onnx(path, q, inputs[:1], local_check=True)["local_check"]
+    assert local["layers_located"] == local["layers"] == 5
+    assert local["first_difference"] is None and local["first_flipped_code"] is None
+    assert max(local["worst_layer_rel_diff"], local["output_rel_diff"]) <= PARITY_RTOL
+
+
+def _scale_input_quantizer(path: Path, layer: str, factor: float) -> None:
+    """Plant a real mismatch: multiply the scale of `layer`'s input QuantizeLinear/DequantizeLinear."""
+    model = onnx.load(str(path))
+    q = next(n for n in model.graph.node if n.name == f"/{layer}/input_quantizer/QuantizeLinear")
+    const = next(n for n in model.graph.node if n.output[0] == q.input[1])
+    value = onnx.numpy_helper.to_array(const.attribute[0].t) * np.float32(factor)
+    const.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32)))
+    onnx.save(model, str(path))
+
+
+def test_onnx_mismatch_is_found_layer_by_layer(tmp_path: Path) -> None:
+    model = OutlierChannelsNet()
+    result = scan(model, _batches(), ScanOptions(alphas=()))
+    q = apply_policy(model, result.policy, result.quant_state)
+    path = export_onnx(q, _batches(1)[0][:1], tmp_path / "m.onnx")
+    _scale_input_quantizer(path, "post", 1.05)
+    check = verify_onnx(path, q, [_batches(1, seed=9)[0]])
+    assert check["output_rel_diff_qdq_reference"] > PARITY_RTOL
+    assert check["verdict"] == "mismatch"
+    assert check["verdict_reason"].startswith("layer post computes otherwise given ORT's input")
+    local = check["local_check"]
+    assert local["first_difference"]["layer"] == "post"
+    # everything upstream of the planted scale still agrees
+    assert local["first_flipped_code"] is None or local["first_flipped_code"]["layer"] != "stem"
 
 
 def test_export_refusals_and_tensorrt_warnings(tmp_path: Path) -> None:
@@ -135,7 +173,9 @@ def test_cli_apply_with_onnx_and_recalibration(tmp_path: Path, capsys) -> None:
     assert main(["apply", str(model), "--arch", arch, "--policy", str(report / "policy.yaml"), "--onnx"]) == 0
     check = json.loads((report / "export.json").read_text())
     assert check["max_abs_diff_qdq_reference"] <= 1e-5
-    assert "ONNX Runtime vs torch" in capsys.readouterr().out
+    assert check["verdict"] == "ok"
+    printed = capsys.readouterr().out
+    assert "ONNX Runtime vs torch" in printed and "parity ok" in printed
     again = tmp_path / "again"
     args = [
         "apply",

@@ -302,6 +302,7 @@ def test_export_dense_part_to_onnx_and_sparse_scales_to_json(centerpoint, frames
     check = json.loads((out / "export.json").read_text())
     # ORT computes Q/DQ as written (x / scale, like the torch model): conv summation order only
     assert check["max_abs_diff_qdq_reference"] <= 1e-4 * max(1.0, check["output_absmax"])
+    assert check["verdict"] == "ok"
     import onnx
 
     graph = onnx.load(str(out / "model_quant.onnx")).graph
