@@ -165,3 +165,8 @@ def real_photos(n: int, size: int = 320, seed: int = 0) -> torch.Tensor:
         )
         out[i] = resized[0].clamp_(0.0, 1.0)
     return out
+
+
+def yolo_calibration() -> list[torch.Tensor]:
+    """4 batches of 2 real photos at YOLOv8n's input size: `--calib tests/real_models.py:yolo_calibration`."""
+    return list(real_photos(8, YOLOV8N_INPUT[-1], seed=1).split(2))

@@ -91,3 +91,25 @@ def test_yolov8n_onnx_parity_verdict(tmp_path: Path) -> None:
     check = verify_onnx(path, qmodel, [photos[6:]])
     assert check["verdict"] == "mismatch"
     assert check["verdict_reason"].startswith("layer model/6/m/0/cv1/conv/Conv computes otherwise")
+
+
+@needs_yolo
+def test_yolov8n_outputs_split_into_boxes_and_scores_through_the_cli(tmp_path: Path, capsys) -> None:
+    """One output tensor mixes pixels and probabilities: `--outputs pkg:fn` names them, and each is measured
+    apart (the scores' error is far larger than the pooled figure suggests)."""
+    import json
+
+    from sensitivity.cli import main
+
+    here = Path(__file__).resolve().parent / "real_models.py"
+    torch.save(load_yolov8n().state_dict(), tmp_path / "yolov8n.pth")
+    argv = ["scan", str(tmp_path / "yolov8n.pth"), "--arch", f"{here}:load_yolov8n", "--calib",
+            f"{here}:yolo_calibration", "--outputs", f"{here}:yolo_outputs", "--no-smoothquant",
+            "--out", str(tmp_path / "rep"), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "per model output" in text and "scores" in text and "boxes" in text
+    rows = json.loads((tmp_path / "rep" / "scan.json").read_text())["output_comparison"]
+    naive = {r["output"]: r for r in rows if r["config"] == "naive"}
+    assert set(naive) == {"boxes", "scores"}
+    assert naive["scores"]["out_rel_l1"] > naive["boxes"]["out_rel_l1"]  # hidden by the boxes' pixels when pooled

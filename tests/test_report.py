@@ -404,3 +404,34 @@ def test_alpha_sweep_plot_skipped_without_sweeps(tmp_path: Path) -> None:
     page = render_report(folder).read_text()
     assert 'id="plot-alpha_sweep"' not in page and not (folder / "plots" / "alpha_sweep.png").exists()
     assert "isolated · sq" not in page and 'id="plot-layer_error"' in page
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("evil.example:{port}", 421), ("127.0.0.1.nip.io", 421),
+     ("", 421)],
+)  # fmt: skip
+def test_view_server_answers_only_loopback_host_names(planted: Path, host: str, status: int) -> None:
+    """DNS rebinding: a page whose own name resolves to 127.0.0.1 sends that name in Host and gets nothing."""
+    import http.client
+    import threading
+
+    from sensitivity.report.serve import make_server
+
+    server = make_server(planted)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.handle_request)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("GET", "/report.html", skip_host=True)
+        if host:
+            conn.putheader("Host", host.format(port=port))
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == status
+        assert (b"sensitivity" in body) == (status == 200)  # the report, or an error page
+    finally:
+        thread.join(10)
+        server.server_close()
