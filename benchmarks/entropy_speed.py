@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from sensitivity.quant.calibrate import compute_amax_entropy, make_calibrator
+from sensitivity.quant.calibrators import compute_amax_entropy, make_calibrator
 
 KINDS = ("relu", "outliers", "heavy", "laplace")
 

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from sensitivity.data import load_calibration, run_model
+from sensitivity.data import load_calibration
+from sensitivity.io.batches import run_model
 from sensitivity.load import load_model
 
 

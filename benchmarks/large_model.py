@@ -13,7 +13,7 @@ import sys
 CHILD = r"""
 import resource, sys, time, torch
 from torch import nn
-from sensitivity.scan import scan, ScanOptions
+from sensitivity import ScanOptions, scan
 depth, n_batches, width = int(sys.argv[1]), int(sys.argv[2]), 64
 torch.manual_seed(0)
 layers = []

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from sensitivity.capture.outputs import as_tensor, flatten_outputs
-from sensitivity.data import load_calibration, run_model
+from sensitivity.data import load_calibration
+from sensitivity.io.batches import run_model
 from sensitivity.load import load_model
-from sensitivity.quant.modules import quant_class_for
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.registry import quant_class_for
+from sensitivity.spec import QuantSpec
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from resnets import resnet18  # noqa: E402
 _IM2COL_CHILD = r"""
 import resource, sys, torch
 from torch import nn
-from sensitivity.im2col import im2col_conv, CHUNK_ELEMS
+from sensitivity.methods.im2col import im2col_conv, CHUNK_ELEMS
 torch.manual_seed(0)
 mode = sys.argv[1]
 x = torch.randn(8, 64, 112, 112)

@@ -37,7 +37,7 @@ ARCH = "sensitivity.demo.centerpoint:build_centerpoint"
 
 def in_process(model: torch.nn.Module, batches: list[dict], repeats: int) -> tuple[float, float]:
     """(median scan seconds, median FP-forward seconds) with model and data in memory."""
-    from sensitivity.scan import ScanOptions, scan
+    from sensitivity import ScanOptions, scan
 
     scans, fps = [], []
     for _ in range(repeats):
@@ -62,7 +62,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the child processes start with this many threads
     torch.set_num_threads(args.threads)
 
-    from sensitivity.demo.centerpoint import lidar_batches, train_centerpoint
+    from sensitivity.demo.centerpoint_train import lidar_batches, train_centerpoint
 
     model = train_centerpoint()
     batches = lidar_batches(args.frames)

@@ -2,6 +2,6 @@
 
 import sys
 
-from sensitivity.cli import run
+from sensitivity.cli.main import run
 
 sys.exit(run())

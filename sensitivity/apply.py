@@ -17,19 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensitivity.errors import ConfigError, ModelLoadError, SensitivityError
+from sensitivity.errors import ConfigError, ModelLoadError
 from sensitivity.files import atomic_torch_save
-from sensitivity.policy import METHODS, Policy, dump_policy, parse_policy
+from sensitivity.methods.base import Method
+from sensitivity.policy import Policy, dump_policy, parse_policy
 from sensitivity.prepare import frozen_copy, fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
-from sensitivity.quant.modules import QuantMixin, Smoother
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
+from sensitivity.quant.modules import QuantMixin
+from sensitivity.quant.smoothing import Smoother
+from sensitivity.quant.state import QuantState
+from sensitivity.spec import QuantSpec
 
 __all__ = [
     "FORMAT",
     "apply_policy",
-    "check_quant_state",
     "fold_smoothing_",
     "load_quant_state",
     "load_quantized",
@@ -39,92 +40,35 @@ __all__ = [
 FORMAT = "sensitivity-quantized"
 
 
-_LAYER_TENSORS = ("input_amax", "weight_amax")
-_LAYER_OPTIONAL_TENSORS = ("channel_absmax", "smooth_scale", "smooth_input_amax")
-
-
-def _state_problem(state: Any) -> str | None:
-    """What is wrong with a quant state (a dict as quant_state.pt holds), or None."""
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}, not a quant state (a dict with spec and layers)"
-    for key in ("spec", "layers"):
-        if key not in state:
-            return f"it has no {key!r} entry"
-    if not isinstance(state["spec"], dict):
-        return f"'spec' is a {type(state['spec']).__name__}, not a mapping"
-    try:
-        QuantSpec.from_dict(state["spec"])
-    except (SensitivityError, TypeError, ValueError) as exc:
-        return f"'spec' is not a valid spec ({exc})"
-    layers = state["layers"]
-    if not isinstance(layers, dict) or not layers:
-        return "'layers' is not a non-empty mapping of layer name -> settings"
-    for name, entry in layers.items():
-        if not isinstance(entry, dict):
-            return f"layer {name!r}: settings are a {type(entry).__name__}, not a mapping"
-        if entry.get("method") not in METHODS:
-            return f"layer {name!r}: method {entry.get('method')!r} is not one of {', '.join(METHODS)}"
-        for key in _LAYER_TENSORS:
-            if not isinstance(entry.get(key), torch.Tensor):
-                return f"layer {name!r}: {key!r} is not a tensor"
-        for key in _LAYER_OPTIONAL_TENSORS:
-            if entry.get(key) is not None and not isinstance(entry[key], torch.Tensor):
-                return f"layer {name!r}: {key!r} is neither a tensor nor empty"
-        if entry["input_amax"].numel() != 1 or not bool(torch.isfinite(entry["input_amax"]).all()):
-            return f"layer {name!r}: 'input_amax' is not one finite number"
-    for key in ("folded_bn", "sq_fold"):
-        value = state.get(key, {})
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            return f"{key!r} is not a mapping of layer names"
-    return None
-
-
-def check_quant_state(state: Any, source: str = "quant state") -> dict[str, Any]:
-    """`state` if it is a well-formed quant state, else ModelLoadError naming what is wrong (in one line)."""
-    problem = _state_problem(state)
-    if problem:
-        raise ModelLoadError(f"{source} is not a usable quant state: {problem}")
-    return state
-
-
-def load_quant_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_quant_state(path: str | os.PathLike[str]) -> QuantState:
     """Read and check a quant_state.pt (weights-only: tensors and plain data)."""
     if not Path(path).is_file():
         raise ModelLoadError(f"no quant state at {path}: pass --quant-state or --calib to recalibrate")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable quant state: {str(exc).splitlines()[0]}") from exc
-    return check_quant_state(state, str(path))
+    return QuantState.from_dict(data, str(path))
 
 
-def _configs(qlayers: dict[str, QuantMixin], policy: Policy, state: dict[str, Any]) -> dict[str, LayerQuant]:
+def _configs(qlayers: dict[str, QuantMixin], policy: Policy, state: QuantState) -> dict[str, LayerQuant]:
+    """Each layer's setting: as the scan decided it where the policy asks for the decided method (nothing
+    recomputed), else fitted for the policy's method from the statistics the state keeps (a user edit)."""
     configs: dict[str, LayerQuant] = {}
-    for name, layer_state in state["layers"].items():
-        rule = policy.rule_for(name)
-        method = rule.method if rule is not None else "naive"
-        naive = LayerQuant("naive", layer_state["input_amax"], bool(layer_state["input_unsigned"]))
-        if method == "fp":
-            configs[name] = LayerQuant("fp")
-        elif method == "smoothquant":
-            assert rule is not None and rule.alpha is not None
-            if rule.granularity == "im2col":
-                raise ConfigError(
-                    f"layer {name}: im2col SmoothQuant is research-only (no deployable form); use granularity channel"
-                )
-            if rule.mode == "dynamic":
-                configs[name] = LayerQuant("smoothquant", None, False, None, rule.alpha)
-                continue
-            chan = layer_state.get("channel_absmax")
-            if chan is None:
-                raise ConfigError(
-                    f"layer {name}: no per-channel statistics in the quant state for SmoothQuant"
-                )
-            # recomputed from the statistics, so a user-edited alpha in policy.yaml is honoured
-            s = smoothing_factors(chan, qlayers[name].weight_input_absmax(), rule.alpha)
-            configs[name] = LayerQuant("smoothquant", smoothed_input_amax(chan, s), False, s)
-        else:
-            configs[name] = naive
+    for name, layer in state.layers.items():
+        method = Method.of(policy.rule_for(name))
+        if method.granularity == "im2col":
+            raise ConfigError(
+                f"layer {name}: im2col SmoothQuant is research-only (no deployable form); use granularity channel"
+            )
+        fitted = method.kind != "smoothquant" or method.mode == "dynamic" or layer.smooth_scale is not None
+        if method == Method.of(layer) and fitted:
+            configs[name] = layer.setting()
+            continue
+        try:
+            configs[name] = method.fit(qlayers[name], layer)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {name}: {exc} in the quant state") from exc
     return configs
 
 
@@ -158,12 +102,13 @@ def fold_smoothing_(model: nn.Module, consumer: str, producer: str) -> None:
 
 
 def apply_policy(
-    model: nn.Module, policy: Policy, quant_state: dict[str, Any], *, fold_smoothing: bool = True
+    model: nn.Module, policy: Policy, quant_state: QuantState | dict[str, Any], *, fold_smoothing: bool = True
 ) -> nn.Module:
     """The final quantized model (a new module; `model` is untouched). `quant_state` is a scan's
-    `quant_state.pt`; `model` the same FP architecture and weights the scan saw."""
-    check_quant_state(quant_state)
-    spec = QuantSpec.from_dict(quant_state["spec"])
+    `QuantState` (or the dict of its `quant_state.pt`); `model` the same FP architecture and weights the
+    scan saw."""
+    state = QuantState.from_dict(quant_state)
+    spec = state.spec
     if policy.spec != spec.name:
         raise ConfigError(
             f"the policy is for {policy.spec} but the quant state was calibrated for {spec.name}: rescan with "
@@ -171,28 +116,26 @@ def apply_policy(
         )
     fp = frozen_copy(model)
     try:
-        for conv, bn in quant_state.get("folded_bn", {}).items():
+        for conv, bn in state.folded_bn.items():
             fuse_pair_(fp, conv, bn)
-        acts = {
-            n: ActQuant(s["input_amax"], bool(s["input_unsigned"])) for n, s in quant_state["layers"].items()
-        }
+        acts = {n: ActQuant(s.input_amax, s.input_unsigned) for n, s in state.layers.items()}
         qmodel = build_quant_model(fp, acts, spec, copy_model=False)
     except (AttributeError, AssertionError, TypeError) as exc:
         raise ModelLoadError(f"the model does not match the scan's quant state: {exc}") from exc
     qlayers = {n: m for n, m in quant_layers(qmodel).items() if n in acts}
-    configs = _configs(qlayers, policy, quant_state)
+    configs = _configs(qlayers, policy, state)
     configure_layers(qmodel, configs)
     for layer in qlayers.values():
         layer.bake_smoothing_()  # W * s becomes the stored weight, as deployed
     if fold_smoothing:
-        for consumer, producer in quant_state.get("sq_fold", {}).items():
+        for consumer, producer in state.sq_fold.items():
             cfg = configs.get(consumer)
             if cfg is not None and cfg.method == "smoothquant" and cfg.smooth_scale is not None:
                 fold_smoothing_(qmodel, consumer, producer)
     qmodel.sensitivity_meta = {  # type: ignore[assignment]
         "spec": spec.to_dict(),
         "policy": dump_policy(policy),
-        "folded_bn": dict(quant_state.get("folded_bn", {})),
+        "folded_bn": dict(state.folded_bn),
     }
     return qmodel
 

@@ -1,7 +1,4 @@
-"""Calibration batches: loading them safely, holding some out, and feeding them to a model.
-
-A *batch* is what one model call takes: a tensor (`model(t)`), a tuple or list (`model(*b)`), or a dict
-(`model(b)`: OpenPCDet's `batch_dict` is one positional argument).
+"""Calibration batches: loading them safely (batches themselves: `sensitivity.io.batches`).
 
 Sources accepted by `load_calibration`:
 
@@ -28,7 +25,6 @@ integers (the model decides). Floating tensors with NaN/Inf are rejected, naming
 from __future__ import annotations
 
 import itertools
-import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -36,35 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sensitivity.errors import CalibrationDataError, SensitivityError
-from sensitivity.load import (
-    _check_file,
-    _exc,
-    _one_line,
-    _pickled_object,
-    _sniff,
-    _torch_load_weights_only,
-    resolve_callable,
-)
+from sensitivity.errors import CalibrationDataError
+from sensitivity.errors import describe_exception as _exc
+from sensitivity.io.batches import Batch, batch_len, batch_tensors, tensor_fields
+from sensitivity.io.callables import resolve_callable
+from sensitivity.io.torchfiles import check_file, pickled_object, sniff, torch_load_weights_only
 
-__all__ = [
-    "DATA_SUFFIXES",
-    "Batch",
-    "batch_len",
-    "batch_map",
-    "batch_to",
-    "describe_batch",
-    "first_sample",
-    "load_calibration",
-    "run_checked",
-    "run_model",
-    "split_batch",
-    "split_holdout",
-]
+__all__ = ["DATA_SUFFIXES", "check_batch", "load_calibration"]
 
-Batch = Tensor | tuple | list | dict  # what one model call takes
 #: File suffixes read from a calibration folder.
 DATA_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 _SAMPLE_KEYS = ("x", "input", "inputs")
@@ -124,7 +101,7 @@ def _as_batches(obj: Any, batch_size: int, where: str) -> Iterator[Batch]:
 # ------------------------------------------------------------------------------------------- the files
 def _read_torch(path: Path, batch_size: int) -> Iterator[Batch]:
     try:
-        kind = _sniff(path)
+        kind = sniff(path)
     except OSError as e:
         raise CalibrationDataError(f"cannot read calibration file {path}: {_exc(e)}") from e
     if kind == "empty":
@@ -138,9 +115,9 @@ def _read_torch(path: Path, batch_size: int) -> Iterator[Batch]:
     if kind in ("zip-other", "safetensors", "unknown"):
         raise CalibrationDataError(f"calibration file {path} is not a torch.save file")
     try:
-        obj = _torch_load_weights_only(path, "cpu")
+        obj = torch_load_weights_only(path, "cpu")
     except Exception as e:
-        refused = _pickled_object(e)
+        refused = pickled_object(e)
         if refused is not None:
             raise CalibrationDataError(
                 f"calibration file {path} holds pickled Python objects ({refused}); unpickling can run "
@@ -260,17 +237,6 @@ def _is_spec(text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- validation
-def _tensors(value: Any, where: str) -> Iterator[tuple[str, Tensor]]:
-    if isinstance(value, Tensor):
-        yield where, value
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _tensors(v, f"{where}[{i}]")
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _tensors(v, f"{where}[{k!r}]")
-
-
 def _unsupported_kind(t: Tensor) -> str | None:
     """Why a tensor cannot be calibration data (sparse, nested, meta, quantized, float8...), or None."""
     if t.is_nested:
@@ -291,13 +257,15 @@ def _unsupported_kind(t: Tensor) -> str | None:
 _BARE_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 
 
-def _check_batch(batch: Any, index: int, source: str) -> Batch:
-    if not isinstance(batch, (Tensor, tuple, list, Mapping)):
+def check_batch(batch: Any, index: int, source: str) -> Batch:
+    """`batch` if the model can be calibrated on it, else a one-line CalibrationDataError: no sparse,
+    nested, meta, quantized or float8 tensors and no NaN/Inf, wherever the tensors sit in the batch."""
+    if not isinstance(batch, (Tensor, tuple, list, Mapping)) and not tensor_fields(batch):
         raise CalibrationDataError(
             f"calibration batch {index} from {source} is a {type(batch).__name__}; "
-            "expected a tensor, a tuple/list (positional inputs) or a dict"
+            "expected a tensor, a tuple/list (positional inputs), a dict or an object holding tensors"
         )
-    for where, t in _tensors(batch, "batch"):
+    for where, t in batch_tensors(batch, "batch"):
         kind = _unsupported_kind(t)
         if kind:
             at = "" if where == "batch" else f" (at {where})"
@@ -334,198 +302,11 @@ def load_calibration(source: str | Path, batch_size: int = 8, max_batches: int |
         if path.is_dir():
             batches = _read_folder(path, batch_size)
         else:
-            _check_file(path, "calibration data", CalibrationDataError)
+            check_file(path, "calibration data", CalibrationDataError)
             batches = _read_file(path, batch_size)
     result = []
     for index, batch in enumerate(itertools.islice(batches, max_batches)):
-        result.append(_check_batch(_convert(batch, f"calibration batch {index}"), index, text))
+        result.append(check_batch(_convert(batch, f"calibration batch {index}"), index, text))
     if not result or all(batch_len(b) == 0 for b in result):
         raise CalibrationDataError(f"calibration set {text} is empty")
     return result
-
-
-def split_holdout(batches: list[Batch], fraction: float = 0.25) -> tuple[list[Batch], list[Batch]]:
-    """(fit, held out): the last `fraction` of the batches (at least one) is held out, in order.
-
-    With a single batch both are `[batch]`: fit and held-out data then coincide, so decisions scored
-    on it are not protected from fitting the calibration data (callers may want to warn).
-    """
-    if not 0.0 < fraction < 1.0:
-        raise CalibrationDataError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
-    batches = list(batches)
-    if not batches:
-        raise CalibrationDataError("calibration set is empty: nothing to hold out")
-    if len(batches) == 1:
-        return batches[:], batches[:]
-    n_hold = min(len(batches) - 1, max(1, int(len(batches) * fraction)))
-    return batches[:-n_hold], batches[-n_hold:]
-
-
-def run_model(model: nn.Module, batch: Batch) -> Any:
-    """One model call: tensor -> `model(t)`, tuple/list -> `model(*b)`, dict -> `model(dict(b))`.
-
-    The model gets its own copy of every tensor (and dicts as a shallow copy): a model that writes into
-    its input (in-place ops on the batch, OpenPCDet storing intermediates in the batch_dict it is given)
-    would otherwise change the user's batches, and the FP and quantized passes would see different data.
-    One copy of the input per call costs far less than the forward itself."""
-    batch = batch_map(batch, Tensor.clone)
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, Mapping):
-        return model(batch)
-    raise CalibrationDataError(
-        f"cannot feed a {type(batch).__name__} to the model: expected a tensor, tuple or dict"
-    )
-
-
-def batch_map(batch: Any, fn: Any) -> Any:
-    """`batch` with `fn` applied to every tensor in nested tuples, lists and dicts (new containers); other
-    values kept."""
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, tuple):
-        items = [batch_map(v, fn) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
-    if isinstance(batch, list):
-        return [batch_map(v, fn) for v in batch]
-    if isinstance(batch, Mapping):
-        mapped = {k: batch_map(v, fn) for k, v in batch.items()}
-        try:
-            return type(batch)(mapped)
-        except Exception:
-            return mapped
-    return batch
-
-
-def batch_to(batch: Batch, device: torch.device | str) -> Batch:
-    """`batch` with every tensor (in nested tuples, lists and dicts) moved to `device`; other values kept."""
-    return batch_map(batch, lambda t: t.to(device))
-
-
-def _leaf(value: Any) -> str:
-    if isinstance(value, (Tensor, np.ndarray)):
-        dtype = str(value.dtype).removeprefix("torch.")
-        device = f"@{value.device}" if isinstance(value, Tensor) and value.device.type != "cpu" else ""
-        return f"{dtype}[{', '.join(str(s) for s in value.shape)}]{device}"
-    return "None" if value is None else type(value).__name__
-
-
-def _describe(value: Any, depth: int) -> str:
-    if isinstance(value, (tuple, list, Mapping)):
-        name = "dict" if isinstance(value, Mapping) else type(value).__name__
-        if depth >= 3:
-            return f"{name}(…)"
-        if isinstance(value, Mapping):
-            items = [f"{k}: {_describe(v, depth + 1)}" for k, v in itertools.islice(value.items(), 8)]
-        else:
-            items = [_describe(v, depth + 1) for v in value[:8]]
-        if len(value) > 8:
-            items.append(f"… {len(value) - 8} more")
-        return f"{name}({', '.join(items)})"
-    return _leaf(value)
-
-
-def describe_batch(batch: Any) -> str:
-    """Short shape/dtype summary for messages.
-
-    E.g. `tensor float32[8, 3, 32, 32]` or `dict(voxels: float32[1200, 10, 5], batch_size: int)`.
-    """
-    if isinstance(batch, Tensor):
-        return f"tensor {_leaf(batch)}"
-    if isinstance(batch, np.ndarray):
-        return f"ndarray {_leaf(batch)}"
-    return _one_line(_describe(batch, 0), limit=400)
-
-
-def batch_len(batch: Any) -> int | None:
-    """Samples in `batch`: dim 0 of its first tensor (a dict's int `batch_size` first, as in OpenPCDet)."""
-    if isinstance(batch, (Tensor, np.ndarray)):
-        return int(batch.shape[0]) if batch.ndim else None
-    if isinstance(batch, Mapping):
-        size = batch.get("batch_size")
-        if isinstance(size, int) and not isinstance(size, bool):
-            return size
-        values: Iterable[Any] = batch.values()
-    elif isinstance(batch, (tuple, list)):
-        values = batch
-    else:
-        return None
-    for value in values:
-        n = batch_len(value)
-        if n is not None:
-            return n
-    return None
-
-
-def run_checked(model: nn.Module, batch: Batch, index: int) -> Any:
-    """Run the model on a batch; whatever the model raises on it (a shape, dtype or type it rejects)
-    becomes a one-line CalibrationDataError naming the batch and where in the model it failed."""
-    try:
-        return run_model(model, batch)
-    except SensitivityError:
-        raise
-    except Exception as exc:
-        where = _model_frame(exc)
-        hint = ""
-        if any(not t.is_floating_point() for _, t in _tensors(batch, "")) and isinstance(
-            exc, (RuntimeError, TypeError)
-        ):
-            hint = " (the batch holds integer tensors: convert them to float, or make the model convert)"
-        text = str(exc).strip()
-        common = isinstance(exc, (RuntimeError, TypeError, ValueError, IndexError, KeyError)) and text
-        what = _one_line(text.splitlines()[0]) if common else _exc(exc)
-        raise CalibrationDataError(
-            f"the model rejected calibration batch {index} ({describe_batch(batch)}): {what}{where}{hint}"
-        ) from exc
-
-
-def _model_frame(exc: BaseException) -> str:
-    """` (at file.py:line)` of the innermost traceback frame outside torch and this package, if any."""
-    import traceback
-
-    here = str(Path(__file__).resolve().parent)
-    found = ""
-    for frame in traceback.extract_tb(exc.__traceback__):
-        path = frame.filename
-        if path.startswith(here) or f"{os.sep}torch{os.sep}" in path or path.startswith("<"):
-            continue
-        found = f" (at {Path(path).name}:{frame.lineno})"
-    return found
-
-
-def first_sample(batch: Batch) -> Batch:
-    """A batch of one sample where that is unambiguous (tensor / tuple of tensors with one batch size);
-    other batches (dicts, mixed) are returned whole. Used to bound memory where one sample suffices."""
-    if isinstance(batch, torch.Tensor) and batch.dim() > 0 and batch.shape[0] > 1:
-        return batch[:1]
-    if (
-        isinstance(batch, (tuple, list))
-        and batch
-        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in batch)
-    ):
-        n = {t.shape[0] for t in batch}
-        if len(n) == 1 and n.pop() > 1:
-            return type(batch)(t[:1] for t in batch)
-    return batch
-
-
-def split_batch(batch: Batch, max_samples: int) -> list[Batch]:
-    """`batch` cut into pieces of at most `max_samples` along dim 0, where that is unambiguous (a tensor, or
-    a tuple/list of tensors sharing dim 0); any other batch comes back whole. Per-sample models (eval-mode
-    CNNs) give the same outputs for the pieces as for the whole."""
-    if max_samples < 1:
-        return [batch]
-    if isinstance(batch, Tensor):
-        return list(batch.split(max_samples)) if batch.dim() > 0 and batch.shape[0] > max_samples else [batch]
-    if (
-        isinstance(batch, (tuple, list))
-        and batch
-        and all(isinstance(t, Tensor) and t.dim() > 0 for t in batch)
-    ):
-        sizes = {t.shape[0] for t in batch}
-        if len(sizes) == 1 and sizes.pop() > max_samples:
-            parts = [t.split(max_samples) for t in batch]
-            return [type(batch)(p[i] for p in parts) for i in range(len(parts[0]))]
-    return [batch]

@@ -15,10 +15,11 @@ growing range for pytorch-quantization parity).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "reduce_histograms_",
     "reduce_observers_",
     "reduce_pass_",
+    "session",
     "shard",
     "world_size",
 ]
@@ -56,6 +58,22 @@ def init_from_env(device: str = "cpu") -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+@contextlib.contextmanager
+def session(device: str = "cpu") -> Iterator[str]:
+    """For a command run under torchrun: join the group on entry (yields the device this rank uses: `cuda`
+    becomes `cuda:LOCAL_RANK`), and on the way out wait for every rank and leave the group. A plain
+    process (WORLD_SIZE unset or 1) gets `device` back and nothing else happens."""
+    init_from_env(device)
+    if device == "cuda" and is_distributed():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        yield device
+    finally:
+        if is_distributed():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CalibrationDataError",
     "ConfigError",
@@ -12,6 +14,9 @@ __all__ = [
     "SensitivityError",
     "SpecError",
     "UntrustedPickleError",
+    "describe_exception",
+    "one_line",
+    "short_repr",
 ]
 
 
@@ -49,3 +54,24 @@ class FPModelError(SensitivityError):
 
 class OutputDirError(SensitivityError):
     """The output folder exists (without --overwrite) or cannot be written."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text: object, limit: int | None = 300) -> str:
+    """Text as one short line for a message: ANSI codes removed, whitespace collapsed, cut at `limit`."""
+    line = " ".join(_ANSI.sub("", str(text)).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_exception(e: BaseException) -> str:
+    """`TypeError: message` on one line (just the type name when the message is empty)."""
+    msg = one_line(e)
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() cut to a readable length: user values end up in one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sensitivity.graph import Dataflow, Node
+from sensitivity.quant.registry import DENSE, family_of
 
 __all__ = ["FoldSite", "find_fold_site"]
 
@@ -23,14 +24,11 @@ _PASS_MODULES = (nn.ReLU, nn.Identity, nn.Dropout)
 _PASS_FUNCTIONS = {"relu", "relu_", "dropout", "contiguous", "clone"}
 
 
-def _is_sparse_conv(module: nn.Module | None) -> bool:
-    from sensitivity.quant.modules import is_spconv_module
-
-    if module is None or not is_spconv_module(module):
-        return False
-    from sensitivity.integrations.spconv import is_sparse_conv
-
-    return is_sparse_conv(module)
+def _plugin_producer(module: nn.Module | None) -> bool:
+    """A registered family's layer that takes a folded scale (spconv's sparse convs): dense producers are
+    the exact torch types above (a subclass's own forward may not commute with the scale)."""
+    family = family_of(module) if module is not None else None
+    return family is not None and family is not DENSE and family.foldable(module)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def find_fold_site(flow: Dataflow, layer: str) -> FoldSite:
             between.append(type(mod).__name__)
             value = prod.inputs[0]
             continue
-        if type(mod) in _PRODUCERS or _is_sparse_conv(mod):
+        if type(mod) in _PRODUCERS or _plugin_producer(mod):
             if len(flow.module_calls(prod.name)) != 1:
                 return FoldSite(None, f"producer {prod.name} runs several times")
             via = f" through {', '.join(reversed(between))}" if between else ""

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sensitivity.data import Batch, first_sample, run_checked
 from sensitivity.errors import CalibrationDataError
+from sensitivity.io.batches import Batch, first_sample, run_checked
 from sensitivity.quant.wrapped import call_as_caller
 
 __all__ = ["Dataflow", "Node", "eager_modules", "record_dataflow"]

@@ -21,20 +21,10 @@ The returned model is on `map_location` and in eval mode.
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import importlib
-import importlib.util
 import json
 import logging
-import os
-import pickle
-import re
-import sys
 import warnings
-import zipfile
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.errors import ModelLoadError, SensitivityError, UntrustedPickleError
+from sensitivity.errors import describe_exception as _exc
+from sensitivity.errors import one_line as _one_line
+from sensitivity.io.callables import resolve_callable
+from sensitivity.io.pq_checkpoint import has_quantizer_keys, split_checkpoint_amax, usable_checkpoint_amax
+from sensitivity.io.torchfiles import check_file, pickled_object, sniff, torch_load_weights_only
 
-__all__ = ["STATE_DICT_KEYS", "load_model", "load_state_dict", "resolve_callable"]
+__all__ = ["STATE_DICT_KEYS", "load_model", "load_state_dict"]
 
 #: Keys under which checkpoint dicts wrap the model's state dict, tried in this order.
 STATE_DICT_KEYS = ("state_dict", "model_state", "model", "model_state_dict")
-
-log = logging.getLogger(__name__)
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SHOW = 5  # names listed per category in mismatch messages
 
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _one_line(text: object, limit: int = 300) -> str:
-    """Exception text as one short line: ANSI codes removed, whitespace collapsed, truncated."""
-    line = " ".join(_ANSI.sub("", str(text)).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _exc(e: BaseException) -> str:
-    """`TypeError: message` on one line (just the type name when the message is empty)."""
-    msg = _one_line(e)
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+log = logging.getLogger(__name__)
 
 
 def _first(names: list[str], n: int = _SHOW) -> str:
@@ -74,80 +54,6 @@ def _first(names: list[str], n: int = _SHOW) -> str:
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
-
-
-_UNSAFE_PATTERNS = (
-    re.compile(r"GLOBAL (\S+) was not an allowed global"),
-    re.compile(r"GLOBAL (\S+) whose module \S+ is blocked"),
-    re.compile(r"unrecognized function (.+?)(?: which belongs|$)"),
-    re.compile(r"Can only create new object for .* but got (.+)$"),
-    re.compile(r"Can only build Tensor, .* but got (.+)$"),
-)
-
-
-def _pickled_object(e: BaseException) -> str | None:
-    """The Python object a `weights_only=True` load refused, or None when `e` is not that refusal.
-
-    torch wraps every error of its restricted unpickler into "Weights only load failed ..."; only those
-    naming a global, a function call or an object build are "this file holds pickled objects" —
-    an unknown opcode or a short read is corruption, not a pickle to trust.
-    """
-    if not isinstance(e, pickle.UnpicklingError):
-        return None
-    text = _one_line(e, limit=100_000)
-    if "Weights only load failed" not in text:
-        return None
-    for pattern in _UNSAFE_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            return match.group(1).strip().rstrip(".")
-    return None
-
-
-def _sniff(path: Path) -> str:
-    """File kind by content.
-
-    One of: empty, zip-broken, torch-zip, torchscript, zip-other, pickle, safetensors, unknown.
-    """
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        return "empty"
-    if head[:2] == b"PK":
-        try:
-            with zipfile.ZipFile(path) as z:
-                records = {name.split("/", 1)[-1] for name in z.namelist()}
-                kind = "torch-zip" if "data.pkl" in records else ""
-                kind = "torchscript" if "constants.pkl" in records else kind
-                # torch.load does not check the records' CRC-32: a flipped bit would load as another weight
-                if kind and z.testzip() is not None:
-                    return "zip-broken"
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError):
-            return "zip-broken"
-        return kind or "zip-other"
-    if head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len <= path.stat().st_size - 8:
-            return "safetensors"
-    return "unknown"
-
-
-def _check_file(path: Path, what: str, error: type[SensitivityError]) -> None:
-    if not path.exists():
-        raise error(f"{what} not found: {path}")
-    if path.is_dir():
-        raise error(f"{what} {path} is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise error(f"{what} {path} is not readable (permission denied)")
-
-
-def _torch_load_weights_only(path: Path, map_location: Any) -> Any:
-    """`torch.load(weights_only=True)`; the caller maps `_pickled_object` refusals and corruption."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # protocol/format chatter: the outcome is reported as an error or not
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _corrupt(path: Path, e: BaseException | None = None, kind: str = "PyTorch checkpoint") -> ModelLoadError:
@@ -163,90 +69,6 @@ def _untrusted(path: Path, obj: str) -> UntrustedPickleError:
         "code, so it is refused: pass --trust-pickle only if you trust the file's source, or save "
         "model.state_dict() and load it with --arch pkg.module:factory"
     )
-
-
-# ---------------------------------------------------------------------------------------- user callables
-def resolve_callable(
-    spec: str, what: str, error: type[SensitivityError] = ModelLoadError
-) -> Callable[..., Any]:
-    """The callable named by `pkg.module:attr` or `path/to/file.py:attr` (`attr` may be dotted).
-
-    `what` names the option in messages (e.g. `--arch`); failures raise `error` (one line, naming the spec).
-    A module that is not importable is retried with the current directory on `sys.path`, as
-    `python -m` would have it (console scripts leave it off). A file is imported under a private module
-    name (once per absolute path), with its own folder on `sys.path` while it runs.
-    """
-    text = str(spec).strip()
-    module_name, sep, attr = text.rpartition(":")
-    if not sep or not module_name or not attr or not all(p.isidentifier() for p in attr.split(".")):
-        raise error(f"{what} {text!r} is not of the form pkg.module:attr or path/to/file.py:attr")
-    is_file = module_name.endswith(".py") or "/" in module_name or os.sep in module_name
-    module = (
-        _import_file(module_name, text, what, error)
-        if is_file
-        else _import_module(module_name, text, what, error)
-    )
-
-    obj: Any = module
-    for i, part in enumerate(attr.split(".")):
-        if not hasattr(obj, part):
-            owner = module_name if i == 0 else ".".join(attr.split(".")[:i])
-            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise error(f"{what} {text!r}: {owner} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise error(f"{what} {text!r} is a {type(obj).__name__}, not a callable")
-    return obj
-
-
-def _import_module(name: str, spec: str, what: str, error: type[SensitivityError]) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        cwd = os.getcwd()
-        own = bool(missing) and (name == missing or name.startswith(missing + "."))
-        if own and cwd not in sys.path and "" not in sys.path:
-            sys.path.insert(0, cwd)
-            try:
-                return importlib.import_module(name)
-            except ModuleNotFoundError as e2:
-                e = e2
-            except Exception as e2:
-                raise error(f"{what} {spec!r}: importing {name} failed: {_exc(e2)}") from e2
-        raise error(f"{what} {spec!r}: cannot import {name} ({_exc(e)})") from e
-    except Exception as e:
-        raise error(f"{what} {spec!r}: importing {name} failed: {_exc(e)}") from e
-
-
-def _import_file(file: str, spec: str, what: str, error: type[SensitivityError]) -> Any:
-    path = Path(file).expanduser().resolve()
-    if not path.is_file():
-        raise error(f"{what} {spec!r}: file {path} not found")
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    stem = re.sub(r"\W", "_", path.stem)
-    name = f"_sensitivity_user_{stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise error(f"{what} {spec!r}: {path} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    folder = str(path.parent)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[name]
-        raise error(f"{what} {spec!r}: importing {path.name} failed: {_exc(e)}") from e
-    finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
-    return module
 
 
 # ------------------------------------------------------------------------------------------ state dicts
@@ -288,9 +110,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor] | nn.Module:
 
 def _read(path: Path, trust_pickle: bool, map_location: Any) -> tuple[str, dict[str, Tensor] | nn.Module]:
     """(kind, state dict or module) with kind one of state_dict | safetensors | torchscript | module."""
-    _check_file(path, "model file", ModelLoadError)
+    check_file(path, "model file", ModelLoadError)
     try:
-        kind = _sniff(path)
+        kind = sniff(path)
     except OSError as e:
         raise ModelLoadError(f"cannot read model file {path}: {_exc(e)}") from e
     if kind == "empty":
@@ -320,9 +142,9 @@ def _read(path: Path, trust_pickle: bool, map_location: Any) -> tuple[str, dict[
         )
 
     try:
-        obj = _torch_load_weights_only(path, map_location)
+        obj = torch_load_weights_only(path, map_location)
     except Exception as e:
-        refused = _pickled_object(e)
+        refused = pickled_object(e)
         if refused is None:
             raise _corrupt(path, e) from e
         if not trust_pickle:
@@ -448,12 +270,6 @@ def _split_quantizer_state(
     come back for the scan to use instead of calibrating those layers. A model that has such quantizers
     itself gets the state dict unchanged.
     """
-    from sensitivity.integrations.pytorch_quantization import (
-        has_quantizer_keys,
-        split_checkpoint_amax,
-        usable_checkpoint_amax,
-    )
-
     if not has_quantizer_keys(sd):
         return sd, {}
     if any(

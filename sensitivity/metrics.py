@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from sensitivity.spec import METRICS
+
 __all__ = ["METRICS", "ErrorStats", "error_metrics", "reference_sums"]
 
-#: Per-layer metrics, in the column order used by layers.csv.
-METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 
 _SUM_FIELDS = (
     "n",

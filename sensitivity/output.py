@@ -1,31 +1,57 @@
-"""Write a scan's report folder: everything goes to a temp folder beside the target, then one atomic
-move (`sensitivity.files.atomic_dir`), so a failed or interrupted scan never leaves a half-written report
-that looks complete, and an existing folder is replaced only with `overwrite=True` when the tool wrote it.
+"""The public `ScanResult` and writing its report folder.
+
+Everything goes to a temp folder beside the target, then one atomic move (`sensitivity.files.atomic_dir`),
+so a failed or interrupted scan never leaves a half-written report that looks complete, and an existing
+folder is replaced only with `overwrite=True` when the tool wrote it. The scan itself never writes: the
+CLI (or `ScanResult.save`) calls `write_scan`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import platform
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from sensitivity.apply import apply_policy, save_quantized
 from sensitivity.files import atomic_dir, torch_save_file
-from sensitivity.policy import ExcludeEntry, write_exclude, write_policy
+from sensitivity.pipeline import ScanData
+from sensitivity.policy import write_exclude, write_policy
+from sensitivity.report import render_report
 
-if TYPE_CHECKING:
-    from sensitivity.scan import ScanResult
-
-__all__ = ["scan_json", "stats_arrays", "write_scan"]
+__all__ = ["ScanResult", "scan_json", "stats_arrays", "write_scan"]
 
 log = logging.getLogger(__name__)
+
+
+class ScanResult(ScanData):
+    """Everything a scan measured and decided (`.table`, `.policy`, `.comparison`, `.quant_state`...);
+    `save()` writes the report folder."""
+
+    @classmethod
+    def of(cls, data: ScanData) -> ScanResult:
+        return cls(**{f.name: getattr(data, f.name) for f in fields(ScanData)})
+
+    def save(
+        self,
+        out_dir: str | os.PathLike[str],
+        overwrite: bool = False,
+        report: bool = True,
+        inputs: Iterable[Any] = (),
+    ) -> Path:
+        """Write the report folder (atomically); `report=False` skips report.html and the plots. An existing
+        folder is replaced only with `overwrite` and only when sensitivity wrote it; `inputs` (paths of the
+        model, data...) may not lie in it or hold it."""
+        return write_scan(self, out_dir, overwrite=overwrite, report=report, inputs=inputs)
 
 
 def _jsonable(value: Any) -> Any:
@@ -44,9 +70,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def scan_json(result: ScanResult) -> dict[str, Any]:
-    import sensitivity
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sensitivity")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0"
 
+
+def scan_json(result: ScanData) -> dict[str, Any]:
     opts = result.options
     return _jsonable(
         {
@@ -76,7 +107,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
             "output_comparison": result.output_comparison.to_dict(orient="records"),
             "timings": result.timings,
             "versions": {
-                "sensitivity": getattr(sensitivity, "__version__", "0"),
+                "sensitivity": _version(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
@@ -84,7 +115,7 @@ def scan_json(result: ScanResult) -> dict[str, Any]:
     )
 
 
-def stats_arrays(result: ScanResult) -> dict[str, np.ndarray]:
+def stats_arrays(result: ScanData) -> dict[str, np.ndarray]:
     """Per-layer arrays for re-rendering the report without the model (format: docs in README).
 
     `layers` (names, execution order); per layer `chan_absmax/<l>` (per-input-channel max |x|),
@@ -111,12 +142,12 @@ def stats_arrays(result: ScanResult) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_stats(result: ScanResult, path: Path) -> None:
+def write_stats(result: ScanData, path: Path) -> None:
     np.savez_compressed(path, **stats_arrays(result))
 
 
 def write_scan(
-    result: ScanResult,
+    result: ScanData,
     out_dir: str | os.PathLike[str],
     overwrite: bool = False,
     report: bool = True,
@@ -128,14 +159,11 @@ def write_scan(
     with atomic_dir(out_dir, overwrite, inputs) as tmp:
         result.table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g", lineterminator="\n")
         (tmp / "scan.json").write_text(json.dumps(scan_json(result), indent=2, allow_nan=False) + "\n")
-        entries = [ExcludeEntry(layer=n, reason=r, metrics=m) for n, (r, m) in result.excluded.items()]
-        write_exclude(entries, tmp / "exclude.yaml", spec=result.spec.name)
+        write_exclude(result.excluded, tmp / "exclude.yaml", spec=result.spec.name)
         write_policy(result.policy, tmp / "policy.yaml")
-        torch_save_file(result.quant_state, tmp / "quant_state.pt")
+        torch_save_file(result.quant_state.to_dict(), tmp / "quant_state.pt")
         write_stats(result, tmp / "stats.npz")
         if result.fp_model is not None:
-            from sensitivity.apply import apply_policy, save_quantized
-
             save_quantized(
                 apply_policy(result.fp_model, result.policy, result.quant_state), tmp / "model_quant.pt"
             )
@@ -146,8 +174,6 @@ def write_scan(
 
 def _write_report(folder: Path, final: Path) -> None:
     """report.html + plots/ from the files just written. A render failure must not cost the scan."""
-    from sensitivity.report import render_report
-
     try:
         render_report(folder)
     except Exception as exc:

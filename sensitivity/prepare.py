@@ -6,43 +6,34 @@ import copy
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from sensitivity.data import Batch, batch_to
 from sensitivity.errors import NoQuantizableLayersError
 from sensitivity.graph import Dataflow, eager_modules, record_dataflow
-from sensitivity.policy.glob import glob_match
-from sensitivity.quant.modules import (
-    QUANT_MODULES,
-    QuantMixin,
-    is_spconv_module,
-    is_wrapped_kind,
-    quant_class_for,
-)
+from sensitivity.io.batches import Batch, batch_to
+from sensitivity.quant.modules import QuantMixin, is_wrapped_kind
+from sensitivity.quant.registry import check_registered, family_of, is_target, prepare_model_
 from sensitivity.quant.wrapped import probing
 
 __all__ = [
-    "LayerInfo", "Prepared", "find_targets", "fold_bn_", "frozen_copy", "fuse_pair_", "is_target", "prepare",
-]  # fmt: skip
+    "LayerInfo",
+    "Prepared",
+    "Selection",
+    "find_targets",
+    "fold_bn_",
+    "frozen_copy",
+    "fuse_pair_",
+    "prepare",
+]
 
 log = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def is_target(module: nn.Module) -> bool:
-    """Conv / ConvTranspose / Linear, their subclasses (quantized where their forward calls the op), or a
-    spconv convolution (SubMConv3d, SparseConv3d, SparseInverseConv3d, ...); never our quantized layers."""
-    if isinstance(module, QuantMixin):
-        return False
-    if is_spconv_module(module):
-        return quant_class_for(module) is not None
-    return any(b in QUANT_MODULES for b in type(module).__mro__)
 
 
 @dataclass
@@ -78,18 +69,17 @@ class Prepared:
         return [layer.name for layer in self.layers]
 
 
-def find_targets(model: nn.Module, only: list[str] | None = None, skip: list[str] | None = None) -> list[str]:
-    """Target layer names (module-tree order), filtered by `only` / `skip` glob lists."""
-    names = []
-    for name, mod in eager_modules(model):
-        if not name or not is_target(mod):
-            continue
-        if only and not any(glob_match(p, name) for p in only):
-            continue
-        if skip and any(glob_match(p, name) for p in skip):
-            continue
-        names.append(name)
-    return names
+#: Why a layer is left out by the user's selection (e.g. "matched --skip"), or None when it is scanned.
+Selection = Callable[[str], "str | None"]
+
+
+def _everything(name: str) -> str | None:
+    return None
+
+
+def find_targets(model: nn.Module, select: Selection = _everything) -> list[str]:
+    """Target layer names (module-tree order) that `select` keeps."""
+    return [name for name, mod in eager_modules(model) if name and is_target(mod) and select(name) is None]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -99,16 +89,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _foldable(module: nn.Module | None) -> bool:
-    """Conv1d/2d/3d, Linear, or a spconv conv (weight [Cout, k..., Cin]: output channels first, as here)."""
-    if module is None:
-        return False
-    if isinstance(module, _FOLDABLE):
-        return True
-    if is_spconv_module(module):
-        from sensitivity.integrations.spconv import is_sparse_conv
-
-        return is_sparse_conv(module)
-    return False
+    """A layer whose family folds BN into it (Conv1d/2d/3d, Linear, a spconv conv: output channels first)."""
+    family = family_of(module) if module is not None else None
+    return family is not None and family.foldable(module)  # type: ignore[arg-type]
 
 
 def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
@@ -183,9 +166,8 @@ _SCRIPTED_CONV = re.compile(r"^(Conv|ConvTranspose|LazyConv)[123]d$|^Linear$")
 
 
 def _unscanned(
-    fp: nn.Module, candidates: set[str], targets: set[str], ran: set[str], problems: dict[str, str],
-    only: list[str] | None, skip: list[str] | None,
-) -> dict[str, str]:  # fmt: skip
+    fp: nn.Module, candidates: set[str], ran: set[str], problems: dict[str, str], select: Selection
+) -> dict[str, str]:
     """Every conv-like module that is not scanned, with the reason, in module-tree order."""
     out: dict[str, str] = _script_problems(fp)
     for name, mod in fp.named_modules():
@@ -194,9 +176,11 @@ def _unscanned(
         if name in problems:
             out[name] = f"{type(mod).__name__}: {problems[name]}"
         elif name not in candidates:
-            out[name] = f"{type(mod).__name__} has no quantized form here (not a torch conv / Linear subclass)"
-        elif name not in targets:
-            out[name] = "matched --skip" if skip and any(glob_match(p, name) for p in skip) else "not in --only"
+            out[name] = (
+                f"{type(mod).__name__} has no quantized form here (not a torch conv / Linear subclass)"
+            )
+        elif select(name) is not None:
+            out[name] = str(select(name))
         elif name not in ran:
             out[name] = "never ran on the first calibration batch"
     return out
@@ -218,8 +202,7 @@ def prepare(
     model: nn.Module,
     batch: Batch,
     *,
-    only: list[str] | None = None,
-    skip: list[str] | None = None,
+    select: Selection = _everything,
     fold_bn: bool = True,
     device: torch.device | str | None = None,
 ) -> Prepared:
@@ -228,15 +211,12 @@ def prepare(
     Conv subclasses whose forward wraps the op are probed on the first batch: one that calls its op other
     than once per call is not scanned; one that computes its weight in forward gets no BN folding (and, in
     the scan, no SmoothQuant)."""
+    check_registered(model)
     fp = frozen_copy(model)
     if device is not None:
         fp = fp.to(device)
         batch = batch_to(batch, device)
-    sparse = any(is_spconv_module(m) for m in fp.modules())
-    if sparse:
-        from sensitivity.integrations.spconv import add_cpu_bias_fallback_
-
-        add_cpu_bias_fallback_(fp)  # spconv's CPU kernels refuse conv + bias in eval mode
+    prepare_model_(fp)  # e.g. spconv's CPU kernels refuse conv + bias in eval mode
     candidates = {n for n, m in eager_modules(fp) if n and is_target(m)}
     wrapped = {n: fp.get_submodule(n) for n in sorted(candidates) if is_wrapped_kind(fp.get_submodule(n))}
     with probing(wrapped) as probes:
@@ -248,21 +228,18 @@ def prepare(
     folded = fold_bn_(fp, flow, skip=no_fold) if fold_bn else {}
     if folded:
         log.info("folded %d BatchNorm layers into their convs", len(folded))
-        if sparse:
-            from sensitivity.integrations.spconv import add_cpu_bias_fallback_
-
-            add_cpu_bias_fallback_(fp)  # folding gave biases to sparse convs that had none (idempotent)
+        prepare_model_(fp)  # folding gave biases to layers that had none (idempotent)
         flow = record_dataflow(fp, batch, leaves=candidates)  # the folded graph, for SmoothQuant folding
-    targets = set(find_targets(fp, only, skip)) - set(problems)
+    targets = set(find_targets(fp, select)) - set(problems)
     order = [n for n in flow.module_order() if n in targets]
-    unscanned = _unscanned(fp, candidates, targets, set(order), problems, only, skip)
+    unscanned = _unscanned(fp, candidates, set(order), problems, select)
     if unscanned:
         log.warning(
             "%d conv-like layers are not scanned: %s",
             len(unscanned), "; ".join(f"{n} ({why})" for n, why in list(unscanned.items())[:3]),
         )  # fmt: skip
     if not order:
-        what = " after --only/--skip" if (only or skip) else ""
+        what = " after --only/--skip" if any(select(n) for n in candidates) else ""
         ran = "" if not targets else " (none of them ran on the first calibration batch)"
         raise NoQuantizableLayersError(f"no Conv / Linear / sparse-conv layer to quantize{what}{ran}")
     layers = []
@@ -285,29 +262,3 @@ def prepare(
             )
         )
     return Prepared(fp, layers, flow, folded, unscanned)
-
-
-def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample (dim 0 is the batch); sparse convs: an upper bound for the whole
-    batch, as if every active output site saw a full kernel (the rule book is not inspected)."""
-    w = module.weight
-    if is_spconv_module(module):
-        return out_shape[0] * w[0].numel() if out_shape else 0
-    if isinstance(module, nn.Linear):
-        rows = 1
-        for d in out_shape[1:-1]:
-            rows *= d
-        return rows * w.shape[0] * w.shape[1]
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        n_in = 1
-        for d in in_shape[1:]:
-            n_in *= d
-        return n_in * w[0].numel()
-    n_out = 1
-    for d in out_shape[1:]:
-        n_out *= d
-    return (
-        n_out * w[0].numel()
-        if isinstance(module, nn.modules.conv._ConvNd)
-        else n_out * w.numel() // w.shape[0]
-    )

@@ -23,7 +23,13 @@ from sensitivity.capture.observe import LayerObserver
 from sensitivity.errors import OutputDirError, SensitivityError
 from sensitivity.files import atomic_torch_save
 
-__all__ = ["ResumeError", "load_calibration_checkpoint", "resume_path", "save_calibration_checkpoint"]
+__all__ = [
+    "ResumeError",
+    "fingerprint",
+    "load_calibration_checkpoint",
+    "resume_path",
+    "save_calibration_checkpoint",
+]
 
 FORMAT = "sensitivity-calibration"
 
@@ -52,7 +58,7 @@ def _hash_tensors(h: Any, obj: Any) -> None:
         h.update(repr(obj).encode())
 
 
-def _fingerprint(model: nn.Module, batches: Sequence[Any], opts: Any) -> str:
+def fingerprint(model: nn.Module, batches: Sequence[Any], opts: Any) -> str:
     """blake2b of the weights, the calibration batches and the options that shape calibration."""
     h = hashlib.blake2b(digest_size=32)
     _hash_tensors(h, model.state_dict())

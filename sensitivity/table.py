@@ -9,14 +9,10 @@ import pandas as pd
 
 from sensitivity.capture.observe import LayerObserver
 from sensitivity.capture.passes import PassResult
-from sensitivity.metrics import METRICS, ErrorStats
+from sensitivity.metrics import ErrorStats
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["build_table", "metric_columns"]
-
-
-def metric_columns(mode: str, method: str) -> list[str]:
-    return [f"{mode}_{method}_{m}" for m in METRICS]
+__all__ = ["build_table"]
 
 
 def _shape(shape: Sequence[int]) -> str:

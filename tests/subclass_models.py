@@ -16,7 +16,9 @@ from torch import nn
 class Conv2dStaticSamePadding(nn.Conv2d):
     """efficientnet-pytorch's TF "SAME" conv: a padding submodule applied in forward, then F.conv2d."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, image_size: int = 16, **kw: object) -> None:
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int = 1, image_size: int = 16, **kw: object
+    ) -> None:
         super().__init__(cin, cout, k, stride, **kw)  # type: ignore[arg-type]
         out = math.ceil(image_size / stride)
         pad = max((out - 1) * stride + k - image_size, 0)

@@ -16,11 +16,12 @@ pytest.importorskip("spconv.pytorch", reason="the lidar extra (spconv) is not in
 
 import spconv.pytorch as sp
 
+from sensitivity import ScanOptions, scan
 from sensitivity.apply import apply_policy
 from sensitivity.demo import centerpoint as cp
+from sensitivity.demo import centerpoint_train as cpt
 from sensitivity.demo import pointclouds as pc
 from sensitivity.integrations.spconv import cpu_bias_fallback, single_thread_if_sparse
-from sensitivity.scan import ScanOptions, scan
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -49,12 +50,12 @@ def _one_thread() -> None:
 def centerpoint() -> cp.CenterPoint:
     """The trained model, from the persistent cache ($SENSITIVITY_CACHE or the user cache dir): about 35 s
     of training the first time, a fraction of a second afterwards."""
-    return cp.train_centerpoint()
+    return cpt.train_centerpoint()
 
 
 @pytest.fixture(scope="session")
 def frames() -> list[dict]:
-    return cp.lidar_batches(6)
+    return cpt.lidar_batches(6)
 
 
 def test_real_scans_read_with_numpy() -> None:
@@ -139,7 +140,7 @@ def test_batch_dict_contract(centerpoint: cp.CenterPoint, frames: list[dict]) ->
 
 def _frame(i: int) -> np.ndarray:
     tile = pc.load_aerial_tile()
-    yaw, center = cp._calib_poses(2, tile)[i]
+    yaw, center = cpt._calib_poses(2, tile)[i]
     return pc.frame_points(tile, yaw=yaw, center=center)[0]
 
 
@@ -161,11 +162,11 @@ def test_training_quality_and_cache(centerpoint: cp.CenterPoint) -> None:
     assert held["r2.0.center_z"] > 0.5 and held["r2.0.dim"] > 0.5 and held["r2.0.hm"] > 0.2
     assert any("backbone_3d" in u for u in meta["untrained"]) and any(".vel" in u for u in meta["untrained"])
     start = time.perf_counter()
-    again = cp.train_centerpoint()
+    again = cpt.train_centerpoint()
     assert time.perf_counter() - start < 10
     for k, v in centerpoint.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
-    assert cp.cache_path().is_file()
+    assert cpt.cache_path().is_file()
 
 
 def _clone(obj: Any) -> Any:
@@ -223,7 +224,7 @@ def test_scan_end_to_end_on_real_frames(centerpoint: cp.CenterPoint, frames: lis
     unfolded = apply_policy(centerpoint, result.policy, result.quant_state, fold_smoothing=False)
     final = apply_policy(centerpoint, result.policy, result.quant_state)
     folds = {
-        c: p for c, p in result.quant_state["sq_fold"].items() if result.policy.method_for(c) == "smoothquant"
+        c: p for c, p in result.quant_state.sq_fold.items() if result.policy.method_for(c) == "smoothquant"
     }
     assert folds and any(p.startswith("backbone_3d.") for p in folds.values())
     seen: dict[str, tuple] = {}

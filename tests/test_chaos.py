@@ -111,14 +111,19 @@ def test_interrupts_at_random_points_leave_nothing_broken(setup: tuple[Path, flo
             outcomes.append((kind, code))
             if kind == "apply":
                 target = work / out
-                assert not target.exists() if code else {"model_quant.pt", "model_quant.onnx", "export.json"} <= {
-                    p.name for p in target.iterdir()
-                }
+                assert (
+                    not target.exists()
+                    if code
+                    else {"model_quant.pt", "model_quant.onnx", "export.json"}
+                    <= {p.name for p in target.iterdir()}
+                )
         report = _digest(work / "rep")
         if all(c != 0 for k, c in outcomes[-2:] if k == "scan"):
             assert report == before  # every scan of the pair was interrupted: the old report, byte for byte
         assert set(report) >= REPORT_FILES
-        leftovers = [p.name for p in work.iterdir() if p.name.startswith(".") and not p.name.endswith(".resume.pt")]
+        leftovers = [
+            p.name for p in work.iterdir() if p.name.startswith(".") and not p.name.endswith(".resume.pt")
+        ]
         assert leftovers == [], leftovers
         assert {name: _digest(work)[name] for name in inputs} == inputs
     assert any(code != 0 for _, code in outcomes)  # the seeded moments do interrupt runs

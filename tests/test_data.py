@@ -15,16 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity.data import (
-    batch_len,
-    batch_to,
-    describe_batch,
-    load_calibration,
-    run_model,
-    split_holdout,
-)
+from sensitivity.data import load_calibration
 from sensitivity.errors import CalibrationDataError, SensitivityError
-from sensitivity.load import resolve_callable
+from sensitivity.io.batches import batch_len, batch_to, describe_batch, run_model, split_holdout
+from sensitivity.io.callables import resolve_callable
 
 FACTORIES = str(Path(__file__).with_name("factories.py"))
 

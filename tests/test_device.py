@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sensitivity import ScanOptions, scan
 from sensitivity.cli import main
-from sensitivity.scan import ScanOptions, scan
 from tests.models import FoldableOutliers, OutlierChannelsNet
 
 MODELS = str(Path(__file__).with_name("models.py"))
@@ -19,12 +19,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _batches(n: int = 4) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(n)]
-
-
-def test_explicit_cpu_device_equals_default() -> None:
-    a = scan(OutlierChannelsNet(), _batches())
-    b = scan(OutlierChannelsNet(), _batches(), ScanOptions(device="cpu"))
-    assert a.table.drop(columns=[]).equals(b.table)
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:99", "nonsense"])

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from sensitivity.cli import main
 from sensitivity.errors import SpecError
-from sensitivity.quant.spec import CALIBRATORS, QuantSpec
-from sensitivity.smoothquant import MAX_ALPHAS, parse_alpha_grid
+from sensitivity.methods.smoothquant import MAX_ALPHAS, parse_alpha_grid
+from sensitivity.spec import CALIBRATORS, QuantSpec
 from tests.models import TinyConvNet
 
 MODELS = str(Path(__file__).resolve().with_name("models.py"))

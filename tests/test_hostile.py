@@ -88,7 +88,7 @@ def test_a_model_writing_into_its_input_changes_nothing_and_measures_right(
     arch: str,
     calib: str,
 ) -> None:
-    from sensitivity.scan import scan
+    from sensitivity import scan
 
     model = getattr(hostile, arch)() if arch != "in_place_dict" else hostile.InPlaceDict()
     batches = getattr(hostile, calib)()
@@ -455,7 +455,9 @@ def test_docs_list_every_new_message() -> None:
 
 
 def test_exclude_yaml_lists_the_layers_the_budget_keeps_in_fp(work: Path, capsys) -> None:
-    _ok(_scan(work, "--eval", f"{H}:eval_agreement", "--exclude-budget", "0.0001", "--no-smoothquant"), capsys)
+    _ok(
+        _scan(work, "--eval", f"{H}:eval_agreement", "--exclude-budget", "0.0001", "--no-smoothquant"), capsys
+    )
     info = json.loads((work / "out" / "scan.json").read_text())
     excluded = [e["layer"] for e in yaml.safe_load((work / "out" / "exclude.yaml").read_text())["exclude"]]
     policy_fp = [

@@ -24,9 +24,8 @@ import pytest
 import torch
 from torch import nn
 
-from sensitivity import apply_policy, scan
+from sensitivity import ScanOptions, apply_policy, scan
 from sensitivity.cli import main
-from sensitivity.scan import ScanOptions
 from tests.models import FoldableOutliers, PlantedOutlierNet, TinyConvNet
 
 MODELS = str(Path(__file__).resolve().with_name("models.py"))
@@ -81,7 +80,7 @@ def test_api_leaves_the_fp_model_untouched(
     result = scan(model, _batches(), ScanOptions(alphas=(0.5,)))
     _assert_same(before, model, "scan")
     if factory is FoldableOutliers:  # the folding this model is here for did happen (on copies)
-        assert result.policy.method_for("b") == "smoothquant" and result.quant_state["sq_fold"]["b"] == "a"
+        assert result.policy.method_for("b") == "smoothquant" and result.quant_state.sq_fold["b"] == "a"
     else:
         assert result.folded_bn
     result.save(str(tmp_path / "report"), report=False)  # builds model_quant.pt from the scan's model

@@ -32,6 +32,7 @@ pytest.importorskip("spconv.pytorch", reason="the lidar extra (spconv) is not in
 
 from sensitivity.cli import main
 from sensitivity.demo import centerpoint as cp
+from sensitivity.demo import centerpoint_train as cpt
 from sensitivity.integrations import pcdet as adapter
 from sensitivity.prepare import find_targets
 
@@ -280,7 +281,7 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def frames() -> list[dict[str, Any]]:
     """Real voxelized frames (torch batch_dicts of one frame each)."""
-    return cp.lidar_batches(VAL_FRAMES)
+    return cpt.lidar_batches(VAL_FRAMES)
 
 
 def _write_tree(root: Path, frames: list[dict[str, Any]]) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity import ScanOptions
 from sensitivity.graph import record_dataflow
 from sensitivity.prepare import find_targets, prepare
 from tests.models import TinyConvNet
@@ -90,9 +91,15 @@ def test_dataflow_sees_functional_consumers_and_inplace_versions() -> None:
 
 def test_only_and_skip_globs() -> None:
     model = TinyConvNet()
-    assert find_targets(model, only=["stem.*"]) == ["stem.0"]
-    assert find_targets(model, skip=["**"]) == []
-    assert find_targets(model, skip=["fc", "d*"]) == ["stem.0", "conv1", "pw"]
+
+    def targets(**globs: tuple[str, ...]) -> list[str]:
+        return find_targets(model, ScanOptions(**globs).selection)
+
+    assert targets(only=("stem.*",)) == ["stem.0"]
+    assert targets(skip=("**",)) == []
+    assert targets(skip=("fc", "d*")) == ["stem.0", "conv1", "pw"]
+    assert ScanOptions(only=("stem.*",), skip=("stem.0",)).selection("stem.0") == "matched --skip"
+    assert ScanOptions(only=("stem.*",)).selection("fc") == "not in --only"
 
 
 def test_subclassed_layers_are_targets_and_quantized_at_their_op() -> None:

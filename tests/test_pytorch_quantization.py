@@ -27,21 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sensitivity import ScanOptions, ScanResult, scan
 from sensitivity.apply import apply_policy
 from sensitivity.cli import main
 from sensitivity.integrations.pytorch_quantization import (
     UnfoldedSmoothingError,
     save_amax_state_dict,
     sidecar_path,
-    split_checkpoint_amax,
     to_pytorch_quantization,
-    usable_checkpoint_amax,
 )
+from sensitivity.io.pq_checkpoint import split_checkpoint_amax, usable_checkpoint_amax
 from sensitivity.load import load_model
 from sensitivity.quant.build import quant_layers
 from sensitivity.quant.quantizer import TensorQuantizer
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.scan import ScanOptions, ScanResult, scan
+from sensitivity.spec import QuantSpec
 from tests.models import FoldableOutliers, OutlierChannelsNet
 
 quant_nn = pytest.importorskip("pytorch_quantization.nn")
@@ -236,7 +235,7 @@ def test_scan_uses_the_checkpoint_amax_and_matches_pytorch_quantization(
     # scan on other data (wider): its own calibration would give other ranges, the checkpoint's win
     result = scan(model, _batches(4, (8, 3, 16, 16), seed=2, gain=2.0), ScanOptions(alphas=()))
     for n, entry in ckpt.items():
-        assert torch.equal(result.quant_state["layers"][n]["input_amax"], entry["input"]), n
+        assert torch.equal(result.quant_state.layers[n].input_amax, entry["input"]), n
         assert float(result.observers[n].amax()) != float(entry["input"]), n
 
     naive = result.quantized_model("naive")

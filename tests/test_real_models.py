@@ -10,9 +10,8 @@ import onnx
 import pytest
 import torch
 
-from sensitivity import apply_policy, scan
+from sensitivity import ScanOptions, apply_policy, scan
 from sensitivity.export import PARITY_RTOL, export_onnx, verify_onnx
-from sensitivity.scan import ScanOptions
 from tests.real_models import (
     YOLOV8N_CLASSES,
     YOLOV8N_INPUT,
@@ -112,4 +111,6 @@ def test_yolov8n_outputs_split_into_boxes_and_scores_through_the_cli(tmp_path: P
     rows = json.loads((tmp_path / "rep" / "scan.json").read_text())["output_comparison"]
     naive = {r["output"]: r for r in rows if r["config"] == "naive"}
     assert set(naive) == {"boxes", "scores"}
-    assert naive["scores"]["out_rel_l1"] > naive["boxes"]["out_rel_l1"]  # hidden by the boxes' pixels when pooled
+    assert (
+        naive["scores"]["out_rel_l1"] > naive["boxes"]["out_rel_l1"]
+    )  # hidden by the boxes' pixels when pooled

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity import ScanOptions, scan
 from sensitivity.errors import CalibrationDataError, FPModelError, NoQuantizableLayersError
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.scan import ScanOptions, scan
+from sensitivity.spec import QuantSpec
 from tests.models import Decode, PlantedOutlierNet, TinyConvNet, plant_exp_fault_
 
 
@@ -109,7 +109,7 @@ def test_nonfinite_repair_when_thresholds_miss_the_cause() -> None:
     result = scan(model, batches, ScanOptions(outputs=("dim",)))
     assert result.first_nonfinite == "decode"
     assert list(result.excluded) == ["dim"]
-    assert "turns non-finite at decode" in result.excluded["dim"][0]
+    assert "turns non-finite at decode" in result.excluded["dim"].reason
     assert result.policy_first_nonfinite is None
 
 
@@ -158,7 +158,7 @@ def test_act_sign_auto_reports_the_signed_alternative() -> None:
 def test_user_exclusion_globs_are_honoured() -> None:
     result = scan(TinyConvNet(), _batches(), ScanOptions(exclude=("d*", "fc")))
     assert list(result.excluded) == ["dw", "fc"]
-    assert result.excluded["fc"][0] == "listed in the user's exclusion file"
+    assert result.excluded["fc"].reason == "listed in the user's exclusion file"
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
@@ -193,8 +193,16 @@ def test_saved_report_is_deterministic(tmp_path: Path) -> None:
         out = scan(PlantedOutlierNet(), _batches(), ScanOptions(seed=7)).save(str(tmp_path / f"r{i}"))
         digests.append([(out / f).read_bytes() for f in files])
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            [*files, ".sensitivity", "scan.json", "quant_state.pt", "stats.npz", "model_quant.pt", "report.html",
-             "plots"]
+            [
+                *files,
+                ".sensitivity",
+                "scan.json",
+                "quant_state.pt",
+                "stats.npz",
+                "model_quant.pt",
+                "report.html",
+                "plots",
+            ]
         )
     assert digests[0] == digests[1]
     state = torch.load(tmp_path / "r0" / "quant_state.pt", weights_only=True)

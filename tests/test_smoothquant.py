@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity import ScanOptions, scan
 from sensitivity.fold import find_fold_site
 from sensitivity.graph import record_dataflow
-from sensitivity.im2col import im2col_chunks, im2col_conv, im2col_refusal
-from sensitivity.quant.modules import quant_class_for
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.scan import ScanOptions, scan
-from sensitivity.smoothquant import (
+from sensitivity.methods.im2col import im2col_chunks, im2col_conv, im2col_refusal
+from sensitivity.methods.smoothquant import (
     S_MAX,
     S_MIN,
     notes_factors,
@@ -24,6 +22,8 @@ from sensitivity.smoothquant import (
     smoothed_input_amax,
     smoothing_factors,
 )
+from sensitivity.quant.registry import quant_class_for
+from sensitivity.spec import QuantSpec
 from tests.models import OutlierChannelsNet
 
 
@@ -200,8 +200,9 @@ def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
     rules = {r.match: r for r in result.policy.rules}
     assert rules["mid"].method == "smoothquant" and rules["mid"].granularity == "channel"
     assert rules["mid"].alpha in (0.25, 0.5, 0.75)
-    state = result.quant_state["layers"]["mid"]
-    assert state["smooth_scale"].shape == (40,) and torch.isfinite(state["smooth_scale"]).all()
+    state = result.quant_state.layers["mid"]
+    assert state.smooth_scale is not None and state.smooth_scale.shape == (40,)
+    assert torch.isfinite(state.smooth_scale).all()
     # the sweep behind the choice is kept for the report
     assert result.sweeps["alpha_sweep/mid"].shape == (3, 3)
 
@@ -270,7 +271,7 @@ def test_dynamic_and_im2col_modes_are_scored() -> None:
     assert (t["decision"] != "fp").all()
     dyn = scan(OutlierChannelsNet(), _batches(), ScanOptions(sq_mode="dynamic", alphas=(0.5,)))
     assert dyn.table.loc["mid", "decision"] == "smoothquant"
-    assert dyn.quant_state["layers"]["mid"]["mode"] == "dynamic"
+    assert dyn.quant_state.layers["mid"].mode == "dynamic"
     comp = dyn.comparison.set_index("config")
     assert comp.loc["policy", "out_rel_l1"] < comp.loc["naive", "out_rel_l1"]
 

@@ -20,12 +20,11 @@ pytest.importorskip("spconv.pytorch", reason="the lidar extra (spconv) is not in
 
 import spconv.pytorch as sp
 
+from sensitivity import ScanOptions, scan
 from sensitivity.demo.pointclouds import load_lamppost, voxelize
 from sensitivity.integrations import spconv as integ
-from sensitivity.prepare import is_target
-from sensitivity.quant.modules import quant_class_for
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.scan import ScanOptions, scan
+from sensitivity.quant.registry import is_target, quant_class_for
+from sensitivity.spec import QuantSpec
 from tests.models import Decode
 
 # spconv's SparseConvTensor.dense() indexes with a list (a torch deprecation warning, not ours)
@@ -324,7 +323,7 @@ _NO_SPCONV = textwrap.dedent(
     from torch import nn
     import sensitivity
     from sensitivity.errors import SensitivityError
-    from sensitivity.scan import scan
+    from sensitivity import scan
     from tests.models import TinyConvNet
 
     batches = [torch.randn(4, 3, 12, 12) for _ in range(3)]
@@ -359,3 +358,63 @@ def test_without_spconv_dense_models_scan_and_sparse_ones_name_the_extra() -> No
         line = next(x for x in lines if x.startswith(tag))
         assert "SpconvUnavailableError" in line and "pip install 'sensitivity[lidar]'" in line
         assert "spconv-cu120" in line
+
+
+_PUBLIC_API = textwrap.dedent(
+    """
+    import sys, torch
+    import spconv.pytorch as sp
+    import sensitivity
+    from sensitivity.demo.pointclouds import load_lamppost, voxelize
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = sp.SubMConv3d(4, 8, 3, indice_key="a")
+            self.b = sp.SparseConv3d(8, 8, 3, stride=2)
+            self.fc = torch.nn.Linear(8, 2)
+        def forward(self, st):
+            return self.fc(self.b(self.a(st)).features)
+
+    torch.manual_seed(0)
+    print("LOADED BEFORE", "sensitivity.integrations.spconv" in sys.modules)
+    def frame(seed):
+        g = torch.Generator().manual_seed(seed)
+        flat = torch.randperm(16 * 16 * 8, generator=g)[:300]
+        zyx = torch.stack([flat // 256, flat // 16 % 16, flat % 16], 1)
+        indices = torch.cat([torch.zeros(300, 1, dtype=torch.long), zyx], 1).int()
+        return sp.SparseConvTensor(torch.randn(300, 4, generator=g), indices, [8, 16, 16], 1)
+
+    batches = [frame(i) for i in range(4)]
+    result = sensitivity.scan(Net(), batches)
+    print("LAYERS", ",".join(result.table.index))
+    print("QUANTIZED", type(sensitivity.apply_policy(Net(), result.policy, result.quant_state).a).__name__)
+    print("USER INDICES UNTOUCHED", all(not b.indice_dict for b in batches))
+    """
+)
+
+
+def test_the_public_api_loads_spconv_support_by_itself() -> None:
+    """`sensitivity.scan()` on a sparse model in a fresh process: the spconv family registers itself."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PUBLIC_API], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED BEFORE False" in proc.stdout
+    assert "LAYERS a,b,fc" in proc.stdout and "QUANTIZED QuantSubMConv3d" in proc.stdout
+    assert "USER INDICES UNTOUCHED True" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_sparse_tensor_batch_with_nonfinite_features_is_one_line(bad: float) -> None:
+    """SparseConvTensor batches are checked like tensors: a non-finite feature names the batch."""
+    from sensitivity import scan
+    from sensitivity.errors import CalibrationDataError
+
+    net = nn.Sequential(sp.SubMConv3d(4, 4, 3, indice_key="a"), sp.ToDense())
+    good = lamppost_tensor(4)
+    broken = lamppost_tensor(4, seed=1)
+    broken.features[7, 2] = bad
+    with pytest.raises(CalibrationDataError, match=r"calibration batch 1 .*non-finite"):
+        scan(net, [good, broken])

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity import scan
 from sensitivity.cli import main
 from sensitivity.quant.fake import amax_to_scale, fake_quant
-from sensitivity.quant.modules import QuantMixin, QuantWrapped, quant_class_for
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.modules import QuantMixin, QuantWrapped
+from sensitivity.quant.registry import quant_class_for
 from sensitivity.quant.wrapped import OpIntercept, during_forward, overrides_forward
-from sensitivity.scan import scan
+from sensitivity.spec import QuantSpec
 from tests import subclass_models as sm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,10 @@ def test_twins_subclass_the_users_class_and_run_its_forward() -> None:
         assert cls is not None and issubclass(cls, type(mod)) and issubclass(cls, QuantWrapped)
     plain = quant_class_for(sm.PlainSub(4, 4))
     assert plain is not None and issubclass(plain, sm.PlainSub) and not issubclass(plain, QuantWrapped)
-    assert quant_class_for(quant_class_for(nn.Conv2d(2, 2, 1)).from_float(nn.Conv2d(2, 2, 1), QuantSpec())) is None  # type: ignore[union-attr]
+    assert (
+        quant_class_for(quant_class_for(nn.Conv2d(2, 2, 1)).from_float(nn.Conv2d(2, 2, 1), QuantSpec()))
+        is None
+    )  # type: ignore[union-attr]
     assert not overrides_forward(sm.PlainSub) and overrides_forward(sm.Conv2dSame)
 
 
@@ -136,6 +140,6 @@ def test_cli_and_report_say_what_was_not_scanned(tmp_path: Path, capsys: pytest.
 def test_quantmixin_layers_are_never_targets_again() -> None:
     q = quant_class_for(nn.Linear(2, 2)).from_float(nn.Linear(2, 2), QuantSpec())  # type: ignore[union-attr]
     assert isinstance(q, QuantMixin)
-    from sensitivity.prepare import is_target
+    from sensitivity.quant.registry import is_target
 
     assert not is_target(q) and is_target(sm.StdConv2d(2, 2, 1))

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sensitivity.quant.calibrate import Calibrator, make_calibrator
-from sensitivity.quant.modules import is_spconv_module
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.calibrators import Calibrator, make_calibrator
+from sensitivity.quant.registry import input_channel_axis
+from sensitivity.spec import QuantSpec
 
 __all__ = ["LayerObserver", "RangeHistogram", "channel_dim"]
 
@@ -18,7 +18,7 @@ __all__ = ["LayerObserver", "RangeHistogram", "channel_dim"]
 def channel_dim(module: nn.Module) -> int:
     """Input-channel axis of a layer's input: last for Linear and for spconv features [N_active, C],
     1 for dense (N, C, ...) convs."""
-    return -1 if isinstance(module, nn.Linear) or is_spconv_module(module) else 1
+    return input_channel_axis(module)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LayerObserver:
         chan = torch.maximum(cmax, -cmin).float().cpu()
         self.chan_absmax = chan if self.chan_absmax is None else torch.maximum(self.chan_absmax, chan)
         if self.col_module is not None:
-            from sensitivity.im2col import im2col_column_absmax
+            from sensitivity.methods.im2col import im2col_column_absmax
 
             col = im2col_column_absmax(self.col_module, x).cpu()
             self.col_absmax = col if self.col_absmax is None else torch.maximum(self.col_absmax, col)

@@ -20,17 +20,17 @@ from torch import nn
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import OutputSelector, as_tensor, flatten_outputs
-from sensitivity.data import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.errors import FPModelError
 from sensitivity.graph import eager_modules
+from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
+from sensitivity.methods.base import Candidate
 from sensitivity.metrics import ErrorStats, reference_sums
-from sensitivity.prepare import LayerInfo, layer_macs
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.prepare import LayerInfo
+from sensitivity.quant.registry import layer_macs
+from sensitivity.spec import QuantSpec
 
-__all__ = ["Candidate", "PassResult", "calibrate", "compare_pass"]
+__all__ = ["PassResult", "calibrate", "compare_pass"]
 
-#: An isolated candidate: given the layer's FP call args, return the candidate's output for them.
-Candidate = Callable[[tuple], Any]
 Progress = Callable[[], None]
 
 
@@ -151,6 +151,91 @@ def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
     return out
 
 
+class _NonfiniteWatch:
+    """Where, in the quantized pass, the first NaN/Inf appears: the first leaf module (in call order) whose
+    output is not finite, and the target layers that ran before it (where the cause must be)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.counter = 0
+        self.first: tuple[int, str] | None = None
+        self.called: list[str] = []
+        self.upstream: list[str] = []
+
+    def leaf_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        self.counter += 1
+        y = as_tensor(out)
+        if y is not None and y.is_floating_point() and self.first is None and not _all_finite(y):
+            self.first = (self.counter, name)
+            self.upstream = list(dict.fromkeys(self.called))
+
+    def found(self, q_flat: dict[str, torch.Tensor]) -> tuple[float, str, list[str]] | None:
+        """(rank, where, upstream layers) of this piece's first non-finite value, or None."""
+        if self.first is not None:
+            return float(self.first[0]), self.first[1], self.upstream
+        bad_outputs = [k for k, t in q_flat.items() if not _all_finite(t)]
+        if bad_outputs:
+            return math.inf, f"output:{bad_outputs[0]}", list(dict.fromkeys(self.called))
+        return None
+
+
+class _Compare:
+    """One comparison pass's hooks and accumulators (see `compare_pass`)."""
+
+    def __init__(
+        self, res: PassResult, names: list[str], candidates: dict[str, dict[str, Candidate]],
+        observers: dict[str, LayerObserver] | None, histograms: dict[str, RangeHistogram] | None,
+    ) -> None:  # fmt: skip
+        self.res, self.names, self.candidates = res, names, candidates
+        self.observers, self.histograms = observers, histograms
+        self.stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
+        self.inputs = LayerInputs({})
+        self.watch = _NonfiniteWatch()
+
+    def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        y = as_tensor(out)
+        if y is None:
+            return
+        if self.observers is not None or self.histograms is not None:
+            x = self.inputs(name, args)
+            if x is not None and self.observers is not None:
+                self.observers[name].observe(x)
+            if x is not None and self.histograms is not None:
+                self.histograms[name].update(x)
+        cands = self.candidates.get(name, {})
+        sums = reference_sums(y) if cands else None
+        for cname, fn in cands.items():
+            yc = as_tensor(fn(args))
+            if yc is not None:  # the candidate's output is ours: its memory holds the difference
+                self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True)
+        self.stored[name].append(y.detach().clone())
+
+    def q_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        y = as_tensor(out)
+        queue = self.stored.get(name)
+        if y is None or not queue:
+            return
+        self.res.cum[name].update(queue.popleft(), y)
+        self.res.calls[name] += 1
+        self.watch.called.append(name)
+
+    def outputs(self, fp_out: Any, q_out: Any, select: OutputSelector) -> None:
+        """Model-output errors per named output, and the first non-finite value of the piece."""
+        ref_flat, q_flat = select(fp_out), select(q_out)
+        for key, ref in ref_flat.items():
+            if key in q_flat:
+                self.res.out[key].update(ref, q_flat[key])
+        found = self.watch.found(q_flat)
+        if found is not None and (
+            self.res.first_nonfinite is None or found[0] < self.res.first_nonfinite_rank
+        ):
+            self.res.first_nonfinite_rank, self.res.first_nonfinite = found[0], found[1]
+            self.res.nonfinite_upstream = list(found[2])
+        self.stored.clear()
+
+
 def compare_pass(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -170,88 +255,27 @@ def compare_pass(
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP)."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
-    candidates = candidates or {}
-    stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
-    target_set = set(names)
-    inputs = LayerInputs({})
+    run = _Compare(res, names, candidates or {}, observers, histograms)
     select = outputs or OutputSelector()
-
-    def fp_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        y = as_tensor(out)
-        if y is None:
-            return
-        if observers is not None or histograms is not None:
-            x = inputs(name, args)
-            if x is not None and observers is not None:
-                observers[name].observe(x)
-            if x is not None and histograms is not None:
-                histograms[name].update(x)
-        cands = candidates.get(name, {})
-        sums = reference_sums(y) if cands else None
-        for cname, fn in cands.items():
-            yc = as_tensor(fn(args))
-            if yc is not None:  # the candidate's output is ours: its memory holds the difference
-                res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True)
-        stored[name].append(y.detach().clone())
-
-    counter = [0]
-    nonfinite_at: list[tuple[int, str]] = []
-    targets_called: list[str] = []
-    upstream: list[str] = []
-
-    def q_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        y = as_tensor(out)
-        if y is None:
-            return
-        queue = stored.get(name)
-        if not queue:
-            return
-        ref = queue.popleft()
-        res.cum[name].update(ref, y)
-        res.calls[name] += 1
-        targets_called.append(name)
-
-    def leaf_hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        counter[0] += 1
-        y = as_tensor(out)
-        if y is not None and y.is_floating_point() and not nonfinite_at and not _all_finite(y):
-            nonfinite_at.append((counter[0], name))
-            upstream[:] = list(dict.fromkeys(targets_called))
-
-    leaves = _leaf_names(q_model, target_set)
+    leaves = _leaf_names(q_model, set(names))
     with torch.no_grad():
         micro = _micro_batch(layers, batches[0], stored_budget_mb) if batches else 0
         pieces = [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
-        last_index = [first_index - 1]
+        last_index = first_index - 1
         for index, batch in pieces:
             if device is not None:
                 batch = batch_to(batch, device)
-            with layer_inputs(fp_model, names) as inputs, forward_hooks(fp_model, names, fp_hook):
+            with layer_inputs(fp_model, names) as run.inputs, forward_hooks(fp_model, names, run.fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
             _check_fp_outputs(fp_out, index)
-            counter[0] = 0
-            nonfinite_at.clear()
-            targets_called.clear()
-            upstream.clear()
-            with forward_hooks(q_model, names, q_hook), forward_hooks(q_model, leaves, leaf_hook):
+            run.watch.reset()
+            with (
+                forward_hooks(q_model, names, run.q_hook),
+                forward_hooks(q_model, leaves, run.watch.leaf_hook),
+            ):
                 q_out = run_checked(q_model, batch, index)
-            ref_flat = select(fp_out)
-            q_flat = select(q_out)
-            for key, ref in ref_flat.items():
-                if key in q_flat:
-                    res.out[key].update(ref, q_flat[key])
-            bad_outputs = [k for k, t in q_flat.items() if not _all_finite(t)]
-            found: tuple[float, str] | None = None
-            if nonfinite_at:
-                found = (float(nonfinite_at[0][0]), nonfinite_at[0][1])
-            elif bad_outputs:
-                found = (math.inf, f"output:{bad_outputs[0]}")
-                upstream[:] = list(dict.fromkeys(targets_called))
-            if found is not None and (res.first_nonfinite is None or found[0] < res.first_nonfinite_rank):
-                res.first_nonfinite_rank, res.first_nonfinite = found
-                res.nonfinite_upstream = list(upstream)
-            stored.clear()
-            if index != last_index[0]:
-                last_index[0] = index
+            run.outputs(fp_out, q_out, select)
+            if index != last_index:
+                last_index = index
                 progress()
     return res

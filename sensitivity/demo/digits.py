@@ -32,7 +32,6 @@ Model
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -49,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sensitivity.demo.cache import CACHE_ENV, atomic_save, resolve_cache_dir, single_thread
 from sensitivity.errors import SensitivityError
-from sensitivity.files import atomic_torch_save
 
 __all__ = [
     "CACHE_ENV",
@@ -75,7 +74,6 @@ log = logging.getLogger(__name__)
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-CACHE_ENV = "SENSITIVITY_CACHE"
 SPLIT_SEED = 20240611  # fixed: the split never depends on the training seed
 MNIST_SPLIT = (3500, 500, 1000)
 FALLBACK_FRACTIONS = (0.7, 0.1)  # train, calibration; the rest is the test part
@@ -290,18 +288,6 @@ class TrainConfig:
     max_shift: int = 2  # random translation augmentation, in pixels
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir`` if given, else ``$SENSITIVITY_CACHE``, else the platform's user cache dir."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("sensitivity"))
-
-
 def _cache_key(config: TrainConfig, source: str) -> str:
     payload = {
         "arch": repr(DigitsCNN()),
@@ -339,19 +325,8 @@ def _shift_batch(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
     return padded.gather(2, rows).gather(3, cols)
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Train on one intra-op thread: float reductions then give the same weights on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train(config: TrainConfig, split: DigitsSplit) -> DigitsCNN:
-    with _single_thread():
+    with single_thread():
         return _train_loop(config, split)
 
 
@@ -379,11 +354,6 @@ def _train_loop(config: TrainConfig, split: DigitsSplit) -> DigitsCNN:
             opt.step()
             sched.step()
     return model.eval()
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(obj, path)
 
 
 def _load_cached(path: Path) -> DigitsCNN | None:
@@ -433,7 +403,7 @@ def train_digits_cnn(
             "train_seconds": seconds,
             "torch": str(torch.__version__),
         }
-        _atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
+        atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
     return model
 
 

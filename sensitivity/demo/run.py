@@ -3,30 +3,30 @@
 The digits CNN is trained once on CPU (cached), calibrated on 500 digits kept apart from training and
 scored on 1,000 test digits it never saw: the research notes' table (FP vs naive vs naive+exclusion vs
 the toolkit's policy, with an exclusion budget of half a point of top-1), for W8A8 and W4A8, measured by
-the scan's own `--eval` machinery.
+the scan's own `--eval` machinery. Nothing is printed here: the CLI shows what `run_demo` returns.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from sensitivity.demo.digits import accuracy, calibration_batches, data_source, load_split, train_digits_cnn
 from sensitivity.files import check_output_dir
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.scan import PhaseProgress, ScanOptions, ScanResult, scan
+from sensitivity.output import ScanResult
+from sensitivity.pipeline import PhaseProgress, ScanOptions, scan
+from sensitivity.spec import QuantSpec
 
-__all__ = ["DEMO_SPECS", "run_demo"]
+__all__ = ["CONFIG_LABELS", "DEMO_SPECS", "DigitsDemo", "run_demo"]
 
 DEMO_SPECS = ("W8A8", "W4A8")
 #: the policy may give up at most half a point of top-1 against FP: beyond it, the scan's greedy
 #: exclusion budget keeps the next most sensitive layer in FP (one evaluation per step)
 ACCURACY_BUDGET = 0.005
-_LABELS = {
+CONFIG_LABELS = {
     "fp": "FP",
     "naive": "naive",
     "naive+exclusion": "naive + exclusion",
@@ -34,14 +34,24 @@ _LABELS = {
 }
 
 
-def _layers(result: ScanResult, config: str) -> str:
-    row = result.comparison.set_index("config").loc[config]
-    parts = [f"{int(row['quantized_layers'])} quantized"]
-    if config == "policy" and row["smoothquant_layers"]:
-        parts.append(f"{int(row['smoothquant_layers'])} SmoothQuant")
-    if row["fp_layers"] and config != "fp":
-        parts.append(f"{int(row['fp_layers'])} FP")
-    return ", ".join(parts)
+@dataclass
+class DigitsDemo:
+    """Per spec: the scan, where its report went, and top-1 per configuration (FP, naive, ...)."""
+
+    results: dict[str, ScanResult] = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_digits: int = 0
+
+    def layers(self, spec: str, config: str) -> str:
+        """How many layers `config` quantizes, smooths and keeps in FP, in words."""
+        row = self.results[spec].comparison.set_index("config").loc[config]
+        parts = [f"{int(row['quantized_layers'])} quantized"]
+        if config == "policy" and row["smoothquant_layers"]:
+            parts.append(f"{int(row['smoothquant_layers'])} SmoothQuant")
+        if row["fp_layers"] and config != "fp":
+            parts.append(f"{int(row['fp_layers'])} FP")
+        return ", ".join(parts)
 
 
 def run_demo(
@@ -49,17 +59,15 @@ def run_demo(
     overwrite: bool = True,
     specs: tuple[str, ...] = DEMO_SPECS,
     progress: PhaseProgress | None = None,
-    console: Console | None = None,
-) -> dict[str, dict[str, float]]:
-    """Train or load the digits CNN, scan it per spec (reports under `out_dir`, `out_dir`-w4a8, ...),
-    print and return top-1 accuracy per spec and configuration."""
-    console = console or Console()
+) -> DigitsDemo:
+    """Train or load the digits CNN, scan it per spec (reports under `out_dir`, `out_dir`-w4a8, ...)."""
+    progress = progress or PhaseProgress()
     folders = [out_dir, *(out_dir.with_name(f"{out_dir.name}-{spec.lower()}") for spec in specs[1:])]
     for folder in folders:  # before training: a folder the demo may not replace is refused now
         check_output_dir(folder, overwrite)
     t0 = time.perf_counter()
     model = train_digits_cnn()
-    console.print(
+    progress.note(
         f"digits CNN ready ({data_source()}, {time.perf_counter() - t0:.1f} s; cached after the first run)"
     )
     split = load_split()
@@ -69,34 +77,20 @@ def run_demo(
     def top1(m: nn.Module) -> dict[str, float]:
         return {"top1": accuracy(m, images, labels)}
 
-    results: dict[str, ScanResult] = {}
-    for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
-        result = scan(
-            model, batches, ScanOptions(spec=QuantSpec.parse(spec), exclude_budget=ACCURACY_BUDGET),
+    demo = DigitsDemo(test_digits=len(labels))
+    for spec, folder in zip(specs, folders, strict=True):
+        options = ScanOptions(spec=QuantSpec.parse(spec), exclude_budget=ACCURACY_BUDGET)
+        data = scan(
+            model,
+            batches,
+            options,
             model_name=f"demo-digits-{spec.lower()}",
-            progress=progress, evaluate=top1,
-        )  # fmt: skip
-        result.save(str(folder), overwrite=overwrite)
-        results[spec] = result
-        if i == 0:
-            from sensitivity.cli import print_summary
-
-            print_summary(result, folder)
-    table = Table(
-        title=f"top-1 accuracy on {len(labels)} held-out test digits (calibration: 500 other digits)"
-    )
-    table.add_column("model")
-    for spec in specs:
-        table.add_column(spec, justify="right")
-        table.add_column(f"{spec} layers")
-    accs: dict[str, dict[str, float]] = {}
-    for config, label in _LABELS.items():
-        cells = []
-        for spec in specs:
-            comp = results[spec].comparison.set_index("config")
-            acc = float(comp.loc[config, "eval_top1"])
-            accs.setdefault(spec, {})[config] = acc
-            cells += [f"{100 * acc:.2f}%", _layers(results[spec], config)]
-        table.add_row(label, *cells)
-    console.print(table)
-    return accs
+            progress=progress,
+            evaluate=top1,
+        )
+        result = ScanResult.of(data)
+        demo.folders[spec] = result.save(folder, overwrite=overwrite)
+        demo.results[spec] = result
+        comp = result.comparison.set_index("config")
+        demo.accuracy[spec] = {c: float(comp.loc[c, "eval_top1"]) for c in CONFIG_LABELS}
+    return demo

@@ -331,7 +331,9 @@ class staged_files:
                     for item in sorted(self.tmp.iterdir()):
                         os.replace(item, self.folder / item.name)
             except OSError as err:
-                raise OutputDirError(f"cannot move the outputs into {self.folder}: {err.strerror or err}") from err
+                raise OutputDirError(
+                    f"cannot move the outputs into {self.folder}: {err.strerror or err}"
+                ) from err
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, OutputDirError):

@@ -8,10 +8,10 @@ pytorch-quantization's `QuantConv2d` / `QuantLinear` / ... hold `_input_quantize
   [Cout, 1, 1, 1] for Conv2d, [Cout, 1] for Linear;
 - `<layer>._{input,weight}_quantizer.clip.clip_value_{min,max}` only with `learn_amax` (the range in use).
 
-Reading (`split_checkpoint_amax`, used by `sensitivity.load`) and writing (`save_amax_state_dict`) the
-layout need no import of pytorch-quantization; only `to_pytorch_quantization`, which builds its modules,
-imports it. Its rounding differs from ours only at .5 ties: it rounds x * (qmax / amax), we round
-x / (amax / qmax) as ONNX does (see `sensitivity.quant.fake`).
+Reading the layout (`sensitivity.io.pq_checkpoint`, used by `sensitivity.load`) and writing it
+(`save_amax_state_dict`, here) need no import of pytorch-quantization; only `to_pytorch_quantization`,
+which builds its modules, imports it. Its rounding differs from ours only at .5 ties: it rounds
+x * (qmax / amax), we round x / (amax / qmax) as ONNX does (see `sensitivity.quant.fake`).
 
 What a state dict cannot carry goes to a JSON sidecar beside it (`<name>.json`, see `sidecar_path`):
 a state dict is meant for `load_state_dict(strict=True)`, so it holds tensors under module keys only.
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +36,12 @@ from sensitivity.quant.modules import QuantMixin
 __all__ = [
     "SIDECAR_FORMAT",
     "UnfoldedSmoothingError",
-    "has_quantizer_keys",
     "save_amax_state_dict",
     "sidecar_path",
-    "split_checkpoint_amax",
     "to_pytorch_quantization",
-    "usable_checkpoint_amax",
 ]
 
 SIDECAR_FORMAT = "sensitivity-pytorch-quantization"
-
-#: pytorch-quantization's quantizer submodule names -> our names for the two tensors of a layer
-_QUANTIZERS = {"_input_quantizer": "input", "_weight_quantizer": "weight"}
-_KEY = re.compile(r"^(?P<layer>.+)\.(?P<quantizer>_input_quantizer|_weight_quantizer)\.(?P<rest>.+)$")
 
 
 class UnfoldedSmoothingError(SensitivityError):
@@ -59,71 +49,6 @@ class UnfoldedSmoothingError(SensitivityError):
 
 
 # ------------------------------------------------------------------------------------------------ read
-def has_quantizer_keys(state_dict: Mapping[str, Any]) -> bool:
-    """True when some key belongs to a pytorch-quantization `_input_quantizer` / `_weight_quantizer`."""
-    return any(_KEY.match(k) for k in state_dict)
-
-
-def split_checkpoint_amax(
-    state_dict: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-    """(the plain FP state dict, {layer: {"input": amax, "weight": amax}}) from a pytorch-quantization one.
-
-    Every `<layer>._input_quantizer.*` / `<layer>._weight_quantizer.*` key is removed, so the rest loads
-    strictly into the plain model. A quantizer's range is its `_amax`, or with `learn_amax` its learnt clip
-    (`max(-clip_value_min, clip_value_max)`, which is what pytorch-quantization's forward uses then).
-    Amax come back as float32: a per-tensor one 0-d, a per-channel one in the stored (keepdims) shape.
-    A quantizer with neither (dynamic range, never calibrated) gives no entry.
-    """
-    plain: dict[str, Any] = {}
-    parts: dict[tuple[str, str], dict[str, Tensor]] = {}
-    for key, value in state_dict.items():
-        match = _KEY.match(key)
-        if match is None:
-            plain[key] = value
-            continue
-        if isinstance(value, Tensor):
-            parts.setdefault((match["layer"], _QUANTIZERS[match["quantizer"]]), {})[match["rest"]] = value
-    amax: dict[str, dict[str, Tensor]] = {}
-    for (layer, which), tensors in parts.items():
-        lo, hi = tensors.get("clip.clip_value_min"), tensors.get("clip.clip_value_max")
-        if lo is not None and hi is not None:
-            value = torch.maximum(-lo.detach(), hi.detach())
-        elif "_amax" in tensors:
-            value = tensors["_amax"].detach()
-        else:
-            continue
-        value = value.float().clone()
-        amax.setdefault(layer, {})[which] = value.reshape(()) if value.numel() == 1 else value
-    return plain, amax
-
-
-def usable_checkpoint_amax(
-    amax: Mapping[str, Mapping[str, Tensor]],
-) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
-    """(the entries a scan can use as they are, {layer: why its input amax was dropped}).
-
-    Our activations are quantized per tensor with a finite, positive range: a per-channel input amax, or a
-    NaN / zero one (pytorch-quantization's `load_calib_amax(strict=False)` on a layer that saw no data),
-    is dropped, and the scan calibrates that layer itself.
-    """
-    usable: dict[str, dict[str, Tensor]] = {}
-    dropped: dict[str, str] = {}
-    for layer, entry in amax.items():
-        keep = dict(entry)
-        value = keep.get("input")
-        if value is not None:
-            if value.numel() != 1:
-                dropped[layer] = f"per-channel input amax {list(value.shape)}"
-            elif not (math.isfinite(float(value)) and float(value) > 0):
-                dropped[layer] = f"input amax {float(value)}"
-            if layer in dropped:
-                del keep["input"]
-        if keep:
-            usable[layer] = keep
-    return usable, dropped
-
-
 # ----------------------------------------------------------------------------------------------- write
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
     """The JSON written beside a state dict: `model_quant_pytorch_quantization.pt` -> `.json`."""

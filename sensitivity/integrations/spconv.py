@@ -37,15 +37,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sensitivity.errors import SensitivityError
-from sensitivity.quant.modules import QuantMixin, is_spconv_module
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.modules import QuantMixin
+from sensitivity.quant.registry import Family, register_family
+from sensitivity.spec import QuantSpec
 
 __all__ = [
     "INSTALL_HINT",
+    "SPCONV",
     "SpconvUnavailableError",
     "add_cpu_bias_fallback_",
     "cpu_bias_fallback",
     "is_sparse_conv",
+    "is_spconv_module",
     "require_spconv",
     "single_thread_if_sparse",
     "sparse_conv_types",
@@ -63,6 +66,12 @@ INSTALL_HINT = (
 
 class SpconvUnavailableError(SensitivityError, ImportError):
     """spconv is needed (a model with sparse convs, the LiDAR demo) but cannot be imported."""
+
+
+def is_spconv_module(module: nn.Module) -> bool:
+    """True for modules whose class is (or, like our quantized wrappers, derives from) a spconv class;
+    checked by module name, so spconv is imported only where it is used."""
+    return any(c.__module__.split(".", 1)[0] == "spconv" for c in type(module).__mro__[:-1])
 
 
 # ------------------------------------------------------------------------------------------- import
@@ -301,3 +310,28 @@ def cpu_bias_fallback(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------------------- the family
+def _sparse_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+    """For the whole batch (sparse tensors have no per-sample dim): every active output site (the rows of
+    the output features) as if it saw a full kernel, an upper bound (the rule book is not inspected)."""
+    return out_shape[0] * module.weight[0].numel() if out_shape else 0  # type: ignore[index]
+
+
+def _quant_class(module: nn.Module) -> type[nn.Module] | None:
+    return None if isinstance(module, QuantMixin) else sparse_quant_class_for(module)
+
+
+SPCONV = Family(
+    name="spconv",
+    package="spconv",
+    owns=is_spconv_module,
+    quant_class=_quant_class,
+    input_channel_axis=lambda m: -1,  # features are [N_active, C]
+    foldable=lambda m: not isinstance(m, QuantMixin) and is_sparse_conv(m),
+    macs=_sparse_macs,
+    prepare_model_=add_cpu_bias_fallback_,
+    run_context=single_thread_if_sparse,
+)
+register_family(SPCONV)

@@ -9,7 +9,6 @@ from sensitivity.policy.exclude import (
     DEFAULT_MIN_SQNR_DB,
     Thresholds,
     exclude_by_thresholds,
-    exclude_entries,
 )
 from sensitivity.policy.glob import compile_glob, glob_match, is_literal
 from sensitivity.policy.io import (
@@ -24,13 +23,12 @@ from sensitivity.policy.io import (
     write_exclude,
     write_policy,
 )
-from sensitivity.policy.rules import METHODS, ExcludeEntry, Policy, Rule, exclusion_policy
+from sensitivity.policy.rules import ExcludeEntry, Policy, Rule, exclusion_policy
 
 __all__ = [
     "DEFAULT_MAX_REL_L1",
     "DEFAULT_MIN_SQNR_DB",
     "DEFAULT_SQ_MARGIN",
-    "METHODS",
     "ExcludeEntry",
     "Policy",
     "Rule",
@@ -41,7 +39,6 @@ __all__ = [
     "dump_exclude",
     "dump_policy",
     "exclude_by_thresholds",
-    "exclude_entries",
     "exclusion_policy",
     "glob_match",
     "is_literal",

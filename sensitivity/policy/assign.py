@@ -106,9 +106,9 @@ def assign_methods(
                 )
             rules[layer] = Rule(match=layer, method="naive", reason=reason, metrics=naive_metrics)
         else:
-            reason = naive_bad[layer][0]
+            reason = naive_bad[layer].reason
             if sq is not None:
-                why = sq_bad[layer][0] if layer in sq_bad else "passes"
+                why = sq_bad[layer].reason if layer in sq_bad else "passes"
                 reason += f"; SmoothQuant alpha {sq.alpha:g}: {why}"
             rules[layer] = Rule(
                 match=layer, method="fp", reason=reason, metrics={**naive_metrics, **_metrics(row, "iso_sq_")}

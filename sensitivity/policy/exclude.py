@@ -10,13 +10,13 @@ zero) triggers nothing; non-finite outputs are caught by the non-finite count.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
 
 from sensitivity.errors import ConfigError
 from sensitivity.policy.rules import ExcludeEntry
+from sensitivity.spec import METRICS
 
 __all__ = [
     "DEFAULT_MAX_REL_L1",
@@ -24,7 +24,6 @@ __all__ = [
     "MODE_NAMES",
     "Thresholds",
     "exclude_by_thresholds",
-    "exclude_entries",
 ]
 
 # Defaults measured on real trained CNNs at W8A8 (max calibration, BN folded; 4 models, 28 layers: the demo
@@ -37,7 +36,6 @@ DEFAULT_MAX_REL_L1 = 0.15
 DEFAULT_MIN_SQNR_DB = 15.0
 
 MODE_NAMES = {"iso": "isolated", "cum": "cumulative"}
-_METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 
 
 @dataclass(frozen=True)
@@ -73,8 +71,8 @@ def _num(value: float, than: float) -> str:
 
 def exclude_by_thresholds(
     table: pd.DataFrame, thresholds: Thresholds | None = None, mode: str = "iso", method: str = "naive"
-) -> dict[str, tuple[str, dict[str, float]]]:
-    """Layers to keep in FP -> (reason sentence, the metrics behind it), in table order.
+) -> dict[str, ExcludeEntry]:
+    """Layers to keep in FP -> entry with the reason sentence and the metrics behind it, in table order.
 
     The reason joins every criterion the layer fails with "; ", e.g. "isolated relative L1 0.183 > 0.1;
     isolated SQNR 12.4 dB < 20 dB". The metrics are the layer's rel_l1, sqnr_db and non-finite count for
@@ -100,7 +98,7 @@ def exclude_by_thresholds(
             {
                 str(c)[len(mode) + 1 : -len(metric) - 1]
                 for c in table.columns
-                for metric in _METRICS
+                for metric in METRICS
                 if str(c).startswith(f"{mode}_")
                 and str(c).endswith(f"_{metric}")
                 and not (metric == "l1" and str(c).endswith("_rel_l1"))
@@ -112,7 +110,7 @@ def exclude_by_thresholds(
         )
     present = {metric: col for metric, col in columns.items() if col in table.columns}
     words = MODE_NAMES[mode] if method == "naive" else f"{MODE_NAMES[mode]} {method}"
-    result: dict[str, tuple[str, dict[str, float]]] = {}
+    result: dict[str, ExcludeEntry] = {}
     for layer, row in zip(table.index, table[list(present.values())].itertuples(index=False), strict=True):
         values = {col: float(v) for col, v in zip(present.values(), row, strict=True)}
         reasons: list[str] = []
@@ -130,10 +128,5 @@ def exclude_by_thresholds(
             limit = thresholds.min_sqnr_db
             reasons.append(f"{words} SQNR {_num(sqnr, limit)} dB < {limit:g} dB")
         if reasons:
-            result[str(layer)] = ("; ".join(reasons), values)
+            result[str(layer)] = ExcludeEntry(str(layer), "; ".join(reasons), values)
     return result
-
-
-def exclude_entries(excluded: Mapping[str, tuple[str, Mapping[str, float]]]) -> list[ExcludeEntry]:
-    """exclude_by_thresholds' result as ExcludeEntry objects (for write_exclude / exclusion_policy)."""
-    return [ExcludeEntry(layer, reason, dict(metrics)) for layer, (reason, metrics) in excluded.items()]

@@ -49,12 +49,12 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
-from yaml.reader import ReaderError
 
-from sensitivity.errors import ConfigError
+from sensitivity.errors import ConfigError, short_repr
+from sensitivity.files import atomic_write
 from sensitivity.policy.glob import glob_match, is_literal
 from sensitivity.policy.rules import (
     POLICY_VERSION,
@@ -64,6 +64,7 @@ from sensitivity.policy.rules import (
     rule_problem,
     spec_problem,
 )
+from sensitivity.policy.yamldoc import YamlDoc, line_of, type_name
 
 __all__ = [
     "EXCLUDE_VERSION",
@@ -184,15 +185,11 @@ def dump_policy(policy: Policy) -> str:
     return _dump(_POLICY_HEADER, data)
 
 
-def _entries(excluded: Iterable[ExcludeEntry] | Mapping[str, tuple[str, Mapping[str, float]]]) -> list:
-    if isinstance(excluded, Mapping):  # the dict exclude_by_thresholds returns
-        return [ExcludeEntry(layer, reason, dict(metrics)) for layer, (reason, metrics) in excluded.items()]
-    return list(excluded)
+def _entries(excluded: Iterable[ExcludeEntry] | Mapping[str, ExcludeEntry]) -> list[ExcludeEntry]:
+    return list(excluded.values() if isinstance(excluded, Mapping) else excluded)
 
 
-def dump_exclude(
-    excluded: Iterable[ExcludeEntry] | Mapping[str, tuple[str, Mapping[str, float]]], spec: str = "W8A8"
-) -> str:
+def dump_exclude(excluded: Iterable[ExcludeEntry] | Mapping[str, ExcludeEntry], spec: str = "W8A8") -> str:
     """The exclude.yaml text: entries in the given order (table order when generated)."""
     problem = spec_problem(spec)
     if problem:
@@ -209,8 +206,7 @@ def dump_exclude(
 
 
 def _write(text: str, path: str | os.PathLike[str]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_policy(policy: Policy, path: str | os.PathLike[str]) -> None:
@@ -219,199 +215,16 @@ def write_policy(policy: Policy, path: str | os.PathLike[str]) -> None:
 
 
 def write_exclude(
-    excluded: Iterable[ExcludeEntry] | Mapping[str, tuple[str, Mapping[str, float]]],
+    excluded: Iterable[ExcludeEntry] | Mapping[str, ExcludeEntry],
     path: str | os.PathLike[str],
     spec: str = "W8A8",
 ) -> None:
-    """Writes exclude.yaml; `excluded` is a list of ExcludeEntry or exclude_by_thresholds' dict."""
+    """Writes exclude.yaml; `excluded` is ExcludeEntry objects (or exclude_by_thresholds' dict of them)."""
     _write(dump_exclude(excluded, spec), path)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # reading
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _type_name(value: object) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}
-    return names.get(type(value), type(value).__name__)
-
-
-class _Doc:
-    """One parsed file: its data, its node tree (for line numbers) and its name (for messages)."""
-
-    def __init__(self, text: str, source: str, what: str) -> None:
-        self.source = source
-        self.node, self.data = self._parse(text, what)
-
-    def fail(self, message: str, line: int | None = None) -> NoReturn:
-        where = f" (line {line})" if line else ""
-        raise ConfigError(f"{self.source}: {message}{where}")
-
-    def _parse(self, text: str, what: str) -> tuple[yaml.Node | None, Any]:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            size = _expanded_size(node)
-            data = yaml.safe_load(text) if size <= MAX_YAML_VALUES else None
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            problem = "; ".join(_one_line(p) for p in (e.context, e.problem) if p) or "syntax error"
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"{self.source}: invalid YAML: {problem}{where}") from None
-        except ReaderError as e:
-            line = text[: e.position].count("\n") + 1
-            char = f"#x{e.character:04x}" if isinstance(e.character, int) else _short(e.character)
-            raise ConfigError(
-                f"{self.source}: invalid YAML: unacceptable character {char} (line {line})"
-            ) from None
-        except RecursionError:
-            raise ConfigError(f"{self.source}: invalid YAML: nested too deeply") from None
-        except Exception as e:  # e.g. `2001-02-30` or `!!float abc`: PyYAML's constructors raise ValueError
-            bad = _unconstructible(node)
-            tag = bad.tag.rsplit(":", 1)[-1] if bad is not None else "value"
-            problem = _one_line(e) if isinstance(e, ValueError) and str(e) else f"not a valid {tag}"
-            what = f" {_short(bad.value)} ({tag})" if bad is not None else ""
-            where = f" (line {_line(bad)})" if bad is not None else ""
-            raise ConfigError(f"{self.source}: invalid YAML value{what}: {problem}{where}") from None
-        if size > MAX_YAML_VALUES:
-            expands = "a recursive structure" if size == math.inf else f"{int(size):,} values"
-            self.fail(f"the YAML expands to {expands} through anchors and aliases (at most {MAX_YAML_VALUES:,})")
-        if data is None:
-            self.fail(f"the file is empty; expected a {what} mapping with keys version, ...")
-        if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-            self.fail(f"the top level must be a mapping (version, ...), got {_type_name(data)}", _line(node))
-        return node, data
-
-    def fields(
-        self, node: yaml.Node | None, data: dict, allowed: Sequence[str], required: Sequence[str], where: str
-    ) -> dict[str, int]:
-        """Checks the keys of one mapping (unknown, duplicate, missing); returns the line of each value."""
-        lines: dict[str, int] = {}
-        key_lines: dict[str, int] = {}
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
-                    continue
-                if key_node.value in seen:
-                    self.fail(f"duplicate key {key_node.value!r} in {where}", _line(key_node))
-                seen.add(key_node.value)
-                key_lines[key_node.value] = _line(key_node) or 0
-                lines[key_node.value] = _line(value_node) or key_lines[key_node.value]
-        here = _line(node)
-        for key in data:
-            if not isinstance(key, str) or key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                self.fail(
-                    f"unknown key {_short(key)} in {where} (allowed: {', '.join(allowed)}){hint}",
-                    key_lines.get(str(key), here),
-                )
-        for key in required:
-            if key not in data:
-                self.fail(f"missing key {key!r} in {where}", here)
-        return {key: lines.get(key, here or 0) for key in data}
-
-    def version(self, data: dict, lines: dict[str, int], supported: int, what: str) -> None:
-        version = data["version"]
-        if not isinstance(version, int) or isinstance(version, bool):
-            self.fail(f"version must be an integer, got {_short(version)}", lines["version"])
-        if version != supported:
-            self.fail(
-                f"unsupported {what} version {version}; this sensitivity reads version {supported}",
-                lines["version"],
-            )
-
-    def spec(self, data: dict, lines: dict[str, int]) -> str:
-        spec = data.get("spec", "W8A8")
-        problem = spec_problem(spec)
-        if problem:
-            self.fail(problem, lines.get("spec"))
-        return spec
-
-    def items(self, data: dict, key: str, lines: dict[str, int]) -> list[tuple[Any, yaml.Node | None]]:
-        """The list under `key` (null counts as empty), each item with its node."""
-        value = data[key]
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.fail(f"{key} must be a list, got {_type_name(value)}", lines[key])
-        nodes = _value_node(self.node, key)
-        item_nodes = nodes.value if isinstance(nodes, yaml.SequenceNode) else []
-        if len(item_nodes) != len(value):
-            item_nodes = [nodes] * len(value)
-        return list(zip(value, item_nodes, strict=True))
-
-
-#: A policy or exclude file may expand to at most this many values: YAML aliases can make a few hundred
-#: bytes expand to billions ("billion laughs"), and everything after parsing walks the expanded data.
-MAX_YAML_VALUES = 1_000_000
-
-
-def _expanded_size(root: yaml.Node | None) -> float:
-    """How many nodes the document has once every alias is expanded (inf for a recursive alias), computed
-    on the node graph (each shared node once), so the count itself costs nothing like the expansion."""
-    sizes: dict[int, float] = {}
-    on_path: set[int] = set()
-
-    def size(node: yaml.Node) -> float:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in on_path:
-            return math.inf
-        on_path.add(key)
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        total = 1.0 + sum(size(c) for c in children)
-        on_path.discard(key)
-        sizes[key] = total
-        return total
-
-    return 0 if root is None else size(root)
-
-
-def _unconstructible(root: yaml.Node | None) -> yaml.ScalarNode | None:
-    """The first scalar PyYAML's safe constructor cannot build (its error does not say where)."""
-    stack, seen = [root], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.ScalarNode):
-            try:
-                yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-            except Exception:
-                return node
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(reversed(node.value))
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
-    return None
-
-
-def _line(node: yaml.Node | None) -> int | None:
-    return node.start_mark.line + 1 if node is not None and node.start_mark is not None else None
-
-
-def _value_node(mapping: yaml.Node | None, key: str) -> yaml.Node | None:
-    if isinstance(mapping, yaml.MappingNode):
-        for key_node, value_node in mapping.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
-                return value_node
-    return None
 
 
 def _meta_problem(value: Any, depth: int = 0, path: tuple[int, ...] = ()) -> str | None:
@@ -420,7 +233,7 @@ def _meta_problem(value: Any, depth: int = 0, path: tuple[int, ...] = ()) -> str
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
-                return f"meta keys must be strings, got {_short(k)}"
+                return f"meta keys must be strings, got {short_repr(k)}"
             problem = _meta_problem(v, depth + 1, (*path, id(value)))
             if problem:
                 return problem
@@ -437,7 +250,7 @@ def _meta_problem(value: Any, depth: int = 0, path: tuple[int, ...] = ()) -> str
 
 
 def _check_layers(
-    doc: _Doc, patterns: list[tuple[str, int | None]], layers: Sequence[str], what: str
+    doc: YamlDoc, patterns: list[tuple[str, int | None]], layers: Sequence[str], what: str
 ) -> None:
     names = list(layers)
     known = set(names)
@@ -462,7 +275,7 @@ def _check_layers(
 
 def parse_policy(text: str, source: str = "<policy>", layers: Sequence[str] | None = None) -> Policy:
     """A Policy from policy.yaml text; `source` names the file in messages. See `load_policy`."""
-    doc = _Doc(text, source, "policy")
+    doc = YamlDoc(text, source, "policy")
     data = doc.data
     lines = doc.fields(doc.node, data, _POLICY_KEYS, ("version", "rules"), "the policy")
     doc.version(data, lines, POLICY_VERSION, "policy")
@@ -476,12 +289,12 @@ def parse_policy(text: str, source: str = "<policy>", layers: Sequence[str] | No
     for i, (item, node) in enumerate(doc.items(data, "rules", lines)):
         where = f"rules[{i}]"
         if not isinstance(item, dict):
-            doc.fail(f"{where} must be a mapping (match, method, ...), got {_type_name(item)}", _line(node))
+            doc.fail(f"{where} must be a mapping (match, method, ...), got {type_name(item)}", line_of(node))
         item_lines = doc.fields(node, item, _RULE_KEYS, ("match", "method"), where)
         problem = rule_problem(**item)
         if problem:
             key, message = problem
-            doc.fail(f"{where}: {message}", item_lines.get(key, _line(node)))
+            doc.fail(f"{where}: {message}", item_lines.get(key, line_of(node)))
         rules.append(Rule(**item))
         patterns.append((item["match"], item_lines.get("match")))
     if layers is not None:
@@ -493,7 +306,7 @@ def parse_exclude(
     text: str, source: str = "<exclude>", layers: Sequence[str] | None = None
 ) -> list[ExcludeEntry]:
     """The entries of exclude.yaml text, in file order. See `load_exclude`."""
-    doc = _Doc(text, source, "exclude")
+    doc = YamlDoc(text, source, "exclude")
     data = doc.data
     lines = doc.fields(doc.node, data, _EXCLUDE_KEYS, ("version", "exclude"), "the exclude file")
     doc.version(data, lines, EXCLUDE_VERSION, "exclude file")
@@ -504,7 +317,7 @@ def parse_exclude(
         where = f"exclude[{i}]"
         if not isinstance(item, dict):
             doc.fail(
-                f"{where} must be a mapping (layer, reason, metrics), got {_type_name(item)}", _line(node)
+                f"{where} must be a mapping (layer, reason, metrics), got {type_name(item)}", line_of(node)
             )
         item_lines = doc.fields(node, item, _ENTRY_KEYS, ("layer",), where)
         layer = item["layer"]
@@ -512,7 +325,7 @@ def parse_exclude(
         if problem:
             key, message = problem
             message = message.replace("match must", "layer must")
-            doc.fail(f"{where}: {message}", item_lines.get("layer" if key == "match" else key, _line(node)))
+            doc.fail(f"{where}: {message}", item_lines.get("layer" if key == "match" else key, line_of(node)))
         entries.append(ExcludeEntry(layer, item.get("reason", ""), item.get("metrics") or {}))
         patterns.append((layer, item_lines.get("layer")))
     if layers is not None:

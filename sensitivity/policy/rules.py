@@ -15,17 +15,14 @@ the same check as `(key, message)` so the YAML reader can point at the offending
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sensitivity.errors import ConfigError
+from sensitivity.errors import ConfigError, short_repr
 from sensitivity.policy.glob import glob_match
+from sensitivity.spec import GRANULARITIES, METHODS, MODES, spec_problem
 
 __all__ = [
-    "GRANULARITIES",
-    "METHODS",
-    "MODES",
     "POLICY_VERSION",
     "ExcludeEntry",
     "Policy",
@@ -35,21 +32,11 @@ __all__ = [
     "spec_problem",
 ]
 
-METHODS = ("fp", "naive", "smoothquant")
-GRANULARITIES = ("channel", "im2col")
-MODES = ("static", "dynamic")
 POLICY_VERSION = 1
-_SPEC_RE = re.compile(r"^W(\d+)A(\d+)$")  # the form QuantSpec.parse reads; policy/ does not import quant/
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _short(value: object) -> str:
-    """repr() on one line, cut to a readable length (user values end up in one-line error messages)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _metrics_problem(metrics: object) -> str | None:
@@ -57,11 +44,11 @@ def _metrics_problem(metrics: object) -> str | None:
         return f"metrics must be a mapping of metric name to number, got {type(metrics).__name__}"
     for key, value in metrics.items():
         if not isinstance(key, str):
-            return f"metric names must be strings, got {_short(key)}"
+            return f"metric names must be strings, got {short_repr(key)}"
         if not _is_number(value):
-            return f"metric {key!r} must be a number, got {_short(value)}"
+            return f"metric {key!r} must be a number, got {short_repr(value)}"
         if isinstance(value, int) and abs(value) > 2**1023:
-            return f"metric {key!r} is too large: {_short(value)}"
+            return f"metric {key!r} is too large: {short_repr(value)}"
     return None
 
 
@@ -77,34 +64,34 @@ def rule_problem(
     """The first problem with these rule fields as `(key, message)`, or None when they form a valid rule."""
     if not isinstance(match, str):
         hint = "; quote it" if isinstance(match, (int, float)) else ""
-        return "match", f"match must be a string (a layer name or glob), got {_short(match)}{hint}"
+        return "match", f"match must be a string (a layer name or glob), got {short_repr(match)}{hint}"
     if not match or match.strip() != match:
         return (
             "match",
             f"match must be a non-empty layer name or glob without surrounding spaces, got {match!r}",
         )
     if method not in METHODS:
-        return "method", f"unknown method {_short(method)}; choose one of {', '.join(METHODS)}"
+        return "method", f"unknown method {short_repr(method)}; choose one of {', '.join(METHODS)}"
     if method == "smoothquant":
         if alpha is None:
             return "alpha", "method smoothquant needs alpha, a number in [0, 1]"
         if not _is_number(alpha) or not 0 <= alpha <= 1:
-            return "alpha", f"alpha must be a number in [0, 1], got {_short(alpha)}"
+            return "alpha", f"alpha must be a number in [0, 1], got {short_repr(alpha)}"
         if granularity is None:
             return "granularity", f"method smoothquant needs granularity, one of {', '.join(GRANULARITIES)}"
         if granularity not in GRANULARITIES:
             return (
                 "granularity",
-                f"granularity must be one of {', '.join(GRANULARITIES)}, got {_short(granularity)}",
+                f"granularity must be one of {', '.join(GRANULARITIES)}, got {short_repr(granularity)}",
             )
         if mode is not None and mode not in MODES:
-            return "mode", f"mode must be one of {', '.join(MODES)}, got {_short(mode)}"
+            return "mode", f"mode must be one of {', '.join(MODES)}, got {short_repr(mode)}"
     else:
         for key, value in (("alpha", alpha), ("granularity", granularity), ("mode", mode)):
             if value is not None:
                 return key, f"{key} applies only to method smoothquant, not {method}"
     if not isinstance(reason, str):
-        return "reason", f"reason must be a string, got {_short(reason)}"
+        return "reason", f"reason must be a string, got {short_repr(reason)}"
     if metrics is not None:
         problem = _metrics_problem(metrics)
         if problem:
@@ -153,22 +140,15 @@ class ExcludeEntry:
         if self.metrics is None:
             object.__setattr__(self, "metrics", {})
         if not isinstance(self.layer, str) or not self.layer or self.layer.strip() != self.layer:
-            raise ConfigError(f"layer must be a non-empty layer name or glob, got {_short(self.layer)}")
+            raise ConfigError(f"layer must be a non-empty layer name or glob, got {short_repr(self.layer)}")
         if not isinstance(self.reason, str):
-            raise ConfigError(f"exclude {self.layer!r}: reason must be a string, got {_short(self.reason)}")
+            raise ConfigError(
+                f"exclude {self.layer!r}: reason must be a string, got {short_repr(self.reason)}"
+            )
         problem = _metrics_problem(self.metrics)
         if problem:
             raise ConfigError(f"exclude {self.layer!r}: {problem}")
         object.__setattr__(self, "metrics", {k: float(v) for k, v in self.metrics.items()})
-
-
-def spec_problem(spec: object) -> str | None:
-    """Checks the `W<bits>A<bits>` form with bits in 2..16, as QuantSpec does (without importing torch)."""
-    match = _SPEC_RE.match(spec) if isinstance(spec, str) else None
-    # (a length check first: int() refuses strings of thousands of digits)
-    if not match or not all(len(bits.lstrip("0")) <= 2 and 2 <= int(bits) <= 16 for bits in match.groups()):
-        return f"spec must be of the form W<bits>A<bits> with bits in 2..16, e.g. W8A8; got {_short(spec)}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -191,7 +171,7 @@ class Policy:
             raise ConfigError(problem)
         if self.version != POLICY_VERSION or isinstance(self.version, bool):
             raise ConfigError(
-                f"unsupported policy version {_short(self.version)}; this sensitivity reads version "
+                f"unsupported policy version {short_repr(self.version)}; this sensitivity reads version "
                 f"{POLICY_VERSION}"
             )
         if not isinstance(self.meta, Mapping) or not all(isinstance(k, str) for k in self.meta):

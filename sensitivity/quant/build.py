@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sensitivity.quant.modules import QuantMixin, quant_class_for
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.modules import QuantMixin
+from sensitivity.quant.registry import quant_class_for
+from sensitivity.spec import QuantSpec
 
 __all__ = [
     "ActQuant",
@@ -18,7 +18,6 @@ __all__ = [
     "build_quant_model",
     "configure_layers",
     "quant_layers",
-    "set_layer_enabled",
 ]
 
 
@@ -61,15 +60,6 @@ def build_quant_model(
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantMixin)}
-
-
-def set_layer_enabled(model: nn.Module, names: Iterable[str], enabled: bool) -> None:
-    """Turn quantization of the named layers on or off (off = the layer computes in FP)."""
-    layers = quant_layers(model)
-    for name in names:
-        layer = layers[name]
-        layer.input_quantizer.enabled = enabled
-        layer.weight_quantizer.enabled = enabled
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sensitivity.quant.spec import qrange
+from sensitivity.spec import qrange
 
 __all__ = ["amax_to_scale", "fake_quant", "quantize_codes"]
 

@@ -1,4 +1,5 @@
-"""Quantized layers that subclass the float layer they replace, built with `from_float`.
+"""Quantized layers that subclass the float layer they replace, built with `from_float` (the registry,
+`sensitivity.quant.registry`, says which replaces which).
 
 Each holds `input_quantizer` (per tensor) and `weight_quantizer` (per output channel), so the state dict
 keeps the original keys plus the quantizers'. Weights are fake-quantized once and cached: the scan runs
@@ -7,15 +8,18 @@ many batches through the same weights, and re-quantizing them per call would dom
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sensitivity.quant.quantizer import TensorQuantizer
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.smoothing import Smoother, channel_absmax, smoothed_input_amax, smoothing_factors
 from sensitivity.quant.wrapped import OP_NAMES, OpIntercept, overrides_forward
+from sensitivity.spec import QuantSpec
 
 __all__ = [
     "QUANT_MODULES",
@@ -28,10 +32,8 @@ __all__ = [
     "QuantLinear",
     "QuantMixin",
     "QuantWrapped",
-    "Smoother",
-    "is_spconv_module",
     "is_wrapped_kind",
-    "quant_class_for",
+    "subclass_twin",
     "weight_channel_axis",
 ]
 
@@ -44,37 +46,6 @@ def weight_channel_axis(module: nn.Module) -> int:
 def per_channel_amax(weight: torch.Tensor, axis: int) -> torch.Tensor:
     dims = [d for d in range(weight.dim()) if d != axis]
     return weight.detach().abs().amax(dim=dims).float()
-
-
-class Smoother(nn.Module):
-    """SmoothQuant's input side: multiply the input by 1/s per input channel, before the input quantizer.
-
-    Kept as one per-channel multiply (a Mul node in ONNX, which TensorRT runs), unless the final model
-    folds it into the producer. `scale` (s > 0) is a buffer so it travels with the state dict.
-    """
-
-    def __init__(self, scale: torch.Tensor, channel_axis: int, folded: bool = False) -> None:
-        super().__init__()
-        self.channel_axis = int(channel_axis)
-        #: True once 1/s lives in the producer's weights: the input arrives already divided
-        self.folded = bool(folded)
-        #: True once s lives in this layer's own weight (the deployed form): no multiply at run time
-        self.weight_baked = False
-        self.register_buffer("scale", scale.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.folded:
-            return x
-        shape = [1] * x.dim()
-        shape[self.channel_axis] = -1
-        inv = 1.0 / self.scale
-        if torch.onnx.is_in_onnx_export():  # one Mul by a constant in the graph
-            inv = torch.tensor(inv.tolist(), dtype=torch.float32, device=x.device)
-        return x * inv.to(x.dtype).reshape(shape)
-
-    def extra_repr(self) -> str:
-        folded = ", folded into the producer" if self.folded else ""
-        return f"channels={self.scale.numel()}, axis={self.channel_axis}{folded}"
 
 
 class QuantMixin:
@@ -201,12 +172,51 @@ class QuantMixin:
         """Run the layer's own operation on an (already quantized) input and weight."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def swapped(
+        self, smoother: Smoother | None, input_amax: torch.Tensor | None, weight_amax: torch.Tensor | None
+    ) -> Iterator[None]:
+        """Run with another smoother and amaxes for the block (a candidate setting, or dynamic smoothing);
+        everything is put back after, and the quantized weight is recomputed rather than cached (caching
+        one per setting would hold as many extra copies of the weight)."""
+        saved = (self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax, self._wq_cache)
+        saved_dynamic = self.dynamic_alpha
+        self.dynamic_alpha = None
+        self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax = (
+            smoother,
+            input_amax,
+            weight_amax,
+        )
+        self._wq_cache = None
+        try:
+            yield
+        finally:
+            self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax, self._wq_cache = saved
+            self.dynamic_alpha = saved_dynamic
+
+    def smoothing_setting(
+        self, x_absmax: torch.Tensor, alpha: float
+    ) -> tuple[Smoother, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(smoother, smoothed input amax, smoothed weight amax, s) for per-channel input maxima `x_absmax`."""
+        s = smoothing_factors(x_absmax, self.weight_input_absmax(), alpha).to(self.weight.device)
+        axis = self.weight_quantizer.axis
+        assert axis is not None
+        w_amax = per_channel_amax(self.weight.detach() * self._weight_input_scale(s), axis)
+        return Smoother(s, self.input_channel_axis), smoothed_input_amax(x_absmax.to(s.device), s), w_amax, s
+
+    def _dynamic_forward(self, input: object, *args: object, **kwargs: object) -> object:
+        """Dynamic SmoothQuant (research): factors and input amax from this batch's own channel maxima."""
+        x = getattr(input, "features", input)  # a sparse layer's input is a SparseConvTensor
+        assert isinstance(x, torch.Tensor) and self.dynamic_alpha is not None
+        smoother, amax, w_amax, _ = self.smoothing_setting(
+            channel_absmax(x, self.input_channel_axis), self.dynamic_alpha
+        )
+        with self.swapped(smoother, amax, w_amax):
+            return self(input, *args, **kwargs)
+
     def forward(self, input: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         if self.dynamic_alpha is not None and self.input_quantizer.enabled:
-            # dynamic SmoothQuant (research): factors and input amax from this batch
-            from sensitivity.smoothquant import SmoothCandidate
-
-            return SmoothCandidate(self, self.dynamic_alpha, "dynamic")((input, *args, *kwargs.values()))
+            return self._dynamic_forward(input, *args, **kwargs)  # type: ignore[return-value]
         return self._forward_with(self._quant_input(input), self.quantized_weight(), *args, **kwargs)
 
 
@@ -302,12 +312,6 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def is_spconv_module(module: nn.Module) -> bool:
-    """True for modules whose class is (or, like our quantized wrappers, derives from) a spconv class;
-    checked by module name, so spconv is imported only where it is used."""
-    return any(c.__module__.split(".", 1)[0] == "spconv" for c in type(module).__mro__[:-1])
-
-
 class QuantWrapped(QuantMixin):
     """Twin of a conv / Linear subclass whose own `forward` wraps the op (pads the input, transforms the
     weight): that forward runs unchanged and the op receives the quantized input and weight (see
@@ -316,6 +320,8 @@ class QuantWrapped(QuantMixin):
     _op: str = ""
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.dynamic_alpha is not None and self.input_quantizer.enabled:
+            return self._dynamic_forward(*args, **kwargs)  # type: ignore[return-value]
         with OpIntercept(self._op, self._quantize_op_args):
             return self._float_cls.forward(self, *args, **kwargs)  # type: ignore[attr-defined]
 
@@ -336,7 +342,7 @@ class QuantWrapped(QuantMixin):
 
 
 @functools.cache
-def _subclass_twin(cls: type[nn.Module]) -> type[nn.Module]:
+def subclass_twin(cls: type[nn.Module]) -> type[nn.Module]:
     """The quantized twin of a user subclass of a supported layer: it subclasses `cls` (isinstance, methods
     and state-dict keys stay the user's). Without its own forward, the base's quantized forward serves;
     with one, `QuantWrapped` runs it and quantizes at the op."""
@@ -372,19 +378,3 @@ def is_wrapped_kind(module: nn.Module) -> bool:
         and any(b in QUANT_MODULES for b in cls.__mro__)
         and overrides_forward(cls)
     )
-
-
-def quant_class_for(module: nn.Module) -> type[nn.Module] | None:
-    """The quantized class for this float layer: its exact twin for the torch types, a generated twin for
-    their subclasses (`_subclass_twin`), None for our own quantized layers and other modules; spconv
-    convolutions resolve through `sensitivity.integrations.spconv`, imported only for them."""
-    cls = QUANT_MODULES.get(type(module))
-    if cls is not None or isinstance(module, QuantMixin):
-        return cls
-    if is_spconv_module(module):
-        from sensitivity.integrations.spconv import sparse_quant_class_for
-
-        return sparse_quant_class_for(module)
-    if any(b in QUANT_MODULES for b in type(module).__mro__):
-        return _subclass_twin(type(module))
-    return None

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant
-from sensitivity.quant.spec import qrange
+from sensitivity.spec import qrange
 
 __all__ = ["NotCalibratedError", "TensorQuantizer"]
 
@@ -34,10 +34,6 @@ class TensorQuantizer(nn.Module):
 
     def set_amax(self, amax: torch.Tensor | float) -> None:
         self.amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
-
-    @property
-    def calibrated(self) -> bool:
-        return self.amax is not None
 
     def scale(self) -> torch.Tensor:
         if self.amax is None:

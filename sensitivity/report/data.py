@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sensitivity.errors import SensitivityError
+from sensitivity.spec import METRICS
 
 __all__ = [
     "METRICS",
@@ -30,8 +31,6 @@ __all__ = [
     "metric_columns",
 ]
 
-#: Metric suffixes of layers.csv, as sensitivity.metrics.METRICS writes them (copied: no torch import here).
-METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 MODES = ("iso", "cum")
 #: Isolated "methods" that are the same naive layer with the other activation sign (unsigned_gain_db).
 SIGN_VARIANTS = ("unsigned", "signed")
@@ -187,7 +186,9 @@ def _read_scan(path: Path) -> dict[str, Any]:
     for key, kind in _SPEC_TYPES.items():
         value = (scan.get("spec") or {}).get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise ReportDataError(f"{path}: 'spec.{key}' must be {_KIND_NAMES[kind]}, not {type(value).__name__}")
+            raise ReportDataError(
+                f"{path}: 'spec.{key}' must be {_KIND_NAMES[kind]}, not {type(value).__name__}"
+            )
     if not all(isinstance(row, dict) for row in scan.get("comparison") or []):
         raise ReportDataError(f"{path}: 'comparison' must be a list of mappings")
     return scan
@@ -204,7 +205,11 @@ _SPEC_TYPES: dict[str, type | tuple[type, ...]] = {
     "spec": str, "calibrator": str, "act_sign": str, "w_bits": int, "a_bits": int, "percentile": (int, float),
 }  # fmt: skip
 _KIND_NAMES = {
-    dict: "a mapping", list: "a list", str: "a string", int: "an integer", (int, float): "a number",
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    (int, float): "a number",
 }
 
 

@@ -28,7 +28,9 @@ def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("out", [".", "", "./", "..", "/"], ids=["dot", "empty", "dot-slash", "parent", "root"])
+@pytest.mark.parametrize(
+    "out", [".", "", "./", "..", "/"], ids=["dot", "empty", "dot-slash", "parent", "root"]
+)
 def test_the_current_directory_or_a_folder_holding_it_is_refused(here: Path, out: str) -> None:
     with pytest.raises(OutputDirError, match=r"current directory|empty"):
         check_output_dir(out, overwrite=True)
@@ -116,7 +118,9 @@ def test_failure_inside_removes_the_temp_folder_and_keeps_the_old_report(here: P
 
 
 def test_stale_leftovers_of_killed_runs_are_cleaned_and_a_moved_report_restored(here: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)
     (here / f".rep.partial-{pid}-abc").mkdir()
     old = _tool_folder(here / f".rep.old-{pid}", "the previous report")

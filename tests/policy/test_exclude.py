@@ -15,7 +15,6 @@ from sensitivity.policy import (
     ExcludeEntry,
     Thresholds,
     exclude_by_thresholds,
-    exclude_entries,
     exclusion_policy,
     load_exclude_entries,
     parse_policy,
@@ -68,19 +67,19 @@ def test_defaults_are_named_constants() -> None:
 def test_reasons_and_metrics_in_table_order() -> None:
     excluded = exclude_by_thresholds(TABLE, T)
     assert list(excluded) == ["backbone.conv2", "backbone.conv3", "head.hm.0", "head.hm.1"]
-    assert excluded["backbone.conv2"][0] == "isolated relative L1 0.183 > 0.1"
-    assert excluded["backbone.conv3"][0] == "isolated SQNR 12.4 dB < 20 dB"
-    assert excluded["head.hm.0"][0] == (
+    assert excluded["backbone.conv2"].reason == "isolated relative L1 0.183 > 0.1"
+    assert excluded["backbone.conv3"].reason == "isolated SQNR 12.4 dB < 20 dB"
+    assert excluded["head.hm.0"].reason == (
         "isolated output has 37 non-finite values; isolated relative L1 0.41 > 0.1; "
         "isolated SQNR 3.2 dB < 20 dB"
     )
-    assert excluded["head.hm.1"][0] == "isolated output has 1 non-finite value"
-    assert excluded["head.hm.0"][1] == {
+    assert excluded["head.hm.1"].reason == "isolated output has 1 non-finite value"
+    assert excluded["head.hm.0"].metrics == {
         "iso_naive_rel_l1": 0.41,
         "iso_naive_sqnr_db": 3.2,
         "iso_naive_nonfinite": 37.0,
     }
-    assert all(isinstance(v, float) for _, metrics in excluded.values() for v in metrics.values())
+    assert all(isinstance(v, float) for entry in excluded.values() for v in entry.metrics.values())
 
 
 def test_default_thresholds_when_none_given() -> None:
@@ -90,25 +89,25 @@ def test_default_thresholds_when_none_given() -> None:
 def test_each_criterion_can_be_switched_off() -> None:
     only_nan = exclude_by_thresholds(TABLE, Thresholds(max_rel_l1=None, min_sqnr_db=None))
     assert list(only_nan) == ["head.hm.0", "head.hm.1"]
-    assert only_nan["head.hm.0"][0] == "isolated output has 37 non-finite values"
+    assert only_nan["head.hm.0"].reason == "isolated output has 37 non-finite values"
     no_nan = exclude_by_thresholds(TABLE, Thresholds(0.1, 20.0, nonfinite=False))
     assert list(no_nan) == ["backbone.conv2", "backbone.conv3", "head.hm.0"]
     assert exclude_by_thresholds(TABLE, Thresholds(None, None, False)) == {}
     stricter = exclude_by_thresholds(TABLE, Thresholds(max_rel_l1=0.015, min_sqnr_db=35, nonfinite=False))
     assert list(stricter) == list(TABLE.index[1:])
-    assert stricter["head.hm.1"][0] == "isolated relative L1 0.02 > 0.015; isolated SQNR 30 dB < 35 dB"
+    assert stricter["head.hm.1"].reason == "isolated relative L1 0.02 > 0.015; isolated SQNR 30 dB < 35 dB"
 
 
 def test_only_needed_columns_are_required() -> None:
     table = TABLE.drop(columns=["iso_naive_sqnr_db", "iso_naive_nonfinite"])
     excluded = exclude_by_thresholds(table, Thresholds(0.1, min_sqnr_db=None, nonfinite=False))
     assert list(excluded) == ["backbone.conv2", "head.hm.0"]
-    assert excluded["head.hm.0"][1] == {"iso_naive_rel_l1": 0.41}
+    assert excluded["head.hm.0"].metrics == {"iso_naive_rel_l1": 0.41}
 
 
 def test_value_close_to_threshold_gets_more_digits() -> None:
     table = make_table({"a": (0.1004, 19.9996, 0)})
-    reason = exclude_by_thresholds(table, T)["a"][0]
+    reason = exclude_by_thresholds(table, T)["a"].reason
     assert reason == "isolated relative L1 0.1004 > 0.1; isolated SQNR 19.9996 dB < 20 dB"
 
 
@@ -118,15 +117,15 @@ def test_nan_metrics_do_not_exclude_but_infinities_do() -> None:
     )
     excluded = exclude_by_thresholds(table, T)
     assert list(excluded) == ["dead"]
-    assert excluded["dead"][0] == "isolated relative L1 inf > 0.1; isolated SQNR -inf dB < 20 dB"
+    assert excluded["dead"].reason == "isolated relative L1 inf > 0.1; isolated SQNR -inf dB < 20 dB"
 
 
 def test_cumulative_mode_and_other_methods() -> None:
     cum = exclude_by_thresholds(make_table({"a": (0.5, 30.0, 2)}, mode="cum"), T, mode="cum")
-    assert cum["a"][0] == "cumulative output has 2 non-finite values; cumulative relative L1 0.5 > 0.1"
-    assert set(cum["a"][1]) == {"cum_naive_rel_l1", "cum_naive_sqnr_db", "cum_naive_nonfinite"}
+    assert cum["a"].reason == "cumulative output has 2 non-finite values; cumulative relative L1 0.5 > 0.1"
+    assert set(cum["a"].metrics) == {"cum_naive_rel_l1", "cum_naive_sqnr_db", "cum_naive_nonfinite"}
     sq = exclude_by_thresholds(make_table({"a": (0.5, 30.0, 0)}, method="sq_a0.5"), T, method="sq_a0.5")
-    assert sq["a"][0] == "isolated sq_a0.5 relative L1 0.5 > 0.1"
+    assert sq["a"].reason == "isolated sq_a0.5 relative L1 0.5 > 0.1"
 
 
 def test_missing_columns_and_bad_mode() -> None:
@@ -157,7 +156,7 @@ def test_threshold_validation() -> None:
 
 def test_to_exclude_yaml_and_policy(tmp_path: Path) -> None:
     excluded = exclude_by_thresholds(TABLE, T)
-    entries = exclude_entries(excluded)
+    entries = list(excluded.values())
     assert entries[0] == ExcludeEntry(
         "backbone.conv2",
         "isolated relative L1 0.183 > 0.1",

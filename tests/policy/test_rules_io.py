@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from sensitivity.errors import ConfigError, SensitivityError
 from sensitivity.policy import (
-    METHODS,
     ExcludeEntry,
     Policy,
     Rule,
@@ -30,6 +29,7 @@ from sensitivity.policy import (
     write_exclude,
     write_policy,
 )
+from sensitivity.spec import METHODS
 
 LAYERS = [
     "backbone_2d.blocks.0.0",
@@ -263,7 +263,7 @@ def test_exclude_round_trip(tmp_path: Path) -> None:
     assert load_exclude(tmp_path / "e.yaml", layers=LAYERS) == [e.layer for e in entries]
     assert load_exclude_entries(tmp_path / "e.yaml") == entries
     # the dict exclude_by_thresholds returns is accepted too, same bytes
-    as_dict = {e.layer: (e.reason, e.metrics) for e in entries}
+    as_dict = {e.layer: e for e in entries}
     assert dump_exclude(as_dict, "W8A8") == text
     assert parse_exclude(dump_exclude([], "W4A8")) == []
 

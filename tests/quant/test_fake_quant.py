@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant, quantize_codes
-from sensitivity.quant.spec import qrange
+from sensitivity.spec import qrange
 
 AMAX = [1.0, 3.7, 0.0123, 4.0]  # 4.0: scale = 4/127 is no power of two; with unsigned 4/255
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant
-from sensitivity.quant.modules import QUANT_MODULES, quant_class_for
-from sensitivity.quant.spec import QuantSpec
+from sensitivity.quant.modules import QUANT_MODULES
+from sensitivity.quant.registry import quant_class_for
+from sensitivity.spec import QuantSpec
 
 CASES = [
     (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9)),

@@ -27,8 +27,8 @@ import pandas as pd
 import pytest
 import torch
 
+from sensitivity import scan
 from sensitivity.report import render_report
-from sensitivity.scan import scan
 from tests.models import PlantedOutlierNet
 
 FLAGS = (

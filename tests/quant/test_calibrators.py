@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from sensitivity.errors import CalibrationDataError, FPModelError
-from sensitivity.quant import calibrate
-from sensitivity.quant.calibrate import (
+from sensitivity.quant.calibrators import (
     HistogramCalibrator,
     MaxCalibrator,
     NothingCollectedError,
@@ -24,8 +23,10 @@ from sensitivity.quant.calibrate import (
     compute_amax_mse,
     make_calibrator,
 )
+from sensitivity.quant.calibrators import entropy as entropy_mod
+from sensitivity.quant.calibrators import histogram as histogram_mod
 from sensitivity.quant.fake import amax_to_scale, fake_quant
-from sensitivity.quant.spec import CALIBRATORS
+from sensitivity.spec import CALIBRATORS
 
 SHAPE = (8, 16, 16, 16)  # 32 Ki values per batch
 
@@ -122,7 +123,7 @@ def test_histogram_bins_match_pytorch_quantization(pq, kind: str) -> None:
 
 def test_histogram_chunked_histc_is_exact(pq, monkeypatch: pytest.MonkeyPatch) -> None:
     batches = make_batches("relu")
-    monkeypatch.setattr(calibrate, "_HISTC_CHUNK", 1000)
+    monkeypatch.setattr(histogram_mod, "HISTC_CHUNK", 1000)
     hist, edges = _ours("entropy", batches).histogram()
     ref = _pq_hist(pq, batches)
     assert torch.equal(hist, ref._calib_hist.double())
@@ -172,8 +173,8 @@ def test_entropy_termwise_and_expanded_agree() -> None:
     b[0] = b[1]
     cand = np.arange(128, b.size + 1)
     for levels in (8, 128, 256):
-        fast = calibrate._kl_expanded(b, b.sum(), cand, levels)
-        exact = calibrate._kl_termwise(b, b.sum(), cand, levels)
+        fast = entropy_mod._kl_expanded(b, b.sum(), cand, levels)
+        exact = entropy_mod._kl_termwise(b, b.sum(), cand, levels)
         assert np.array_equal(np.isinf(fast), np.isinf(exact))
         finite = np.isfinite(exact)
         assert np.max(np.abs(fast[finite] - exact[finite])) < 1e-11

@@ -1,4 +1,6 @@
-"""The quantization spec: bit widths, activation sign and calibrator, parsed from strings like `W8A8`."""
+"""The toolkit's vocabulary (methods, granularities, modes, calibrators, metric names) and the quantization
+spec (bit widths, activation sign, calibrator) parsed from strings like `W8A8`. Torch-free: the policy YAML
+and the report read these names without loading torch."""
 
 from __future__ import annotations
 
@@ -8,11 +10,43 @@ from typing import Literal
 
 from sensitivity.errors import SpecError
 
-__all__ = ["CALIBRATORS", "QuantSpec", "qrange"]
+__all__ = [
+    "CALIBRATORS",
+    "GRANULARITIES",
+    "METHODS",
+    "METRICS",
+    "MODES",
+    "SPEC_RE",
+    "QuantSpec",
+    "qrange",
+    "spec_problem",
+]
 
+#: Per-layer methods a policy assigns.
+METHODS = ("fp", "naive", "smoothquant")
+#: SmoothQuant granularities: one factor per input channel (deployable) or per im2col column (research).
+GRANULARITIES = ("channel", "im2col")
+#: SmoothQuant modes: factors from calibration (deployable) or from each batch (research).
+MODES = ("static", "dynamic")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
+#: Per-layer error metrics, in the column order of layers.csv (`{iso,cum}_{method}_{metric}`).
+METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 ActSign = Literal["signed", "auto"]
-_SPEC_RE = re.compile(r"^\s*W(\d+)A(\d+)\s*$", re.IGNORECASE)
+#: `W<bits>A<bits>` as a user types it on the command line (any case, surrounding blanks allowed).
+SPEC_RE = re.compile(r"^\s*W(\d+)A(\d+)\s*$", re.IGNORECASE)
+#: ... and as files (policy.yaml, exclude.yaml) hold it: exactly the form `QuantSpec.name` writes.
+_WRITTEN_SPEC_RE = re.compile(r"^W(\d+)A(\d+)$")
+
+
+def spec_problem(spec: object) -> str | None:
+    """What is wrong with a spec as a file holds it (`W<bits>A<bits>`, bits in 2..16), or None."""
+    match = _WRITTEN_SPEC_RE.match(spec) if isinstance(spec, str) else None
+    # (a length check first: int() refuses strings of thousands of digits)
+    if not match or not all(len(bits.lstrip("0")) <= 2 and 2 <= int(bits) <= 16 for bits in match.groups()):
+        text = repr(spec)
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        return f"spec must be of the form W<bits>A<bits> with bits in 2..16, e.g. W8A8; got {shown}"
+    return None
 
 
 def qrange(num_bits: int, unsigned: bool) -> tuple[int, int]:
@@ -54,7 +88,7 @@ class QuantSpec:
     @classmethod
     def parse(cls, text: str, **options: object) -> QuantSpec:
         """`W8A8`, `W4A8`, `w8a16` ... plus keyword options (act_sign, calibrator, percentile)."""
-        match = _SPEC_RE.match(str(text))
+        match = SPEC_RE.match(str(text))
         if not match:
             raise SpecError(
                 f"cannot parse quantization spec {text!r}: expected the form W<bits>A<bits>, e.g. W8A8"

@@ -1,30 +1,22 @@
 """The isolated candidates scored for each layer inside the FP pass: naive, the other activation sign,
-and SmoothQuant per alpha (channel granularity; im2col for research)."""
+and SmoothQuant per alpha (channel granularity; im2col for research): each method's `candidate`."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from torch import nn
-
-from sensitivity.capture.observe import LayerObserver
-from sensitivity.capture.passes import Candidate
-from sensitivity.im2col import Im2colCandidate, im2col_refusal
+from sensitivity.methods.base import Candidate, LayerStats, sq_key
+from sensitivity.methods.im2col import Im2colCandidate, im2col_refusal
+from sensitivity.methods.smoothquant import SmoothCandidate
 from sensitivity.quant.modules import QuantMixin
 from sensitivity.quant.quantizer import TensorQuantizer
-from sensitivity.quant.spec import QuantSpec
-from sensitivity.smoothquant import SmoothCandidate
+from sensitivity.spec import QuantSpec
 
 __all__ = ["alt_sign_candidate", "build_candidates", "sq_key"]
 
 
-def sq_key(granularity: str, alpha: float) -> str:
-    """Candidate name, e.g. `sq_channel_0.5` / `sq_im2col_0.75`."""
-    return f"sq_{granularity}_{alpha:g}"
-
-
-def alt_sign_candidate(qmod: QuantMixin, obs: LayerObserver, spec: QuantSpec) -> tuple[str, Candidate]:
+def alt_sign_candidate(qmod: QuantMixin, obs: LayerStats, spec: QuantSpec) -> tuple[str, Candidate]:
     """The same layer with the other activation sign: what unsigned codes would gain (or cost)."""
     unsigned = not qmod.input_quantizer.unsigned
     alt = TensorQuantizer(spec.a_bits, axis=None, unsigned=unsigned)
@@ -43,7 +35,7 @@ def alt_sign_candidate(qmod: QuantMixin, obs: LayerObserver, spec: QuantSpec) ->
 
 def build_candidates(
     qlayers: dict[str, QuantMixin],
-    observers: dict[str, LayerObserver],
+    observers: dict[str, LayerStats],
     spec: QuantSpec,
     alphas: Sequence[float],
     granularities: Sequence[str],
@@ -79,7 +71,3 @@ def build_candidates(
                     cands[sq_key("im2col", a)] = Im2colCandidate(qmod, a, mode, spec.a_bits, col)
         candidates[name] = cands
     return candidates, refused
-
-
-def wants_columns(module: nn.Module) -> bool:
-    return im2col_refusal(module) is None

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity import scan
 from sensitivity.cli import main
 from sensitivity.report import PLOTS, ReportDataError, load_report_data, render_report
-from sensitivity.scan import scan
 from tests.models import PlantedOutlierNet, plant_exp_fault_
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_REPORT_BYTES = 5 * 1024 * 1024
 
 
@@ -276,8 +276,9 @@ def test_report_package_never_imports_torch_quant_or_capture() -> None:
 
 
 def test_import_sensitivity_report_does_not_load_torch() -> None:
-    if _run("import sys, sensitivity; print('torch' in sys.modules)").stdout.strip() == "True":
-        pytest.xfail("sensitivity/__init__.py imports torch through QuantSpec (sensitivity.quant/__init__)")
+    """Through the real package: `import sensitivity` is lazy (nothing but errors), so the report alone
+    stays torch-free, and so does `import sensitivity` itself."""
+    assert _run("import sys, sensitivity; print('torch' in sys.modules)").stdout.strip() == "False"
     proc = _run(_CHECK.format(setup=""))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

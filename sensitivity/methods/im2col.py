@@ -40,7 +40,9 @@ def im2col_refusal(module: nn.Module) -> str | None:
     if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return f"{type(module).__name__} has no im2col form here (dense Conv1d/2d/3d only)"
     if isinstance(module, QuantWrapped) or is_wrapped_kind(module):
-        return f"{type(module).__name__}'s own forward wraps the conv (the im2col path runs the plain conv only)"
+        return (
+            f"{type(module).__name__}'s own forward wraps the conv (the im2col path runs the plain conv only)"
+        )
     if getattr(module, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={module.padding_mode!r} (im2col path pads with zeros only)"  # type: ignore[attr-defined]
     if isinstance(module.padding, str):  # type: ignore[attr-defined]
@@ -169,7 +171,7 @@ class Im2colCandidate:
         self._static = self._state(self.col_absmax) if self.mode == "static" else None
 
     def _state(self, col_absmax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
+        from sensitivity.methods.smoothquant import smoothed_input_amax, smoothing_factors
 
         assert col_absmax is not None
         q = self.qmod

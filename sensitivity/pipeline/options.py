@@ -1,0 +1,100 @@
+"""What a scan is asked to do (`ScanOptions`, frozen) and how it reports progress (`PhaseProgress`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sensitivity.capture.outputs import OutputSelector
+from sensitivity.errors import SpecError
+from sensitivity.policy import DEFAULT_SQ_MARGIN, Thresholds, glob_match
+from sensitivity.prepare import Selection
+from sensitivity.spec import GRANULARITIES, MODES, QuantSpec
+
+__all__ = ["DEFAULT_ALPHAS", "PhaseProgress", "ScanOptions"]
+
+log = logging.getLogger(__name__)
+
+#: Default SmoothQuant alpha: the notes' stable 0.5, one candidate per layer, which keeps the default scan
+#: within its budget (about 3.5x an FP forward, benchmarks/README.md); each extra alpha costs one more
+#: layer call per layer on the held-out batches. `--alpha-grid 0.25,0.5,0.75` or `0.1:0.9:0.1` sweep.
+DEFAULT_ALPHAS = (0.5,)
+
+
+class PhaseProgress:
+    """Progress callbacks; the library reports phases, the CLI draws them (the library never prints)."""
+
+    @contextmanager
+    def phase(self, name: str, total: int) -> Iterator[Callable[[], None]]:
+        yield lambda: None
+
+    def note(self, message: str) -> None:
+        log.info(message)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    only: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    fold_bn: bool = True
+    holdout: float = 0.25
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    exclude: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    seed: int = 0
+    max_nonfinite_repairs: int = 8
+    #: SmoothQuant: alphas to try (empty = off), granularities ("channel", research "im2col"), mode
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    granularities: tuple[str, ...] = ("channel",)
+    sq_mode: str = "static"
+    sq_margin: float = DEFAULT_SQ_MARGIN
+    #: with an `evaluate` function: the metric key to budget on (default: the first returned) and the
+    #: allowed drop from FP (same units as the metric); None = no greedy exclusion
+    eval_metric: str | None = None
+    exclude_budget: float | None = None
+    #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
+    device: str = "cpu"
+    #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
+    #: per-sample models: same numbers, bounded memory); 0 = whole batches
+    stored_activation_mb: float = 128.0
+    #: `output -> {name: tensor}`: what the model's outputs are (instead of `outputs` keys), each measured apart
+    output_fn: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.granularities if g not in GRANULARITIES]
+        if bad:
+            raise SpecError(
+                f"unknown SmoothQuant granularity {bad[0]!r}; choose from {', '.join(GRANULARITIES)}"
+            )
+        if self.sq_mode not in MODES:
+            raise SpecError(f"unknown SmoothQuant mode {self.sq_mode!r}; choose static or dynamic")
+        if not 0.0 < self.holdout < 1.0:
+            raise SpecError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if not 0.0 < self.sq_margin <= 1.0:
+            raise SpecError(f"SmoothQuant margin must be in (0, 1], got {self.sq_margin}")
+
+    @property
+    def output_selector(self) -> OutputSelector:
+        return OutputSelector(tuple(self.outputs), self.output_fn)
+
+    @property
+    def selection(self) -> Selection:
+        """`--only` / `--skip` as the layer selection `prepare` takes: why a layer is left out, or None."""
+        only, skip = self.only, self.skip
+
+        def select(name: str) -> str | None:
+            if skip and any(glob_match(p, name) for p in skip):
+                return "matched --skip"
+            if only and not any(glob_match(p, name) for p in only):
+                return "not in --only"
+            return None
+
+        return select
+
+    def user_fp(self, names: list[str]) -> list[str]:
+        """The layers the user's exclusion file keeps in FP (globs allowed)."""
+        return [n for n in names if any(glob_match(p, n) for p in self.exclude)]

@@ -1,0 +1,73 @@
+"""Quantized passes over the held-out batches for a configuration, with the non-finite repair: what every
+decision is checked with before it is believed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pandas as pd
+from torch import nn
+
+from sensitivity import distributed as D
+from sensitivity.capture.passes import PassResult, compare_pass
+from sensitivity.io.batches import Batch
+from sensitivity.pipeline.options import PhaseProgress, ScanOptions
+from sensitivity.policy import ExcludeEntry
+from sensitivity.prepare import LayerInfo
+from sensitivity.quant.build import LayerQuant, configure_layers
+
+__all__ = ["Verifier", "isolated_badness"]
+
+
+def isolated_badness(table: pd.DataFrame, name: str) -> float:
+    """Isolated error used to rank layers; non-finite isolated outputs rank first."""
+    if table.loc[name, "iso_naive_nonfinite"] > 0:
+        return math.inf
+    value = float(table.loc[name, "iso_naive_rel_l1"])
+    return value if math.isfinite(value) else -1.0
+
+
+class Verifier:
+    """Runs `qmodel` configured one way against `fp` on the held-out batches (this rank's shard)."""
+
+    def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
+                 opts: ScanOptions, progress: PhaseProgress) -> None:  # fmt: skip
+        self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
+        self.opts, self.progress = opts, progress
+        self.names = [layer.name for layer in layers]
+
+    def run(self, configs: dict[str, LayerQuant], label: str) -> PassResult:
+        configure_layers(self.qmodel, configs)
+        with self.progress.phase(f"verify {label}", len(self.held)) as advance:
+            result = compare_pass(
+                self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
+                progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
+            )  # fmt: skip
+        D.reduce_pass_(result)
+        return result
+
+    def repaired(
+        self,
+        configs: dict[str, LayerQuant],
+        label: str,
+        badness: Callable[[str], float],
+        reason: Callable[[str, str], ExcludeEntry],
+    ) -> tuple[PassResult, dict[str, ExcludeEntry]]:
+        """Verify; while the model turns non-finite, put the worst layer (by `badness`) upstream of the
+        first non-finite value in FP and retry. Bounded (a few steps, one quantized pass each). Returns the
+        final check and the layers it moved, with `reason(layer, where)`. `configs` is updated in place."""
+        check = self.run(configs, label)
+        moved: dict[str, ExcludeEntry] = {}
+        for _ in range(self.opts.max_nonfinite_repairs):
+            if check.first_nonfinite is None:
+                break
+            quantized = [n for n in self.names if configs[n].method != "fp"]
+            upstream = [n for n in check.nonfinite_upstream if configs[n].method != "fp"] or quantized
+            if not upstream:
+                break
+            worst = max(upstream, key=badness)
+            moved[worst] = reason(worst, check.first_nonfinite)
+            configs[worst] = LayerQuant("fp")
+            check = self.run(configs, label)
+        return check, moved

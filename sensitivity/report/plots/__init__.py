@@ -1,0 +1,106 @@
+"""The report's figures, drawn from a `ReportData` with matplotlib's object API and the Agg canvas.
+
+No pyplot: figures never touch the global backend, so the same functions render PNGs for report.html and
+show inline in a notebook. Each function returns a `Figure`, or None when its data is absent (e.g. no
+alpha sweeps in a scan run without SmoothQuant), and the report leaves that plot out.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sensitivity.report.data import ReportData
+from sensitivity.report.plots.layers import plot_cumulative, plot_layer_error, plot_sqnr
+from sensitivity.report.plots.smoothquant import plot_alpha_sweeps, plot_channel_profiles, plot_histograms
+from sensitivity.report.plots.style import style
+
+__all__ = [
+    "PLOTS",
+    "Plot",
+    "figure_png",
+    "plot_alpha_sweeps",
+    "plot_channel_profiles",
+    "plot_cumulative",
+    "plot_histograms",
+    "plot_layer_error",
+    "plot_sqnr",
+    "render_plots",
+]
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One report figure: file stem under plots/, its section title, a caption, and its builder."""
+
+    key: str
+    title: str
+    caption: str
+    build: Callable[[ReportData], Figure | None]
+
+
+PLOTS: tuple[Plot, ...] = (
+    Plot(
+        "layer_error",
+        "Per-layer relative L1",
+        "Markers: each layer quantized alone (isolated); lines: "
+        "the whole model quantized (cumulative). Shaded: excluded layers (exclude.yaml, or FP in the policy).",
+        plot_layer_error,
+    ),
+    Plot(
+        "sqnr",
+        "Per-layer SQNR",
+        "Isolated signal-to-quantization-noise ratio of each layer's output.",
+        plot_sqnr,
+    ),
+    Plot(
+        "cumulative",
+        "Cumulative error growth",
+        "SQNR at every layer output with all layers quantized "
+        "(naive) and with the policy; the gap to the isolated curve is error carried from upstream.",
+        plot_cumulative,
+    ),
+    Plot(
+        "alpha_sweep",
+        "SmoothQuant α sweeps",
+        "Isolated error versus α for the most sensitive layers.",
+        plot_alpha_sweeps,
+    ),
+    Plot(
+        "channel_profiles",
+        "Activation outlier channels",
+        "Per-input-channel max |X| over the calibration "
+        "data; orange channels exceed 8× the median and force a coarse per-tensor scale.",
+        plot_channel_profiles,
+    ),
+    Plot(
+        "histograms",
+        "Weight and activation histograms",
+        "The layers with the largest isolated error; "
+        "activation range from the fitting batches (held-out excursions pile up at the edges).",
+        plot_histograms,
+    ),
+)
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """PNG bytes through the Agg canvas; no software/date metadata, so renders are reproducible."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    with style():
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def render_plots(data: ReportData) -> dict[str, bytes]:
+    """Every plot that has data, as {key: PNG bytes}, in report order."""
+    pngs: dict[str, bytes] = {}
+    for plot in PLOTS:
+        fig = plot.build(data)
+        if fig is not None:
+            pngs[plot.key] = figure_png(fig)
+    return pngs
