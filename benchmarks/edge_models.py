@@ -31,6 +31,7 @@ __all__ = [
     "build",
     "count_targets",
     "efficientnet_lite0",
+    "efficientnet_lite0_plain",
     "input_size",
     "mobilenet_v2",
     "yolov8n",
@@ -246,6 +247,11 @@ def efficientnet_lite0(
     return _realistic_bn_(EfficientNetLite(num_classes, same_padding, image_size)).eval()
 
 
+def efficientnet_lite0_plain(num_classes: int = 1000, image_size: int = 224) -> nn.Module:
+    """EfficientNet-Lite0 with plain nn.Conv2d (symmetric padding): a named factory for `--arch`."""
+    return efficientnet_lite0(num_classes, same_padding=False, image_size=image_size)
+
+
 # ----------------------------------------------------------------------------------------------- YOLOv8n
 
 
@@ -259,7 +265,7 @@ def yolov8n(num_classes: int = 80) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2": mobilenet_v2,
     "efficientnet_lite0": efficientnet_lite0,
-    "efficientnet_lite0_plain": lambda **kw: efficientnet_lite0(same_padding=False, **kw),
+    "efficientnet_lite0_plain": efficientnet_lite0_plain,
     "yolov8n": yolov8n,
 }
 
