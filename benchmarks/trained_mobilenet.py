@@ -74,7 +74,7 @@ class MobileNetConfig:
     seed: int = 0
     epochs: int = 15
     batch_size: int = 64
-    max_lr: float = 0.1
+    max_lr: float = 0.05
     weight_decay: float = 5e-4
     max_shift: int = 2  # random translation, pixels at 32x32
 
