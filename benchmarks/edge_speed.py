@@ -7,7 +7,8 @@ overhead weighs more. Per model, in one run (random weights, random images):
                  forward over the same batches, interleaved FP, scan, FP, scan, ...; medians.
   whole process: `python -m sensitivity scan` on a saved state dict with `--arch benchmarks.<module>:<fn>`
                  (report written) vs benchmarks/fp_forward.py (load model and data, one FP pass), through
-                 harness.py: alternated after a warm-up round, medians; wall time and peak RSS ratios.
+                 harness.py: alternated after a warm-up round, medians; wall time and peak RSS ratios
+                 (launched from a fresh light process, so no child inherits this process's peak RSS).
   --one-at-a-time: one run of benchmarks/one_at_a_time.py on the whole-process data, divided by the scan.
 Also printed: the target layers the scan found vs the Conv/Linear modules present (subclasses included).
 
@@ -36,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import edge_models  # noqa: E402
-from harness import compare  # noqa: E402
+from harness import compare_isolated  # noqa: E402
 from resnets import resnet50  # noqa: E402
 
 # name -> (factory, `--arch` spec resolved from the repo root, image side)
@@ -93,8 +94,12 @@ def in_process(row: Row, model: nn.Module, batches: list[torch.Tensor], repeats:
         t0 = time.perf_counter()
         result = scan(model, batches)
         row.scan_s.append(time.perf_counter() - t0)
+        phases = " ".join(
+            f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items() if k != "total_s"
+        )
         print(
-            f"  in-process {r + 1}: FP {row.fp_s[-1]:6.2f} s  scan {row.scan_s[-1]:6.2f} s", file=sys.stderr
+            f"  in-process {r + 1}: FP {row.fp_s[-1]:6.2f} s  scan {row.scan_s[-1]:6.2f} s ({phases})",
+            file=sys.stderr,
         )
     row.found = len(result.layers)
     counts = result.table["decision"].value_counts().to_dict()
@@ -115,14 +120,16 @@ def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argpar
                     str(tmpd / "calib.pt"), "--batch-size", bs, "--out", str(tmpd / "report"), "--overwrite",
                     "--quiet"]  # fmt: skip
         fp_cmd = [py, str(HERE / "fp_forward.py"), *common]
-        res = compare({"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats, warmup=args.warmup)
+        res = compare_isolated(
+            {"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats, warmup=args.warmup
+        )
         row.proc = {k: (m.wall, m.rss) for k, m in res.items()}
         layers_csv = tmpd / "report" / "layers.csv"
         if layers_csv.is_file():  # the CLI's own layer count (one line per target layer)
             with layers_csv.open(newline="") as fh:
                 row.found_cli = sum(1 for _ in csv.reader(fh)) - 1
         if args.one_at_a_time:
-            base = compare(
+            base = compare_isolated(
                 {"one-at-a-time": [py, str(HERE / "one_at_a_time.py"), *common]}, repeats=1, warmup=0
             )
             row.one_at_a_time_s = base["one-at-a-time"].wall

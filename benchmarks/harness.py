@@ -2,18 +2,25 @@
 
 Wall time is taken around the child process (start-up included, as a user feels it) and peak RSS from
 the child's own rusage (os.wait4), so the two figures belong to that one process.
+
+On Linux a child's ru_maxrss is at least the peak RSS its parent had reached when it spawned it (the
+high-water mark survives subprocess's vfork + exec), so `compare` from a parent that has used a lot of
+memory itself (an in-process scan, a large model) raises every child's figure to that peak.
+`compare_isolated` runs `compare` from a fresh Python process that imports no torch instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-__all__ = ["Measured", "compare", "run_once"]
+__all__ = ["Measured", "compare", "compare_isolated", "run_once"]
 
 
 @dataclass
@@ -55,3 +62,24 @@ def compare(commands: dict[str, list[str]], repeats: int = 3, warmup: int = 1) -
                 results[name].peak_rss_mb.append(rss)
             print(f"  run {r + 1 - warmup:>2} {name:<12} {wall:7.2f} s  {rss:8.1f} MiB", file=sys.stderr)
     return results
+
+
+def compare_isolated(
+    commands: dict[str, list[str]], repeats: int = 3, warmup: int = 1
+) -> dict[str, Measured]:
+    """`compare` run by a fresh, light Python process (this file), so no child inherits our peak RSS."""
+    spec = json.dumps({"commands": commands, "repeats": repeats, "warmup": warmup})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        input=spec,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return {name: Measured(**m) for name, m in json.loads(proc.stdout).items()}
+
+
+if __name__ == "__main__":  # the light process of `compare_isolated`: spec JSON on stdin, results on stdout
+    _spec = json.load(sys.stdin)
+    _res = compare(_spec["commands"], repeats=_spec["repeats"], warmup=_spec["warmup"])
+    json.dump({name: asdict(m) for name, m in _res.items()}, sys.stdout)
