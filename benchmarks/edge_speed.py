@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import edge_models  # noqa: E402
-from harness import compare_isolated  # noqa: E402
+from harness import Measured, compare_isolated  # noqa: E402
 from resnets import resnet50  # noqa: E402
 
 # name -> (factory, `--arch` spec resolved from the repo root, image side)
@@ -63,15 +63,21 @@ class Row:
     found: int = -1  # target layers of the in-process scan
     found_cli: int = -1  # rows of the CLI scan's layers.csv
     decisions: str = ""
-    scan_s: list[float] = field(default_factory=list)
-    fp_s: list[float] = field(default_factory=list)
-    proc: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (wall s, peak RSS MiB)
-    one_at_a_time_s: float = float("nan")
+    scan: Measured = field(default_factory=Measured)  # in-process: wall and CPU seconds (no RSS)
+    fp: Measured = field(default_factory=Measured)
+    proc: dict[str, Measured] = field(default_factory=dict)  # whole processes: "scan", "fp-forward", ...
     errors: list[str] = field(default_factory=list)
 
 
 def _med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def _ratio(a: Measured | None, b: Measured | None, what: str) -> tuple[float, float, float]:
+    """(a / b, a, b) of the medians of `what` ("wall_s", "cpu_s", "peak_rss_mb"); NaN where missing."""
+    x = _med(getattr(a, what)) if a is not None else float("nan")
+    y = _med(getattr(b, what)) if b is not None else float("nan")
+    return x / y if y else float("nan"), x, y
 
 
 def _batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[torch.Tensor]:
@@ -86,19 +92,22 @@ def in_process(row: Row, model: nn.Module, batches: list[torch.Tensor], repeats:
     with torch.no_grad():
         model(batches[0])
     for r in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for b in batches:
                 model(b)
-        row.fp_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        row.fp.wall_s.append(time.perf_counter() - t0)
+        row.fp.cpu_s.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         result = scan(model, batches)
-        row.scan_s.append(time.perf_counter() - t0)
+        row.scan.wall_s.append(time.perf_counter() - t0)
+        row.scan.cpu_s.append(time.process_time() - c0)
         phases = " ".join(
             f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items() if k != "total_s"
         )
         print(
-            f"  in-process {r + 1}: FP {row.fp_s[-1]:6.2f} s  scan {row.scan_s[-1]:6.2f} s ({phases})",
+            f"  in-process {r + 1}: FP {row.fp.wall_s[-1]:6.2f} s (cpu {row.fp.cpu_s[-1]:6.2f})  "
+            f"scan {row.scan.wall_s[-1]:6.2f} s (cpu {row.scan.cpu_s[-1]:6.2f}; {phases})",
             file=sys.stderr,
         )
     row.found = len(result.layers)
@@ -123,16 +132,14 @@ def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argpar
         res = compare_isolated(
             {"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats, warmup=args.warmup
         )
-        row.proc = {k: (m.wall, m.rss) for k, m in res.items()}
+        row.proc = dict(res)
         layers_csv = tmpd / "report" / "layers.csv"
         if layers_csv.is_file():  # the CLI's own layer count (one line per target layer)
             with layers_csv.open(newline="") as fh:
                 row.found_cli = sum(1 for _ in csv.reader(fh)) - 1
         if args.one_at_a_time:
-            base = compare_isolated(
-                {"one-at-a-time": [py, str(HERE / "one_at_a_time.py"), *common]}, repeats=1, warmup=0
-            )
-            row.one_at_a_time_s = base["one-at-a-time"].wall
+            base = [py, str(HERE / "one_at_a_time.py"), *common]
+            row.proc.update(compare_isolated({"one-at-a-time": base}, repeats=1, warmup=0))
 
 
 def measure(name: str, args: argparse.Namespace) -> Row:
@@ -158,26 +165,32 @@ def measure(name: str, args: argparse.Namespace) -> Row:
 
 
 def report(rows: list[Row], args: argparse.Namespace) -> None:
-    """The ratio table (and the absolute medians behind it)."""
+    """The ratio table: wall time, CPU time (steadier on a shared machine) and peak RSS, scan / FP forward."""
     print(
         f"\nedge_speed: in-process {args.images} images, whole-process {args.process_images} images "
         f"(224x224, 320x320 for yolov8n), batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
         f"medians of {args.repeats}, load average at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    head = f"{'model':<25} {'layers':>9} {'in-proc scan/FP':>24} {'process scan/FP':>24} {'RSS scan/FP':>22}"
-    print(head + ("  one-at-a-time/scan" if args.one_at_a_time else ""))
+    print("scan / FP forward ratios (scan s / FP s); CPU = user + system seconds of the process")
+    print(f"{'model':<25} {'layers':>9}  {'in-process wall':<22} {'in-process CPU':<22} "
+          f"{'process wall':<22} {'process CPU':<22} {'process peak RSS':<22}")  # fmt: skip
     for r in rows:
-        s, f = _med(r.scan_s), _med(r.fp_s)
-        ps, pf = r.proc.get("scan", (float("nan"),) * 2), r.proc.get("fp-forward", (float("nan"),) * 2)
+        fp = r.proc.get("fp-forward")
+        cells = [
+            _ratio(r.scan, r.fp, "wall_s"),
+            _ratio(r.scan, r.fp, "cpu_s"),
+            _ratio(r.proc.get("scan"), fp, "wall_s"),
+            _ratio(r.proc.get("scan"), fp, "cpu_s"),
+            _ratio(r.proc.get("scan"), fp, "peak_rss_mb"),
+        ]
         found = max(r.found, r.found_cli)
-        line = (
-            f"{r.name:<25} {found if found >= 0 else '?':>4}/{r.present:<4} "
-            f"{s / f:6.2f}x ({s:6.2f}/{f:5.2f} s) {ps[0] / pf[0]:6.2f}x ({ps[0]:6.2f}/{pf[0]:5.2f} s) "
-            f"{ps[1] / pf[1]:5.2f}x ({ps[1]:5.0f}/{pf[1]:4.0f} MiB)"
-        )
-        if args.one_at_a_time:
-            line += f"  {r.one_at_a_time_s / ps[0]:5.1f}x ({r.one_at_a_time_s:.1f} s)"
-        print(line)
+        line = f"{r.name:<25} {found if found >= 0 else '?':>4}/{r.present:<4} "
+        print(line + " ".join(f"{q:6.2f}x ({a:6.1f}/{b:6.1f})" for q, a, b in cells))
+        if "one-at-a-time" in r.proc:
+            wall = _ratio(r.proc["one-at-a-time"], r.proc.get("scan"), "wall_s")
+            cpu = _ratio(r.proc["one-at-a-time"], r.proc.get("scan"), "cpu_s")
+            print(f"{'':<27}one-at-a-time / scan (whole process): wall {wall[0]:.1f}x ({wall[1]:.1f} s), "
+                  f"CPU {cpu[0]:.1f}x ({cpu[1]:.1f} s)")  # fmt: skip
         if r.decisions:
             print(f"{'':<27}decisions: {r.decisions}")
         if min(r.found, r.found_cli) >= 0 and r.found != r.found_cli:

@@ -20,13 +20,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Measured", "compare", "compare_isolated", "run_once"]
+__all__ = ["Measured", "compare", "compare_isolated", "run_measured", "run_once"]
 
 
 @dataclass
 class Measured:
     wall_s: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
+    #: user + system CPU seconds of the child: far steadier than wall time when other jobs share the cores
+    cpu_s: list[float] = field(default_factory=list)
 
     @property
     def wall(self) -> float:
@@ -36,9 +38,19 @@ class Measured:
     def rss(self) -> float:
         return statistics.median(self.peak_rss_mb)
 
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpu_s) if self.cpu_s else float("nan")
+
 
 def run_once(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one run of `cmd`; raises if it fails."""
+    wall, rss, _ = run_measured(cmd, env)
+    return wall, rss
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, user + system CPU seconds) of one run of `cmd`; raises if it fails."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -47,7 +59,7 @@ def run_once(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def compare(commands: dict[str, list[str]], repeats: int = 3, warmup: int = 1) -> dict[str, Measured]:
@@ -56,11 +68,15 @@ def compare(commands: dict[str, list[str]], repeats: int = 3, warmup: int = 1) -
     results = {name: Measured() for name in commands}
     for r in range(warmup + repeats):
         for name, cmd in commands.items():
-            wall, rss = run_once(cmd, env)
+            wall, rss, cpu = run_measured(cmd, env)
             if r >= warmup:
                 results[name].wall_s.append(wall)
                 results[name].peak_rss_mb.append(rss)
-            print(f"  run {r + 1 - warmup:>2} {name:<12} {wall:7.2f} s  {rss:8.1f} MiB", file=sys.stderr)
+                results[name].cpu_s.append(cpu)
+            print(
+                f"  run {r + 1 - warmup:>2} {name:<12} {wall:7.2f} s  {rss:8.1f} MiB  cpu {cpu:7.2f} s",
+                file=sys.stderr,
+            )
     return results
 
 
