@@ -70,6 +70,7 @@ class Row:
 
 
 def _med(values: list[float]) -> float:
+    """Median that tolerates a part that was not run (NaN)."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -81,6 +82,7 @@ def _ratio(a: Measured | None, b: Measured | None, what: str) -> tuple[float, fl
 
 
 def _batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded random images: timing needs shapes, not content."""
     g = torch.Generator().manual_seed(seed)
     return list(torch.randn(images, 3, side, side, generator=g).split(batch_size))
 
@@ -200,6 +202,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """Parse options, measure each model in turn, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--models", default="mobilenet_v2,efficientnet_lite0_plain,efficientnet_lite0,yolov8n,resnet50"
