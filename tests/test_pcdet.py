@@ -121,6 +121,15 @@ class DatasetTemplate(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """OpenPCDet's own: the copy has no logger, so copying a copy raises KeyError: 'logger'."""
+        d = dict(self.__dict__)
+        del d["logger"]
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
     @staticmethod
     def collate_batch(batch_list: list[dict], _unused: bool = False) -> dict[str, Any]:
         merged: dict[str, list] = {}
@@ -141,20 +150,32 @@ class DatasetTemplate(torch.utils.data.Dataset):
         return ret
 
 
+class Point2VoxelCPU:
+    """spconv's CPU voxel generator (a pybind object): it cannot be pickled, hence not deep-copied."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("cannot pickle 'spconv.core_cc.csrc.sparse.all.ops_cpu3d.Point2VoxelCPU' object")
+
+
 class StandInDataset(DatasetTemplate):
-    """A dataset class named in DATA_CONFIG.DATASET: frames listed in INFO_PATH[mode], as OpenPCDet's."""
+    """A dataset class named in DATA_CONFIG.DATASET: frames listed in INFO_PATH[mode], as OpenPCDet's
+    (info files that do not exist are skipped, as NuScenesDataset does); the first frame read makes the
+    voxel generator, as OpenPCDet's DataProcessor does."""
 
     def __init__(self, dataset_cfg, class_names, training=True, root_path=None, logger=None, total_epochs=0):
         super().__init__(dataset_cfg, class_names, training, root_path, logger)
         self.split = dataset_cfg.DATA_SPLIT[self.mode]
         self.infos: list[str] = []
         for info in dataset_cfg.INFO_PATH[self.mode]:
-            self.infos += json.loads((self.root_path / info).read_text())
+            if (self.root_path / info).exists():
+                self.infos += json.loads((self.root_path / info).read_text())
 
     def __len__(self) -> int:
         return len(self.infos)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if getattr(self, "voxel_generator", None) is None:
+            self.voxel_generator = Point2VoxelCPU()
         with np.load(self.root_path / self.infos[index]) as f:
             frame = {k: f[k] for k in f.files}
         name = Path(self.infos[index]).stem
@@ -208,6 +229,7 @@ class StandInCenterPoint(cp.CenterPoint):
             torch.manual_seed(0)
             super().__init__(config)
         self.register_buffer("global_step", torch.LongTensor(1).zero_())
+        self.dataset = dataset  # Detector3DTemplate keeps it (and so reaches it on every deep copy)
         self.dense_head.__class__ = StandInCenterHead
         self.dense_head.predict_boxes_when_training = False
         self.dense_head.class_id_mapping = torch.arange(num_class).cuda()  # as CenterHead.__init__ does
@@ -556,3 +578,31 @@ def test_broken_pcdet_build_and_plain_scan_options(
         == 2
     )
     assert "--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg" in capsys.readouterr().err
+
+
+# ------------------------------------------------- the real network's traps (found on real OpenPCDet)
+def test_deep_copies_share_the_dataset_and_copy_the_network(standin) -> None:
+    """OpenPCDet's detector keeps its dataset: a copy of a copy of it raises KeyError: 'logger' (its
+    __getstate__ drops the logger), and once a frame is read it holds an unpicklable voxel generator. The
+    scan deep-copies the model (FP reference, quantized models): the wrapper copies the network only."""
+    import copy
+
+    cfg, ckpt = standin
+    model, loader = adapter.build_from_config(cfg, ckpt, max_batches=1)
+    batch = adapter.calibration_batches(loader, 1)[0]  # the dataset now holds its voxel generator
+    dataset = model.detector.dataset
+    with pytest.raises(TypeError, match="cannot pickle"):
+        copy.deepcopy(dataset)
+    twice = copy.deepcopy(copy.deepcopy(model))
+    assert twice.detector.dataset is dataset and twice.detector is not model.detector
+    assert twice.dense_head is not model.dense_head and twice.detector.dense_head is twice.dense_head
+    w = twice.get_parameter("dense_head.heads_list.0.hm.1.weight")
+    assert w is not model.get_parameter("dense_head.heads_list.0.hm.1.weight")
+    assert torch.equal(w, model.get_parameter("dense_head.heads_list.0.hm.1.weight"))
+    with torch.no_grad():
+        torch.testing.assert_close(twice(batch)["pred_dicts"], model(batch)["pred_dicts"], rtol=0, atol=0)
+
+    plain = adapter.build_model(cfg, ckpt)  # on a DatasetTemplate with a logger: the KeyError case
+    copy.deepcopy(copy.deepcopy(plain))
+    with pytest.raises(KeyError, match="logger"):
+        copy.deepcopy(copy.deepcopy(plain.detector.dataset))

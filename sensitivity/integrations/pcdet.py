@@ -192,6 +192,16 @@ def _head_outputs(module: nn.Module) -> Any:
     return [tensors] if tensors else None
 
 
+def _not_the_network(detector: nn.Module) -> list[Any]:
+    """The detector's attributes that are data, not network: datasets (`detector.dataset` in OpenPCDet), and
+    the DataLoader-like objects a user may have attached."""
+    return [
+        value
+        for value in vars(detector).values()
+        if isinstance(value, (torch.utils.data.Dataset, torch.utils.data.DataLoader))
+    ]
+
+
 class PcdetForward(nn.Module):
     """An OpenPCDet detector's forward up to its head outputs, for scanning on any device.
 
@@ -214,6 +224,12 @@ class PcdetForward(nn.Module):
     Runs in eval mode (set by the constructor); `detector` keeps the wrapped model (unregistered: its
     modules are the wrapper's). Sparse convs with a bias get `add_cpu_bias_fallback_` (hooks on the shared
     modules), without which spconv refuses them in eval mode on CPU.
+
+    A deep copy (the scan's FP reference and quantized models are copies) copies the network only: the
+    detector's dataset (`detector.dataset`, kept by OpenPCDet's `Detector3DTemplate`) is shared, not
+    copied. OpenPCDet's datasets cannot be copied: `DatasetTemplate.__getstate__` drops the logger, so a
+    copy of a copy raises ``KeyError: 'logger'``, and a dataset that has read a frame holds spconv's
+    `Point2VoxelCPU`, which cannot be pickled.
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -246,6 +262,15 @@ class PcdetForward(nn.Module):
                 self
             )  # OpenPCDet's SubMConv3d(bias=True) refuse eval mode on CPU otherwise
         self.eval()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PcdetForward:
+        for value in _not_the_network(self.detector):
+            memo[id(value)] = value  # shared: the copy's detector refers to the same dataset
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        return new
 
     def forward(self, batch_dict: Mapping[str, Any]) -> dict[str, Any]:
         batch_dict = dict(batch_dict)  # OpenPCDet writes into the dict it is given
