@@ -606,3 +606,17 @@ def test_deep_copies_share_the_dataset_and_copy_the_network(standin) -> None:
     copy.deepcopy(copy.deepcopy(plain))
     with pytest.raises(KeyError, match="logger"):
         copy.deepcopy(copy.deepcopy(plain.detector.dataset))
+
+
+def test_relative_config_from_the_openpcdet_root(standin, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The README's `--pcdet-cfg tools/cfgs/...` from the OpenPCDet root: the path is resolved before the
+    adapter changes into tools/ (where OpenPCDet resolves _BASE_CONFIG_), not after."""
+    _, ckpt = standin
+    monkeypatch.chdir(tmp_path / "OpenPCDet")
+    rel = "tools/cfgs/standin_models/centerpoint.yaml"
+    model = adapter.build_model(rel, ckpt)
+    assert model.module_order[-1] == "dense_head"
+    assert Path.cwd() == tmp_path / "OpenPCDet"  # the working directory is restored
+    out = tmp_path / "dump-rel"
+    assert main(["pcdet-dump", "--cfg", rel, "--batches", "2", "--out", str(out)]) == 0, capsys.readouterr()
+    assert json.loads((out / "pcdet_dump.json").read_text())["config"] == str(tmp_path / "OpenPCDet" / rel)

@@ -377,9 +377,10 @@ def _load_config(pcdet: ModuleType, cfg_path: str | os.PathLike[str]) -> tuple[A
         raise PcdetConfigError(f"cannot read the OpenPCDet config {path}: {_exc(exc)}") from exc
     root = _config_root(path, _base_configs(raw))
     config = copy.deepcopy(pcdet.config.cfg)
+    absolute = str(path.resolve())  # before the chdir: a relative path names a file from the caller's folder
     try:
         with _chdir(root):
-            pcdet.config.cfg_from_yaml_file(str(path.resolve()), config)
+            pcdet.config.cfg_from_yaml_file(absolute, config)
     except Exception as exc:
         raise PcdetConfigError(f"OpenPCDet cannot read the config {path}: {_exc(exc)}") from exc
     missing = [k for k in ("CLASS_NAMES", "DATA_CONFIG", "MODEL") if k not in config]
