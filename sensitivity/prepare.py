@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: weight [Cin, Cout/groups, k...]: output channels on axis 1 (folded with groups == 1 only)
+_FOLDABLE_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def is_target(module: nn.Module) -> bool:
@@ -99,11 +101,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _foldable(module: nn.Module | None) -> bool:
-    """Conv1d/2d/3d, Linear, or a spconv conv (weight [Cout, k..., Cin]: output channels first, as here)."""
+    """Conv1d/2d/3d, Linear, ConvTranspose1d/2d/3d without groups, or a spconv conv (weight
+    [Cout, k..., Cin]: output channels first, as here)."""
     if module is None:
         return False
     if isinstance(module, _FOLDABLE):
         return True
+    if isinstance(module, _FOLDABLE_TRANSPOSED):
+        return module.groups == 1
     if is_spconv_module(module):
         from sensitivity.integrations.spconv import is_sparse_conv
 
@@ -127,8 +132,9 @@ def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
         w, b = fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta
-        )
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta,
+            transpose=isinstance(conv, _FOLDABLE_TRANSPOSED),
+        )  # fmt: skip
     conv.weight = nn.Parameter(w.detach(), requires_grad=False)
     conv.bias = nn.Parameter(b.detach(), requires_grad=False)
     _set_submodule(model, bn_name, nn.Identity())

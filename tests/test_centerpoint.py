@@ -313,6 +313,8 @@ def test_export_dense_part_to_onnx_and_sparse_scales_to_json(centerpoint, frames
     assert any(n.startswith("/dense_head/shared_conv/shared_conv.0/") for n in names)
     convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     assert convs and all(n.startswith(("/backbone_2d/", "/dense_head/")) for n in convs), convs
+    # BN folded into the ConvTranspose deblocks too (weight [Cin, Cout, k, k]: output channels on axis 1)
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
     assert [n for n in names if "ConvTranspose" in n] == [
         f"/backbone_2d/deblocks.{i}/deblocks.{i}.0/ConvTranspose" for i in range(2)
     ]
