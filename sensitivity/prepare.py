@@ -293,12 +293,20 @@ def prepare(
     return Prepared(fp, layers, flow, folded, unscanned)
 
 
-def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates per sample (dim 0 is the batch); sparse convs: an upper bound for the whole
-    batch, as if every active output site saw a full kernel (the rule book is not inspected)."""
+def layer_macs(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], output: object = None
+) -> int:
+    """Multiply-accumulates per sample (dim 0 is the batch). Sparse convs, for the whole batch: rule-book
+    pairs x Cin x Cout, exact where spconv kept the rule book in `output` (layers with an `indice_key`),
+    else an upper bound, as if every active output site saw a full kernel of active inputs."""
     w = module.weight
     if is_spconv_module(module):
-        return out_shape[0] * w[0].numel() if out_shape else 0
+        from sensitivity.integrations.spconv import rule_pairs
+
+        pairs = rule_pairs(module, output)
+        if pairs is not None:  # spconv weight [Cout, k..., Cin]
+            return pairs * w.shape[0] * w.shape[-1]
+        return out_shape[0] * w.numel() if out_shape else 0
     if isinstance(module, nn.Linear):
         rows = 1
         for d in out_shape[1:-1]:

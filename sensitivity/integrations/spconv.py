@@ -47,6 +47,7 @@ __all__ = [
     "cpu_bias_fallback",
     "is_sparse_conv",
     "require_spconv",
+    "rule_pairs",
     "single_thread_if_sparse",
     "sparse_conv_types",
     "sparse_quant_class_for",
@@ -118,6 +119,32 @@ def sparse_conv_types() -> tuple[type[nn.Module], ...]:
 def is_sparse_conv(module: nn.Module) -> bool:
     """True for an spconv convolution of exactly a spconv type (imports spconv only for spconv modules)."""
     return is_spconv_module(module) and type(module) in sparse_conv_types()
+
+
+def rule_pairs(module: nn.Module, output: Any) -> int | None:
+    """How many (input site, output site) pairs the sparse conv `module` multiplied to give `output` (a
+    SparseConvTensor): its rule book's size, which spconv keeps under the layer's `indice_key`. The MACs
+    are pairs x Cin x Cout. None where spconv kept no rule book (a layer without `indice_key`).
+
+    The native algorithm (spconv's only one on CPU) stores pairs per kernel tap in ``indice_pair_num``;
+    for submanifold convs only the taps before the centre (spconv's CPU kernel reuses tap i's count for
+    its mirror kv-1-i, and the centre tap is every active site). The implicit-GEMM algorithm (CUDA) keeps
+    a ``pair_fwd`` table [taps, outputs] with -1 where a tap meets no active site."""
+    key = getattr(module, "indice_key", None)
+    found = getattr(output, "indice_dict", None)
+    if key is None or not isinstance(found, dict) or found.get(key) is None:
+        return None
+    data = found[key]
+    counts = getattr(data, "indice_pair_num", None)
+    if isinstance(counts, torch.Tensor):
+        if not getattr(data, "is_subm", False):
+            return int(counts.sum())
+        center = counts.numel() // 2
+        return 2 * int(counts[:center].sum()) + int(data.out_indices.shape[0])
+    table = getattr(data, "pair_fwd", None)
+    if isinstance(table, torch.Tensor):
+        return int((table >= 0).sum())
+    return None
 
 
 # ------------------------------------------------------------------------------------ quantized layers
