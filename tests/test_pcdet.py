@@ -620,3 +620,52 @@ def test_relative_config_from_the_openpcdet_root(standin, tmp_path: Path, monkey
     out = tmp_path / "dump-rel"
     assert main(["pcdet-dump", "--cfg", rel, "--batches", "2", "--out", str(out)]) == 0, capsys.readouterr()
     assert json.loads((out / "pcdet_dump.json").read_text())["config"] == str(tmp_path / "OpenPCDet" / rel)
+
+
+def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None:
+    """Where the user's OpenPCDet set-up is at fault: one red line, exit 2, no report, no traceback."""
+    cfg, ckpt = standin
+    other = tmp_path / "pointpillar.pth"  # a checkpoint of another network
+    weights = {
+        "vfe.pfn_layers.0.linear.weight": torch.zeros(64, 10),
+        "backbone_2d.blocks.0.1.weight": torch.zeros(64, 64, 3, 3),
+    }
+    torch.save({"model_state": weights, "epoch": 80}, other)
+    data = tmp_path / "OpenPCDet" / "data" / "standin"
+    infos = data / "infos_val.json"
+    pcdet_cfg = ["--pcdet-cfg", str(cfg)]
+    cases: list[tuple[list[str], str, Any]] = [
+        (
+            ["--pcdet-cfg", str(tmp_path / "no.yaml")],
+            f"OpenPCDet config not found: {tmp_path / 'no.yaml'}",
+            None,
+        ),
+        (pcdet_cfg, "the checkpoint pointpillar.pth does not fit the network of centerpoint.yaml: ", other),
+        (pcdet_cfg, "has no frames: its info file", infos.unlink),
+        (
+            pcdet_cfg,
+            "OpenPCDet's dataset cannot read a frame: FileNotFoundError",
+            lambda: infos.write_text(json.dumps(["frames/missing.npz"])),
+        ),
+        (
+            pcdet_cfg,
+            "the dataset folder of centerpoint.yaml does not exist: ",
+            lambda: data.rename(data.parent / "x"),
+        ),
+    ]
+    for i, (args, message, setup) in enumerate(cases):
+        model = ckpt
+        if isinstance(setup, Path):
+            model = setup
+        elif setup is not None:
+            setup()
+        out = tmp_path / f"r{i}"
+        assert main(["scan", str(model), *args, "--out", str(out), "-q"]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not out.exists()
+    # the same checks in pcdet-dump
+    assert main(["pcdet-dump", "--cfg", str(cfg), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "the dataset folder of centerpoint.yaml does not exist: " in err and len(err.splitlines()) == 1

@@ -321,9 +321,25 @@ def batch_to_torch(batch_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_frames(loader: Iterable[Any], n: int | None = None) -> Iterator[Any]:
+    """The first `n` items of `loader`; an error of the dataset's code reading a frame (a lidar file
+    its info lists but the disk lacks, say) becomes one `CalibrationDataError` line."""
+    items = iter(loader)
+    for _ in itertools.count() if n is None else range(n):
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except SensitivityError:
+            raise
+        except Exception as exc:
+            raise CalibrationDataError(f"OpenPCDet's dataset cannot read a frame: {_exc(exc)}") from exc
+        yield item
+
+
 def calibration_batches(loader: Iterable[Mapping[str, Any]], n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` batch_dicts of `loader` (all with `n=None`), as `batch_to_torch` makes them."""
-    batches = [batch_to_torch(b) for b in itertools.islice(loader, n)]
+    batches = [batch_to_torch(b) for b in read_frames(loader, n)]
     if not batches:
         raise CalibrationDataError("the OpenPCDet dataset gave no calibration batches (an empty split?)")
     return batches
@@ -419,15 +435,33 @@ def _root_path(data_cfg: Any, root: Path) -> Path | None:
     return data_path if data_path.is_absolute() else root / data_path
 
 
+def _missing_infos(dataset: Any, data_cfg: Any) -> list[Path]:
+    """The evaluation mode's INFO_PATH files that are not in the dataset's folder (OpenPCDet's datasets skip
+    missing ones silently and end up with no frames)."""
+    infos = data_cfg.get("INFO_PATH")
+    folder = getattr(dataset, "root_path", None)
+    if not isinstance(infos, Mapping) or folder is None:
+        return []
+    names = infos.get("test") or []
+    paths = [Path(folder) / n for n in ([names] if isinstance(names, str) else names)]
+    return [path for path in paths if not path.exists()]
+
+
 def _build_dataset(pcdet: ModuleType, config: Any, root: Path, split: str, cfg_name: str) -> Any:
     _select_split(config.DATA_CONFIG, split, cfg_name)
+    data_path = _root_path(config.DATA_CONFIG, root)
+    if data_path is not None and not data_path.is_dir():
+        raise CalibrationDataError(
+            f"the dataset folder of {cfg_name} does not exist: {data_path} (DATA_PATH "
+            f"{config.DATA_CONFIG.DATA_PATH} from {root}; OpenPCDet resolves it from its tools/ folder)"
+        )
     try:
         dataset, _, _ = pcdet.datasets.build_dataloader(
             dataset_cfg=config.DATA_CONFIG,
             class_names=config.CLASS_NAMES,
             batch_size=1,
             dist=False,
-            root_path=_root_path(config.DATA_CONFIG, root),
+            root_path=data_path,
             workers=0,
             logger=log,
             training=False,
@@ -439,7 +473,9 @@ def _build_dataset(pcdet: ModuleType, config: Any, root: Path, split: str, cfg_n
             f"OpenPCDet cannot build the {split} dataset of {cfg_name}: {_exc(exc)}"
         ) from exc
     if len(dataset) == 0:
-        raise CalibrationDataError(f"the {split} split of {cfg_name}'s dataset has no frames")
+        missing = _missing_infos(dataset, config.DATA_CONFIG)
+        why = f": its info file {missing[0]} does not exist" if missing else ""
+        raise CalibrationDataError(f"the {split} split of {cfg_name}'s dataset has no frames{why}")
     return dataset
 
 
@@ -506,11 +542,11 @@ def _network(
         raise
     except Exception as exc:
         raise ModelLoadError(f"OpenPCDet cannot build the network of {cfg_name}: {_exc(exc)}") from exc
+    _check_loaded(detector, disk, ckpt, cfg_name)  # first: OpenPCDet's loader fails obscurely otherwise
     try:
         detector.load_params_from_file(filename=str(ckpt), logger=log, to_cpu=True)
     except Exception as exc:
         raise ModelLoadError(f"OpenPCDet cannot load the checkpoint {ckpt}: {_exc(exc)}") from exc
-    _check_loaded(detector, disk, ckpt, cfg_name)
     return PcdetForward(detector)
 
 
@@ -615,7 +651,7 @@ def dump_batches(
     loader = _loader(dataset, n * batch_size, batch_size, workers)
     names, frame_ids, dropped = [], [], set()
     with atomic_dir(out, overwrite, inputs=[cfg_path], kind="pcdet-dump") as tmp:
-        for i, batch in enumerate(itertools.islice(loader, n)):
+        for i, batch in enumerate(read_frames(loader, n)):
             kept = {}
             for key, value in batch_to_torch(batch).items():
                 plain = _plain(value)
