@@ -22,7 +22,7 @@ from sensitivity.files import atomic_torch_save
 from sensitivity.policy import METHODS, Policy, dump_policy, parse_policy
 from sensitivity.prepare import frozen_copy, fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
-from sensitivity.quant.modules import QuantMixin, Smoother
+from sensitivity.quant.modules import QuantMixin, Smoother, is_spconv_module
 from sensitivity.quant.spec import QuantSpec
 from sensitivity.smoothquant import smoothed_input_amax, smoothing_factors
 
@@ -173,6 +173,10 @@ def apply_policy(
     try:
         for conv, bn in quant_state.get("folded_bn", {}).items():
             fuse_pair_(fp, conv, bn)
+        if quant_state.get("folded_bn") and any(is_spconv_module(m) for m in fp.modules()):
+            from sensitivity.integrations.spconv import add_cpu_bias_fallback_
+
+            add_cpu_bias_fallback_(fp)  # as the scan's prepare: folding gave biases to FP sparse convs
         acts = {
             n: ActQuant(s["input_amax"], bool(s["input_unsigned"])) for n, s in quant_state["layers"].items()
         }

@@ -428,10 +428,12 @@ PCDET_DEFAULT_BATCHES = 16
 def _pcdet_inputs(
     ctx: typer.Context, model: Path, cfg: Path, calib: str | None, split: str, arch: str | None,
     arch_kwargs: str | None, trust_pickle: bool, batch_size: int, batches: int | None,
-) -> tuple[Any, list[Any]]:  # fmt: skip
-    """(PcdetForward, batches) for `scan MODEL --pcdet-cfg CFG`: the network from the config with the
+    need_data: bool = True,
+) -> tuple[Any, list[Any] | None]:  # fmt: skip
+    """(PcdetForward, batches) for `scan|apply MODEL --pcdet-cfg CFG`: the network from the config with the
     checkpoint's weights; batches from the config's dataset (--calib-split, --batches), or from --calib
-    (e.g. a folder written by `pcdet-dump`). --batch-size counts frames per batch here and defaults to 1."""
+    (e.g. a folder written by `pcdet-dump`), or None without --calib where `need_data` is False (apply
+    with the scan's quant state). --batch-size counts frames per batch here and defaults to 1."""
     from sensitivity.errors import SpecError
     from sensitivity.integrations import pcdet
 
@@ -440,10 +442,12 @@ def _pcdet_inputs(
         raise SpecError("--pcdet-cfg builds the network from the OpenPCDet config: drop --arch/--arch-kwargs")
     if calib is not None and _given(ctx, "calib_split"):
         raise SpecError("--calib and --calib-split both choose the calibration data: give one of them")
-    if calib is not None:
+    if calib is not None or not need_data:
         from sensitivity.data import load_calibration
 
         net = pcdet.build_model(cfg, model, trust_pickle=trust_pickle)
+        if calib is None:
+            return net, None
         return net, load_calibration(calib, batch_size=batch_size, max_batches=batches)
     frames_per_batch = batch_size if _given(ctx, "batch_size") else 1
     n = batches if batches is not None else PCDET_DEFAULT_BATCHES
@@ -548,8 +552,20 @@ def view(
 
 @app.command("apply")
 def apply_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The FP model the scan saw (same options as scan).")],
     policy: Annotated[Path, typer.Option("--policy", help="policy.yaml (from a scan; may be edited).")],
+    pcdet_cfg: Annotated[
+        Path | None,
+        typer.Option(
+            "--pcdet-cfg",
+            help="OpenPCDet model config (needs pcdet): build the network from it and load MODEL into it, "
+            "as scan --pcdet-cfg does.",
+        ),
+    ] = None,
+    calib_split: Annotated[
+        str, typer.Option("--calib-split", help="With --pcdet-cfg: recalibrate on this dataset split.")
+    ] = "val",
     arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
     trust_pickle: Annotated[
@@ -594,16 +610,24 @@ def apply_cmd(
         outputs += ["model_quant.onnx", "export.json", "sparse_scales.json"]
     if fmt == "pytorch-quantization":
         outputs += ["model_quant_pytorch_quantization.pt", "model_quant_pytorch_quantization.json"]
-    inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib]
+    inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib, pcdet_cfg]
     folder = check_output_files(folder, outputs, inputs)  # no input overwritten, no user file replaced
-    net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    if calib is not None:
+    if pcdet_cfg is not None:
+        recalibrate = calib is not None or _given(ctx, "calib_split")
+        net, data = _pcdet_inputs(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
+                                  batch_size, batches, need_data=recalibrate)  # fmt: skip
+    else:
+        if _given(ctx, "calib_split"):
+            raise SpecError("--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg")
         from sensitivity.data import load_calibration
+
+        net = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        data = None if calib is None else load_calibration(calib, batch_size=batch_size, max_batches=batches)
+    if data is not None:
         from sensitivity.quant.spec import QuantSpec
         from sensitivity.scan import calibrate_quant_state
 
         pol = load_policy(policy)
-        data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
         state = calibrate_quant_state(net, data, pol, QuantSpec.parse(pol.spec), progress=RichProgress())
     else:
         state = load_quant_state(quant_state or policy.with_name("quant_state.pt"))

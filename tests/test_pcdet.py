@@ -622,6 +622,52 @@ def test_relative_config_from_the_openpcdet_root(standin, tmp_path: Path, monkey
     assert json.loads((out / "pcdet_dump.json").read_text())["config"] == str(tmp_path / "OpenPCDet" / rel)
 
 
+def test_apply_with_pcdet_cfg(standin, tmp_path: Path, capsys) -> None:
+    """apply --pcdet-cfg builds the network as scan --pcdet-cfg does (no --arch factory needed): from the
+    scan's quant state, or recalibrated on --calib / --calib-split; ONNX node names carry dense_head."""
+    import onnx
+
+    cfg, ckpt = standin
+    out = tmp_path / "report"
+    args = ["--pcdet-cfg", str(cfg), "--batches", "2", "--only", "backbone_2d.**", "--only", "dense_head.**"]
+    assert main(["scan", str(ckpt), *args, "--no-smoothquant", "--out", str(out), "-q"]) == 0
+    base = ["apply", str(ckpt), "--pcdet-cfg", str(cfg), "--policy", str(out / "policy.yaml")]
+    assert main([*base, "--onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity ok" in printed
+    check = json.loads((out / "export.json").read_text())
+    assert check["verdict"] == "ok" and check["ok"]
+    graph = onnx.load(str(out / "model_quant.onnx")).graph
+    names = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert (
+        "/dense_head/heads_list.1/hm/hm.1/Conv" in names
+        and "/dense_head/shared_conv/shared_conv.0/Conv" in names
+    )
+    assert all(n.startswith(("/backbone_2d/", "/dense_head/")) for n in names)
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}  # deblocks' BNs folded too
+    saved = torch.load(out / "model_quant.pt", weights_only=True)
+    assert "dense_head.heads_list.0.hm.1" in json.dumps(saved.get("layers", saved), default=str)
+
+    # recalibrated: on a pcdet-dump folder, or on the dataset's frames
+    dump = tmp_path / "calib"
+    assert main(["pcdet-dump", "--cfg", str(cfg), "--batches", "2", "--out", str(dump)]) == 0
+    for extra in (["--calib", str(dump)], ["--calib-split", "train", "--batches", "2"]):
+        folder = tmp_path / f"applied-{extra[0].strip('-')}"
+        assert main([*base, *extra, "--out", str(folder)]) == 0, capsys.readouterr().err
+        assert (folder / "model_quant.pt").is_file()
+    capsys.readouterr()
+    for extra, message in (
+        (["--arch", ARCH], "--pcdet-cfg builds the network from the OpenPCDet config"),
+        (["--calib", str(dump), "--calib-split", "train"], "--calib and --calib-split both choose"),
+    ):
+        assert main([*base, *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
+    plain = ["apply", str(ckpt), "--arch", ARCH, "--policy", str(out / "policy.yaml"), "--calib-split", "val"]
+    assert main([*plain, "--out", str(tmp_path / "x")]) == 2
+    assert "--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg" in capsys.readouterr().err
+
+
 def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None:
     """Where the user's OpenPCDet set-up is at fault: one red line, exit 2, no report, no traceback."""
     cfg, ckpt = standin
@@ -665,7 +711,9 @@ def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None
         assert message in err, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         assert not out.exists()
-    # the same checks in pcdet-dump
+    # the same checks in apply and pcdet-dump
+    assert main(["apply", str(other), "--pcdet-cfg", str(cfg), "--policy", str(tmp_path / "p.yaml")]) == 2
+    assert "does not fit the network of centerpoint.yaml" in capsys.readouterr().err
     assert main(["pcdet-dump", "--cfg", str(cfg), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "the dataset folder of centerpoint.yaml does not exist: " in err and len(err.splitlines()) == 1
