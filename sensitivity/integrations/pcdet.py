@@ -9,7 +9,8 @@ What it does, with OpenPCDet's own functions wherever one exists:
   `cfg` is left alone). OpenPCDet resolves `_BASE_CONFIG_` and `DATA_PATH` against the working directory
   (its `tools/` folder by convention); here they resolve against the working directory when the base
   configs are found there, else against the nearest folder above the config file where they are, so the
-  CLI runs from anywhere. The dataset gets that folder's `DATA_PATH` as its `root_path`.
+  CLI runs from anywhere (a relative config path itself is read from the caller's working directory). The
+  dataset gets that folder's `DATA_PATH` as its `root_path`; one that does not exist is named in one line.
 - the dataset: `pcdet.datasets.build_dataloader(..., dist=False, training=False)` (evaluation mode: no
   augmentation). `split` picks a name from the config's `DATA_SPLIT`: the evaluation split (``val`` in
   OpenPCDet's configs) as is; the training split by pointing the evaluation mode at it (`DATA_SPLIT` and,
@@ -27,9 +28,10 @@ What it does, with OpenPCDet's own functions wherever one exists:
   on CPU tensors OpenPCDet's NMS kills the process with no Python error).
 - the batches: `batch_to_torch`, the CPU counterpart of `pcdet.models.load_data_to_gpu` (CUDA-only).
 
-Not verified against a real OpenPCDet install (it cannot be built on the machines this was written on):
-the tests run this module against a stand-in with OpenPCDet's API names around the CenterPoint-shaped model
-of `sensitivity.demo.centerpoint`.
+Run against the real OpenPCDet CenterPoint (`cbgs_voxel0075_res3d_centerpoint.yaml`, built from source, on
+real point clouds read by its own NuScenesDataset: `tests/test_pcdet_real.py`, marker ``pcdet``, where pcdet
+imports); CI runs it against a stand-in with OpenPCDet's API names and the real network's traps around the
+CenterPoint-shaped model of `sensitivity.demo.centerpoint` (`tests/test_pcdet.py`).
 """
 
 from __future__ import annotations
