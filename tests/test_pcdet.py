@@ -695,7 +695,7 @@ def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None
         ),
         (
             pcdet_cfg,
-            "the dataset folder of centerpoint.yaml does not exist: ",
+            f"the dataset folder of centerpoint.yaml does not exist: {data} (DATA_PATH ../data/standin from ",
             lambda: data.rename(data.parent / "x"),
         ),
     ]

@@ -453,10 +453,14 @@ def _build_dataset(pcdet: ModuleType, config: Any, root: Path, split: str, cfg_n
     _select_split(config.DATA_CONFIG, split, cfg_name)
     data_path = _root_path(config.DATA_CONFIG, root)
     if data_path is not None and not data_path.is_dir():
-        raise CalibrationDataError(
-            f"the dataset folder of {cfg_name} does not exist: {data_path} (DATA_PATH "
-            f"{config.DATA_CONFIG.DATA_PATH} from {root}; OpenPCDet resolves it from its tools/ folder)"
+        given = config.DATA_CONFIG.DATA_PATH
+        how = (
+            ""
+            if Path(given).is_absolute()
+            else f" (DATA_PATH {given} from {root}, as OpenPCDet's tools/ does)"
         )
+        shown = os.path.normpath(data_path)  # tools/../data/x as data/x
+        raise CalibrationDataError(f"the dataset folder of {cfg_name} does not exist: {shown}{how}")
     try:
         dataset, _, _ = pcdet.datasets.build_dataloader(
             dataset_cfg=config.DATA_CONFIG,
