@@ -24,6 +24,7 @@ from sensitivity.policy import Policy, dump_policy, parse_policy
 from sensitivity.prepare import frozen_copy, fuse_pair_
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers, quant_layers
 from sensitivity.quant.modules import QuantMixin
+from sensitivity.quant.registry import prepare_model_
 from sensitivity.quant.smoothing import Smoother
 from sensitivity.quant.state import QuantState
 from sensitivity.spec import QuantSpec
@@ -118,6 +119,8 @@ def apply_policy(
     try:
         for conv, bn in state.folded_bn.items():
             fuse_pair_(fp, conv, bn)
+        if state.folded_bn:
+            prepare_model_(fp)  # as the scan's prepare: folding gave biases to layers that had none
         acts = {n: ActQuant(s.input_amax, s.input_unsigned) for n, s in state.layers.items()}
         qmodel = build_quant_model(fp, acts, spec, copy_model=False)
     except (AttributeError, AssertionError, TypeError) as exc:

@@ -110,8 +110,9 @@ def fuse_pair_(model: nn.Module, conv_name: str, bn_name: str) -> None:
         gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
         w, b = fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta
-        )
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, gamma, beta,
+            transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd),
+        )  # fmt: skip
     conv.weight = nn.Parameter(w.detach(), requires_grad=False)
     conv.bias = nn.Parameter(b.detach(), requires_grad=False)
     _set_submodule(model, bn_name, nn.Identity())

@@ -308,5 +308,15 @@ def test_export_dense_part_to_onnx_and_sparse_scales_to_json(centerpoint, frames
 
     graph = onnx.load(str(out / "model_quant.onnx")).graph
     assert graph.input[0].name == "input" and "task0.hm" in [o.name for o in graph.output]
-    assert any(n.name.startswith("/heads_list.0/hm/hm.1/") for n in graph.node)  # module paths in node names
+    # module paths in node names, from the detector's own names (as in the policy and trtexec's flags)
+    names = [n.name for n in graph.node]
+    assert any(n.startswith("/dense_head/heads_list.0/hm/hm.1/") for n in names), names[-5:]
+    assert any(n.startswith("/dense_head/shared_conv/shared_conv.0/") for n in names)
+    convs = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert convs and all(n.startswith(("/backbone_2d/", "/dense_head/")) for n in convs), convs
+    # BN folded into the ConvTranspose deblocks too (weight [Cin, Cout, k, k]: output channels on axis 1)
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
+    assert [n for n in names if "ConvTranspose" in n] == [
+        f"/backbone_2d/deblocks.{i}/deblocks.{i}.0/ConvTranspose" for i in range(2)
+    ]
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 2

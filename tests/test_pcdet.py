@@ -122,6 +122,15 @@ class DatasetTemplate(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """OpenPCDet's own: the copy has no logger, so copying a copy raises KeyError: 'logger'."""
+        d = dict(self.__dict__)
+        del d["logger"]
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
     @staticmethod
     def collate_batch(batch_list: list[dict], _unused: bool = False) -> dict[str, Any]:
         merged: dict[str, list] = {}
@@ -142,20 +151,32 @@ class DatasetTemplate(torch.utils.data.Dataset):
         return ret
 
 
+class Point2VoxelCPU:
+    """spconv's CPU voxel generator (a pybind object): it cannot be pickled, hence not deep-copied."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("cannot pickle 'spconv.core_cc.csrc.sparse.all.ops_cpu3d.Point2VoxelCPU' object")
+
+
 class StandInDataset(DatasetTemplate):
-    """A dataset class named in DATA_CONFIG.DATASET: frames listed in INFO_PATH[mode], as OpenPCDet's."""
+    """A dataset class named in DATA_CONFIG.DATASET: frames listed in INFO_PATH[mode], as OpenPCDet's
+    (info files that do not exist are skipped, as NuScenesDataset does); the first frame read makes the
+    voxel generator, as OpenPCDet's DataProcessor does."""
 
     def __init__(self, dataset_cfg, class_names, training=True, root_path=None, logger=None, total_epochs=0):
         super().__init__(dataset_cfg, class_names, training, root_path, logger)
         self.split = dataset_cfg.DATA_SPLIT[self.mode]
         self.infos: list[str] = []
         for info in dataset_cfg.INFO_PATH[self.mode]:
-            self.infos += json.loads((self.root_path / info).read_text())
+            if (self.root_path / info).exists():
+                self.infos += json.loads((self.root_path / info).read_text())
 
     def __len__(self) -> int:
         return len(self.infos)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if getattr(self, "voxel_generator", None) is None:
+            self.voxel_generator = Point2VoxelCPU()
         with np.load(self.root_path / self.infos[index]) as f:
             frame = {k: f[k] for k in f.files}
         name = Path(self.infos[index]).stem
@@ -209,6 +230,7 @@ class StandInCenterPoint(cp.CenterPoint):
             torch.manual_seed(0)
             super().__init__(config)
         self.register_buffer("global_step", torch.LongTensor(1).zero_())
+        self.dataset = dataset  # Detector3DTemplate keeps it (and so reaches it on every deep copy)
         self.dense_head.__class__ = StandInCenterHead
         self.dense_head.predict_boxes_when_training = False
         self.dense_head.class_id_mapping = torch.arange(num_class).cuda()  # as CenterHead.__init__ does
@@ -557,3 +579,142 @@ def test_broken_pcdet_build_and_plain_scan_options(
         == 2
     )
     assert "--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg" in capsys.readouterr().err
+
+
+# ------------------------------------------------- the real network's traps (found on real OpenPCDet)
+def test_deep_copies_share_the_dataset_and_copy_the_network(standin) -> None:
+    """OpenPCDet's detector keeps its dataset: a copy of a copy of it raises KeyError: 'logger' (its
+    __getstate__ drops the logger), and once a frame is read it holds an unpicklable voxel generator. The
+    scan deep-copies the model (FP reference, quantized models): the wrapper copies the network only."""
+    import copy
+
+    cfg, ckpt = standin
+    model, loader = adapter.build_from_config(cfg, ckpt, max_batches=1)
+    batch = adapter.calibration_batches(loader, 1)[0]  # the dataset now holds its voxel generator
+    dataset = model.detector.dataset
+    with pytest.raises(TypeError, match="cannot pickle"):
+        copy.deepcopy(dataset)
+    twice = copy.deepcopy(copy.deepcopy(model))
+    assert twice.detector.dataset is dataset and twice.detector is not model.detector
+    assert twice.dense_head is not model.dense_head and twice.detector.dense_head is twice.dense_head
+    w = twice.get_parameter("dense_head.heads_list.0.hm.1.weight")
+    assert w is not model.get_parameter("dense_head.heads_list.0.hm.1.weight")
+    assert torch.equal(w, model.get_parameter("dense_head.heads_list.0.hm.1.weight"))
+    with torch.no_grad():
+        torch.testing.assert_close(twice(batch)["pred_dicts"], model(batch)["pred_dicts"], rtol=0, atol=0)
+
+    plain = adapter.build_model(cfg, ckpt)  # on a DatasetTemplate with a logger: the KeyError case
+    copy.deepcopy(copy.deepcopy(plain))
+    with pytest.raises(KeyError, match="logger"):
+        copy.deepcopy(copy.deepcopy(plain.detector.dataset))
+
+
+def test_relative_config_from_the_openpcdet_root(standin, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The README's `--pcdet-cfg tools/cfgs/...` from the OpenPCDet root: the path is resolved before the
+    adapter changes into tools/ (where OpenPCDet resolves _BASE_CONFIG_), not after."""
+    _, ckpt = standin
+    monkeypatch.chdir(tmp_path / "OpenPCDet")
+    rel = "tools/cfgs/standin_models/centerpoint.yaml"
+    model = adapter.build_model(rel, ckpt)
+    assert model.module_order[-1] == "dense_head"
+    assert Path.cwd() == tmp_path / "OpenPCDet"  # the working directory is restored
+    out = tmp_path / "dump-rel"
+    assert main(["pcdet-dump", "--cfg", rel, "--batches", "2", "--out", str(out)]) == 0, capsys.readouterr()
+    assert json.loads((out / "pcdet_dump.json").read_text())["config"] == str(tmp_path / "OpenPCDet" / rel)
+
+
+def test_apply_with_pcdet_cfg(standin, tmp_path: Path, capsys) -> None:
+    """apply --pcdet-cfg builds the network as scan --pcdet-cfg does (no --arch factory needed): from the
+    scan's quant state, or recalibrated on --calib / --calib-split; ONNX node names carry dense_head."""
+    import onnx
+
+    cfg, ckpt = standin
+    out = tmp_path / "report"
+    args = ["--pcdet-cfg", str(cfg), "--batches", "2", "--only", "backbone_2d.**", "--only", "dense_head.**"]
+    assert main(["scan", str(ckpt), *args, "--no-smoothquant", "--out", str(out), "-q"]) == 0
+    base = ["apply", str(ckpt), "--pcdet-cfg", str(cfg), "--policy", str(out / "policy.yaml")]
+    assert main([*base, "--onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity ok" in printed
+    check = json.loads((out / "export.json").read_text())
+    assert check["verdict"] == "ok" and check["ok"]
+    graph = onnx.load(str(out / "model_quant.onnx")).graph
+    names = [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert (
+        "/dense_head/heads_list.1/hm/hm.1/Conv" in names
+        and "/dense_head/shared_conv/shared_conv.0/Conv" in names
+    )
+    assert all(n.startswith(("/backbone_2d/", "/dense_head/")) for n in names)
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}  # deblocks' BNs folded too
+    saved = torch.load(out / "model_quant.pt", weights_only=True)
+    assert "dense_head.heads_list.0.hm.1" in json.dumps(saved.get("layers", saved), default=str)
+
+    # recalibrated: on a pcdet-dump folder, or on the dataset's frames
+    dump = tmp_path / "calib"
+    assert main(["pcdet-dump", "--cfg", str(cfg), "--batches", "2", "--out", str(dump)]) == 0
+    for extra in (["--calib", str(dump)], ["--calib-split", "train", "--batches", "2"]):
+        folder = tmp_path / f"applied-{extra[0].strip('-')}"
+        assert main([*base, *extra, "--out", str(folder)]) == 0, capsys.readouterr().err
+        assert (folder / "model_quant.pt").is_file()
+    capsys.readouterr()
+    for extra, message in (
+        (["--arch", ARCH], "--pcdet-cfg builds the network from the OpenPCDet config"),
+        (["--calib", str(dump), "--calib-split", "train"], "--calib and --calib-split both choose"),
+    ):
+        assert main([*base, *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
+    plain = ["apply", str(ckpt), "--arch", ARCH, "--policy", str(out / "policy.yaml"), "--calib-split", "val"]
+    assert main([*plain, "--out", str(tmp_path / "x")]) == 2
+    assert "--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg" in capsys.readouterr().err
+
+
+def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None:
+    """Where the user's OpenPCDet set-up is at fault: one red line, exit 2, no report, no traceback."""
+    cfg, ckpt = standin
+    other = tmp_path / "pointpillar.pth"  # a checkpoint of another network
+    weights = {
+        "vfe.pfn_layers.0.linear.weight": torch.zeros(64, 10),
+        "backbone_2d.blocks.0.1.weight": torch.zeros(64, 64, 3, 3),
+    }
+    torch.save({"model_state": weights, "epoch": 80}, other)
+    data = tmp_path / "OpenPCDet" / "data" / "standin"
+    infos = data / "infos_val.json"
+    pcdet_cfg = ["--pcdet-cfg", str(cfg)]
+    cases: list[tuple[list[str], str, Any]] = [
+        (
+            ["--pcdet-cfg", str(tmp_path / "no.yaml")],
+            f"OpenPCDet config not found: {tmp_path / 'no.yaml'}",
+            None,
+        ),
+        (pcdet_cfg, "the checkpoint pointpillar.pth does not fit the network of centerpoint.yaml: ", other),
+        (pcdet_cfg, "has no frames: its info file", infos.unlink),
+        (
+            pcdet_cfg,
+            "OpenPCDet's dataset cannot read a frame: FileNotFoundError",
+            lambda: infos.write_text(json.dumps(["frames/missing.npz"])),
+        ),
+        (
+            pcdet_cfg,
+            f"the dataset folder of centerpoint.yaml does not exist: {data} (DATA_PATH ../data/standin from ",
+            lambda: data.rename(data.parent / "x"),
+        ),
+    ]
+    for i, (args, message, setup) in enumerate(cases):
+        model = ckpt
+        if isinstance(setup, Path):
+            model = setup
+        elif setup is not None:
+            setup()
+        out = tmp_path / f"r{i}"
+        assert main(["scan", str(model), *args, "--out", str(out), "-q"]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not out.exists()
+    # the same checks in apply and pcdet-dump
+    assert main(["apply", str(other), "--pcdet-cfg", str(cfg), "--policy", str(tmp_path / "p.yaml")]) == 2
+    assert "does not fit the network of centerpoint.yaml" in capsys.readouterr().err
+    assert main(["pcdet-dump", "--cfg", str(cfg), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "the dataset folder of centerpoint.yaml does not exist: " in err and len(err.splitlines()) == 1

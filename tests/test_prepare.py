@@ -47,6 +47,39 @@ def test_fold_bn_is_exact_and_model_untouched() -> None:
     assert prep.names == ["stem.0", "conv1", "dw", "pw", "fc"]
 
 
+class Deblocks(nn.Module):
+    """OpenPCDet's BEV deblocks: ConvTranspose (bias=False) -> BN -> ReLU; one with groups, not folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(4, 6, 2, stride=2, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+        )
+        self.grouped = nn.Sequential(nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4))
+        self.up3d = nn.Sequential(nn.ConvTranspose3d(2, 3, (1, 2, 2), stride=(1, 2, 2)), nn.BatchNorm3d(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.grouped(self.up(x))
+        return y.sum() + self.up3d(y[:, :2, None]).sum()
+
+
+def test_fold_bn_into_conv_transpose() -> None:
+    """Its weight is [Cin, Cout/groups, k...]: BN scales axis 1 (the issue: deblocks' BNs stayed in ONNX)."""
+    model = Deblocks().eval()
+    _randomize_bn(model)
+    for bn in (model.up3d[1],):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 5, 5)
+    prep = prepare(model, x)
+    assert prep.folded == {"up.0": "up.1", "up3d.0": "up3d.1"}  # the grouped one is left alone
+    assert isinstance(prep.model.up[1], nn.Identity) and isinstance(prep.model.grouped[1], nn.BatchNorm2d)
+    assert prep.model.up[0].bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(prep.model.up(x), model.up(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prep.model(x), model(x), rtol=1e-5, atol=1e-4)
+
+
 class SharedConvOutput(nn.Module):
     """conv's output feeds BN *and* a residual add: folding BN into conv would change the add."""
 

@@ -418,3 +418,53 @@ def test_a_sparse_tensor_batch_with_nonfinite_features_is_one_line(bad: float) -
     broken.features[7, 2] = bad
     with pytest.raises(CalibrationDataError, match=r"calibration batch 1 .*non-finite"):
         scan(net, [good, broken])
+
+
+def _pairs_by_hand(indices: torch.Tensor, shape: list[int], kernel: int, stride: int, subm: bool) -> int:
+    """Rule-book size counted from the active sites alone: (output, input) pairs within a kernel window."""
+    coords, dims = indices[:, 1:].long(), torch.tensor(shape)
+
+    def key(c: torch.Tensor) -> list[int]:
+        return ((c[:, 0] * dims[1] + c[:, 1]) * dims[2] + c[:, 2]).tolist()
+
+    active = set(key(coords))
+    r = range(kernel)
+    offsets = torch.tensor([(a, b, c) for a in r for b in r for c in r])
+    pairs = 0
+    if subm:  # outputs are the inputs; a tap pairs an output with an active neighbour
+        for o in offsets:
+            c = coords + o - kernel // 2
+            inside = ((c >= 0) & (c < dims)).all(1)
+            pairs += sum(k in active for k in key(c[inside]))
+        return pairs
+    out_dims = (dims - kernel) // stride + 1
+    for o in offsets:  # input site p feeds output q where p = q * stride + o (no padding)
+        q = coords - o
+        q = q[(q % stride == 0).all(1)] // stride
+        pairs += int(((q >= 0) & (q < out_dims)).all(1).sum())
+    return pairs
+
+
+def test_sparse_conv_macs_count_the_rule_book() -> None:
+    """MACs of a sparse conv: rule-book pairs x Cin x Cout (the issue: conv_input.0 read 13.6 M, the
+    output-channel factor short of even the upper bound); the upper bound where spconv keeps no pairs."""
+    from sensitivity.quant.registry import layer_macs
+
+    x = lamppost_tensor(4)
+    n = len(x.indices)
+    for conv, subm in (
+        (sp.SubMConv3d(4, 16, 3, padding=1, bias=False, indice_key="subm1"), True),
+        (sp.SparseConv3d(4, 8, 3, stride=2, bias=False, indice_key="down1"), False),
+    ):
+        with torch.no_grad():
+            y = conv.eval()(x)
+        pairs = _pairs_by_hand(x.indices, list(x.spatial_shape), 3, 1 if subm else 2, subm)
+        assert integ.rule_pairs(conv, y) == pairs
+        macs = layer_macs(conv, tuple(x.features.shape), tuple(y.features.shape), y)
+        assert macs == pairs * 4 * conv.out_channels
+        assert macs <= len(y.features) * conv.weight.numel()  # within the upper bound
+    plain = sp.SubMConv3d(4, 16, 3, padding=1, bias=False).eval()  # no indice_key: no rule book kept
+    with torch.no_grad():
+        y = plain(x)
+    assert integ.rule_pairs(plain, y) is None
+    assert layer_macs(plain, (n, 4), (n, 16), y) == n * 16 * 27 * 4

@@ -66,7 +66,7 @@ def calibrate(
         li = info[name]
         if not li.in_shape:
             li.in_shape, li.out_shape = tuple(x.shape), tuple(y.shape)
-            li.macs = layer_macs(mod, li.in_shape, li.out_shape)
+            li.macs = layer_macs(mod, li.in_shape, li.out_shape, out)
 
     names = [layer.name for layer in layers]
     with torch.no_grad(), layer_inputs(model, names) as inputs, forward_hooks(model, names, hook):

@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from sensitivity.cli.app import app
 from sensitivity.cli.console import RichProgress, console, out
-from sensitivity.errors import ConfigError
+from sensitivity.cli.options import given
+from sensitivity.errors import ConfigError, SpecError
 from sensitivity.files import check_output_files, staged_files
 
 __all__ = ["apply_cmd"]
@@ -18,8 +19,20 @@ __all__ = ["apply_cmd"]
 
 @app.command("apply")
 def apply_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The FP model the scan saw (same options as scan).")],
     policy: Annotated[Path, typer.Option("--policy", help="policy.yaml (from a scan; may be edited).")],
+    pcdet_cfg: Annotated[
+        Path | None,
+        typer.Option(
+            "--pcdet-cfg",
+            help="OpenPCDet model config (needs pcdet): build the network from it and load MODEL into it, "
+            "as scan --pcdet-cfg does.",
+        ),
+    ] = None,
+    calib_split: Annotated[
+        str, typer.Option("--calib-split", help="With --pcdet-cfg: recalibrate on this dataset split.")
+    ] = "val",
     arch: Annotated[str | None, typer.Option("--arch", help="Model factory pkg.module:function.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option("--arch-kwargs", help="JSON kwargs for --arch.")] = None,
     trust_pickle: Annotated[
@@ -48,8 +61,6 @@ def apply_cmd(
 ) -> None:
     """Build the final quantized model from a policy: FP / naive / SmoothQuant per layer."""
     from sensitivity.apply import apply_policy, load_quant_state
-    from sensitivity.integrations import activate
-    from sensitivity.load import load_model
     from sensitivity.policy import load_policy
 
     if fmt not in ("native", "pytorch-quantization"):
@@ -64,22 +75,44 @@ def apply_cmd(
         outputs += ["model_quant.onnx", "export.json", "sparse_scales.json"]
     if fmt == "pytorch-quantization":
         outputs += ["model_quant_pytorch_quantization.pt", "model_quant_pytorch_quantization.json"]
-    inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib]
+    inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib, pcdet_cfg]
     folder = check_output_files(folder, outputs, inputs)  # no input overwritten, no user file replaced
-    net = activate(load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle))
-    if calib is not None:
-        from sensitivity.data import load_calibration
+    net, data = _model_and_data(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
+                                batch_size, batches)  # fmt: skip
+    if data is not None:
         from sensitivity.pipeline import calibrate_quant_state
         from sensitivity.spec import QuantSpec
 
         pol = load_policy(policy)
-        data = load_calibration(calib, batch_size=batch_size, max_batches=batches)
         state = calibrate_quant_state(net, data, pol, QuantSpec.parse(pol.spec), progress=RichProgress())
     else:
         state = load_quant_state(quant_state or policy.with_name("quant_state.pt"))
         pol = load_policy(policy, layers=list(state.layers))
     qmodel = apply_policy(net, pol, state)
     _write_applied(qmodel, state, folder, fmt, onnx, opset)
+
+
+def _model_and_data(
+    ctx: typer.Context, model: Path, pcdet_cfg: Path | None, calib: str | None, calib_split: str,
+    arch: str | None, arch_kwargs: str | None, trust_pickle: bool, batch_size: int, batches: int | None,
+) -> tuple[Any, list[Any] | None]:  # fmt: skip
+    """The FP network (from the model file, or an OpenPCDet config) and the data to recalibrate on (None:
+    use the scan's quant state)."""
+    if pcdet_cfg is not None:
+        from sensitivity.cli.pcdet import pcdet_inputs
+
+        recalibrate = calib is not None or given(ctx, "calib_split")
+        return pcdet_inputs(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
+                            batch_size, batches, need_data=recalibrate)  # fmt: skip
+    if given(ctx, "calib_split"):
+        raise SpecError("--calib-split chooses an OpenPCDet dataset split: it needs --pcdet-cfg")
+    from sensitivity.data import load_calibration
+    from sensitivity.integrations import activate
+    from sensitivity.load import load_model
+
+    net = activate(load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle))
+    data = None if calib is None else load_calibration(calib, batch_size=batch_size, max_batches=batches)
+    return net, data
 
 
 def _write_applied(qmodel: Any, state: Any, folder: Path, fmt: str, onnx: bool, opset: int) -> None:

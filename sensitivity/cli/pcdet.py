@@ -34,10 +34,12 @@ PCDET_DEFAULT_BATCHES = 16
 def pcdet_inputs(
     ctx: typer.Context, model: Path, cfg: Path, calib: str | None, split: str, arch: str | None,
     arch_kwargs: str | None, trust_pickle: bool, batch_size: int, batches: int | None,
-) -> tuple[Any, list[Any]]:  # fmt: skip
-    """(PcdetForward, batches) for `scan MODEL --pcdet-cfg CFG`: the network from the config with the
+    need_data: bool = True,
+) -> tuple[Any, list[Any] | None]:  # fmt: skip
+    """(PcdetForward, batches) for `scan|apply MODEL --pcdet-cfg CFG`: the network from the config with the
     checkpoint's weights; batches from the config's dataset (--calib-split, --batches), or from --calib
-    (e.g. a folder written by `pcdet-dump`). --batch-size counts frames per batch here and defaults to 1."""
+    (e.g. a folder written by `pcdet-dump`), or None without --calib where `need_data` is False (apply
+    with the scan's quant state). --batch-size counts frames per batch here and defaults to 1."""
     from sensitivity.integrations import pcdet
 
     pcdet.require_pcdet()  # first: the one line that matters where it is missing
@@ -45,10 +47,12 @@ def pcdet_inputs(
         raise SpecError("--pcdet-cfg builds the network from the OpenPCDet config: drop --arch/--arch-kwargs")
     if calib is not None and given(ctx, "calib_split"):
         raise SpecError("--calib and --calib-split both choose the calibration data: give one of them")
-    if calib is not None:
+    if calib is not None or not need_data:
         from sensitivity.data import load_calibration
 
         net = pcdet.build_model(cfg, model, trust_pickle=trust_pickle)
+        if calib is None:
+            return net, None
         return net, load_calibration(calib, batch_size=batch_size, max_batches=batches)
     frames_per_batch = batch_size if given(ctx, "batch_size") else 1
     n = batches if batches is not None else PCDET_DEFAULT_BATCHES

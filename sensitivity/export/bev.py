@@ -22,16 +22,31 @@ def is_sparse(module: nn.Module) -> bool:
     return family is not None and family is not DENSE
 
 
+class _HeadConvs(nn.Module):
+    """A CenterHead's convs (`shared_conv`, then each task's `heads_list` entry) without its box decoding,
+    called as one module so that the ONNX scopes, hence node names, start with `dense_head`."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.shared_conv = head.shared_conv  # type: ignore[assignment]
+        self.heads_list = head.heads_list  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        x = self.shared_conv(x)
+        return [head(x) for head in self.heads_list]
+
+
 class BEVDensePart(nn.Module):
     """The dense part of an OpenPCDet-style detector, from the BEV map to the head outputs: `backbone_2d`
     (reads `spatial_features`, writes `spatial_features_2d`) then the CenterHead's `shared_conv` and
-    `heads_list` (its box decoding and NMS are left out). Submodule names stay OpenPCDet's, so the ONNX
-    node names match the policy's layer names (`/dense_head/heads_list.0/hm/...`)."""
+    `heads_list` (its box decoding and NMS are left out). Module and parameter names stay OpenPCDet's,
+    and each part runs as a module call, so the ONNX node names carry the policy's layer names
+    (`/dense_head/heads_list.0/hm/hm.1/Conv`, `/backbone_2d/deblocks.0/deblocks.0.0/ConvTranspose`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.backbone_2d = model.backbone_2d  # type: ignore[assignment]
-        self.dense_head = model.dense_head  # type: ignore[assignment]
+        self.dense_head = _HeadConvs(model.dense_head)
         # a new Module starts in training mode, and torch.onnx.export restores the mode it found: that
         # would leave the shared (unfolded) BatchNorms of `model` in training mode after the export
         self.train(model.training)
@@ -40,18 +55,12 @@ class BEVDensePart(nn.Module):
         data = self.backbone_2d(
             {"spatial_features": spatial_features, "batch_size": spatial_features.shape[0]}
         )
-        x = self.dense_head.shared_conv(data["spatial_features_2d"])
-        outs: list[torch.Tensor] = []
-        for head in self.dense_head.heads_list:
-            outs.extend(head(x).values())
-        return tuple(outs)
+        return tuple(t for task in self.dense_head(data["spatial_features_2d"]) for t in task.values())
 
     def output_names(self, x: torch.Tensor) -> list[str]:
         with torch.no_grad():
-            y = self.dense_head.shared_conv(
-                self.backbone_2d({"spatial_features": x, "batch_size": 1})["spatial_features_2d"]
-            )
-            return [f"task{i}.{k}" for i, head in enumerate(self.dense_head.heads_list) for k in head(y)]
+            y = self.backbone_2d({"spatial_features": x, "batch_size": 1})["spatial_features_2d"]
+            return [f"task{i}.{k}" for i, task in enumerate(self.dense_head(y)) for k in task]
 
 
 def bev_input(qmodel: nn.Module, batch: Any) -> torch.Tensor:

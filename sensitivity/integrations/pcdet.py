@@ -9,7 +9,8 @@ What it does, with OpenPCDet's own functions wherever one exists:
   `cfg` is left alone). OpenPCDet resolves `_BASE_CONFIG_` and `DATA_PATH` against the working directory
   (its `tools/` folder by convention); here they resolve against the working directory when the base
   configs are found there, else against the nearest folder above the config file where they are, so the
-  CLI runs from anywhere. The dataset gets that folder's `DATA_PATH` as its `root_path`.
+  CLI runs from anywhere (a relative config path itself is read from the caller's working directory). The
+  dataset gets that folder's `DATA_PATH` as its `root_path`; one that does not exist is named in one line.
 - the dataset: `pcdet.datasets.build_dataloader(..., dist=False, training=False)` (evaluation mode: no
   augmentation). `split` picks a name from the config's `DATA_SPLIT`: the evaluation split (``val`` in
   OpenPCDet's configs) as is; the training split by pointing the evaluation mode at it (`DATA_SPLIT` and,
@@ -27,9 +28,10 @@ What it does, with OpenPCDet's own functions wherever one exists:
   on CPU tensors OpenPCDet's NMS kills the process with no Python error).
 - the batches: `batch_to_torch`, the CPU counterpart of `pcdet.models.load_data_to_gpu` (CUDA-only).
 
-Not verified against a real OpenPCDet install (it cannot be built on the machines this was written on):
-the tests run this module against a stand-in with OpenPCDet's API names around the CenterPoint-shaped model
-of `sensitivity.demo.centerpoint`.
+Run against the real OpenPCDet CenterPoint (`cbgs_voxel0075_res3d_centerpoint.yaml`, built from source, on
+real point clouds read by its own NuScenesDataset: `tests/test_pcdet_real.py`, marker ``pcdet``, where pcdet
+imports); CI runs it against a stand-in with OpenPCDet's API names and the real network's traps around the
+CenterPoint-shaped model of `sensitivity.demo.centerpoint` (`tests/test_pcdet.py`).
 """
 
 from __future__ import annotations
@@ -192,6 +194,16 @@ def _head_outputs(module: nn.Module) -> Any:
     return [tensors] if tensors else None
 
 
+def _not_the_network(detector: nn.Module) -> list[Any]:
+    """The detector's attributes that are data, not network: datasets (`detector.dataset` in OpenPCDet), and
+    the DataLoader-like objects a user may have attached."""
+    return [
+        value
+        for value in vars(detector).values()
+        if isinstance(value, (torch.utils.data.Dataset, torch.utils.data.DataLoader))
+    ]
+
+
 class PcdetForward(nn.Module):
     """An OpenPCDet detector's forward up to its head outputs, for scanning on any device.
 
@@ -214,6 +226,12 @@ class PcdetForward(nn.Module):
     Runs in eval mode (set by the constructor); `detector` keeps the wrapped model (unregistered: its
     modules are the wrapper's). Sparse convs with a bias get `add_cpu_bias_fallback_` (hooks on the shared
     modules), without which spconv refuses them in eval mode on CPU.
+
+    A deep copy (the scan's FP reference and quantized models are copies) copies the network only: the
+    detector's dataset (`detector.dataset`, kept by OpenPCDet's `Detector3DTemplate`) is shared, not
+    copied. OpenPCDet's datasets cannot be copied: `DatasetTemplate.__getstate__` drops the logger, so a
+    copy of a copy raises ``KeyError: 'logger'``, and a dataset that has read a frame holds spconv's
+    `Point2VoxelCPU`, which cannot be pickled.
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -246,6 +264,15 @@ class PcdetForward(nn.Module):
                 self
             )  # OpenPCDet's SubMConv3d(bias=True) refuse eval mode on CPU otherwise
         self.eval()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PcdetForward:
+        for value in _not_the_network(self.detector):
+            memo[id(value)] = value  # shared: the copy's detector refers to the same dataset
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        return new
 
     def forward(self, batch_dict: Mapping[str, Any]) -> dict[str, Any]:
         batch_dict = dict(batch_dict)  # OpenPCDet writes into the dict it is given
@@ -296,9 +323,25 @@ def batch_to_torch(batch_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_frames(loader: Iterable[Any], n: int | None = None) -> Iterator[Any]:
+    """The first `n` items of `loader`; an error of the dataset's code reading a frame (a lidar file
+    its info lists but the disk lacks, say) becomes one `CalibrationDataError` line."""
+    items = iter(loader)
+    for _ in itertools.count() if n is None else range(n):
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except SensitivityError:
+            raise
+        except Exception as exc:
+            raise CalibrationDataError(f"OpenPCDet's dataset cannot read a frame: {_exc(exc)}") from exc
+        yield item
+
+
 def calibration_batches(loader: Iterable[Mapping[str, Any]], n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` batch_dicts of `loader` (all with `n=None`), as `batch_to_torch` makes them."""
-    batches = [batch_to_torch(b) for b in itertools.islice(loader, n)]
+    batches = [batch_to_torch(b) for b in read_frames(loader, n)]
     if not batches:
         raise CalibrationDataError("the OpenPCDet dataset gave no calibration batches (an empty split?)")
     return batches
@@ -352,9 +395,10 @@ def _load_config(pcdet: ModuleType, cfg_path: str | os.PathLike[str]) -> tuple[A
         raise PcdetConfigError(f"cannot read the OpenPCDet config {path}: {_exc(exc)}") from exc
     root = _config_root(path, _base_configs(raw))
     config = copy.deepcopy(pcdet.config.cfg)
+    absolute = str(path.resolve())  # before the chdir: a relative path names a file from the caller's folder
     try:
         with _chdir(root):
-            pcdet.config.cfg_from_yaml_file(str(path.resolve()), config)
+            pcdet.config.cfg_from_yaml_file(absolute, config)
     except Exception as exc:
         raise PcdetConfigError(f"OpenPCDet cannot read the config {path}: {_exc(exc)}") from exc
     missing = [k for k in ("CLASS_NAMES", "DATA_CONFIG", "MODEL") if k not in config]
@@ -393,15 +437,37 @@ def _root_path(data_cfg: Any, root: Path) -> Path | None:
     return data_path if data_path.is_absolute() else root / data_path
 
 
+def _missing_infos(dataset: Any, data_cfg: Any) -> list[Path]:
+    """The evaluation mode's INFO_PATH files that are not in the dataset's folder (OpenPCDet's datasets skip
+    missing ones silently and end up with no frames)."""
+    infos = data_cfg.get("INFO_PATH")
+    folder = getattr(dataset, "root_path", None)
+    if not isinstance(infos, Mapping) or folder is None:
+        return []
+    names = infos.get("test") or []
+    paths = [Path(folder) / n for n in ([names] if isinstance(names, str) else names)]
+    return [path for path in paths if not path.exists()]
+
+
 def _build_dataset(pcdet: ModuleType, config: Any, root: Path, split: str, cfg_name: str) -> Any:
     _select_split(config.DATA_CONFIG, split, cfg_name)
+    data_path = _root_path(config.DATA_CONFIG, root)
+    if data_path is not None and not data_path.is_dir():
+        given = config.DATA_CONFIG.DATA_PATH
+        how = (
+            ""
+            if Path(given).is_absolute()
+            else f" (DATA_PATH {given} from {root}, as OpenPCDet's tools/ does)"
+        )
+        shown = os.path.normpath(data_path)  # tools/../data/x as data/x
+        raise CalibrationDataError(f"the dataset folder of {cfg_name} does not exist: {shown}{how}")
     try:
         dataset, _, _ = pcdet.datasets.build_dataloader(
             dataset_cfg=config.DATA_CONFIG,
             class_names=config.CLASS_NAMES,
             batch_size=1,
             dist=False,
-            root_path=_root_path(config.DATA_CONFIG, root),
+            root_path=data_path,
             workers=0,
             logger=log,
             training=False,
@@ -413,7 +479,9 @@ def _build_dataset(pcdet: ModuleType, config: Any, root: Path, split: str, cfg_n
             f"OpenPCDet cannot build the {split} dataset of {cfg_name}: {_exc(exc)}"
         ) from exc
     if len(dataset) == 0:
-        raise CalibrationDataError(f"the {split} split of {cfg_name}'s dataset has no frames")
+        missing = _missing_infos(dataset, config.DATA_CONFIG)
+        why = f": its info file {missing[0]} does not exist" if missing else ""
+        raise CalibrationDataError(f"the {split} split of {cfg_name}'s dataset has no frames{why}")
     return dataset
 
 
@@ -480,11 +548,11 @@ def _network(
         raise
     except Exception as exc:
         raise ModelLoadError(f"OpenPCDet cannot build the network of {cfg_name}: {_exc(exc)}") from exc
+    _check_loaded(detector, disk, ckpt, cfg_name)  # first: OpenPCDet's loader fails obscurely otherwise
     try:
         detector.load_params_from_file(filename=str(ckpt), logger=log, to_cpu=True)
     except Exception as exc:
         raise ModelLoadError(f"OpenPCDet cannot load the checkpoint {ckpt}: {_exc(exc)}") from exc
-    _check_loaded(detector, disk, ckpt, cfg_name)
     return PcdetForward(detector)
 
 
@@ -589,7 +657,7 @@ def dump_batches(
     loader = _loader(dataset, n * batch_size, batch_size, workers)
     names, frame_ids, dropped = [], [], set()
     with atomic_dir(out, overwrite, inputs=[cfg_path], kind="pcdet-dump") as tmp:
-        for i, batch in enumerate(itertools.islice(loader, n)):
+        for i, batch in enumerate(read_frames(loader, n)):
             kept = {}
             for key, value in batch_to_torch(batch).items():
                 plain = _plain(value)

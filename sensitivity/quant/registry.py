@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -44,8 +45,9 @@ class Family:
 
     `owns` says whether a module belongs to the family (its layers and their helpers); `quant_class`
     gives a layer's quantized twin (None for the family's other modules). `foldable`: a BatchNorm right
-    after it folds into its weight (output channels first). `macs(module, in_shape, out_shape)`:
-    multiply-accumulates of one call. `prepare_model_` fixes the scan's FP copy in place; `run_context`
+    after it folds into its weight. `macs(module, in_shape, out_shape, output)`: multiply-accumulates of
+    one call (`output` is what the layer returned: spconv reads its rule book from it). `prepare_model_`
+    fixes the scan's FP copy in place; `run_context`
     wraps every pass over a model holding such layers."""
 
     name: str
@@ -53,7 +55,7 @@ class Family:
     quant_class: Callable[[nn.Module], type[nn.Module] | None]
     input_channel_axis: Callable[[nn.Module], int]
     foldable: Callable[[nn.Module], bool]
-    macs: Callable[[nn.Module, tuple[int, ...], tuple[int, ...]], int]
+    macs: Callable[[nn.Module, tuple[int, ...], tuple[int, ...], Any], int]
     prepare_model_: Callable[[nn.Module], object] | None = None
     run_context: Callable[[nn.Module], AbstractContextManager[object]] | None = None
     package: str = ""
@@ -69,7 +71,9 @@ def _dense_class(module: nn.Module) -> type[nn.Module] | None:
     return QUANT_MODULES.get(type(module)) or subclass_twin(type(module))
 
 
-def _dense_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+def _dense_macs(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], output: Any = None
+) -> int:
     """Per sample (dim 0 is the batch): every output element costs one weight row (Linear: in_features;
     conv: Cin/g·k); a transposed conv scatters every input element over one weight slice."""
     w = module.weight
@@ -89,12 +93,21 @@ def _dense_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[i
     return n_out * w[0].numel()
 
 
+def _dense_foldable(module: nn.Module) -> bool:
+    """Conv1d/2d/3d, Linear, and ConvTranspose1d/2d/3d without groups (OpenPCDet's BEV deblocks): BN's
+    per-channel scale lands on the weight's output-channel axis (axis 1 of a transposed conv's
+    [Cin, Cout/groups, k...], so only groups == 1 maps onto whole channels)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return True
+    return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1
+
+
 DENSE = Family(
     name="dense",
     owns=_is_dense,
     quant_class=_dense_class,
     input_channel_axis=lambda m: -1 if isinstance(m, nn.Linear) else 1,
-    foldable=lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)),
+    foldable=_dense_foldable,
     macs=_dense_macs,
 )
 _FAMILIES: list[Family] = [DENSE]
@@ -133,9 +146,13 @@ def input_channel_axis(module: nn.Module) -> int:
     return family.input_channel_axis(module) if family is not None else 1
 
 
-def layer_macs(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+def layer_macs(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], output: Any = None
+) -> int:
+    """Multiply-accumulates of one call of `module` (per sample for dense layers; for the whole batch for
+    sparse ones, which have no per-sample dim), by the layer's family."""
     family = family_of(module)
-    return family.macs(module, in_shape, out_shape) if family is not None else 0
+    return family.macs(module, in_shape, out_shape, output) if family is not None else 0
 
 
 def check_registered(model: nn.Module) -> None:

@@ -36,7 +36,7 @@ class Fancy(nn.Module):
 def test_a_registered_family_is_used_for_its_layers() -> None:
     family = registry.Family(
         "fancy", owns=lambda m: isinstance(m, Fancy), quant_class=lambda m: QuantLinear, input_channel_axis=lambda m: 0,
-        foldable=lambda m: False, macs=lambda m, i, o: 42,
+        foldable=lambda m: False, macs=lambda m, i, o, out: 42,
     )  # fmt: skip
     registry.register_family(family)
     try:
