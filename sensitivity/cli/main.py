@@ -16,8 +16,27 @@ from sensitivity.files import InterruptHandlers, Terminated
 __all__ = ["main", "run"]
 
 
-def _quiet_exit(message: str, code: int) -> int:
-    console.print(f"[bold red]{message}[/bold red]: no report was written")
+#: what an interrupted command left behind (its outputs are staged and moved in only when complete)
+_NOTHING_WRITTEN = {
+    "scan": "no report was written",
+    "demo": "no report was written",
+    "report": "the report was left as it was",
+    "apply": "no model was written",
+    "pcdet-dump": "no batches were written",
+    "view": "stopped serving",
+}
+
+
+def _command(argv: list[str] | None) -> str | None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _quiet_exit(message: str, code: int, argv: list[str] | None) -> int:
+    outcome = _NOTHING_WRITTEN.get(_command(argv) or "", "nothing was written")
+    console.print(f"[bold red]{message}[/bold red]: {outcome}")
     return code
 
 
@@ -55,21 +74,21 @@ def _main(argv: list[str] | None, handlers: InterruptHandlers) -> int:
         return 2
     except KeyboardInterrupt:
         handlers.done()  # a second Ctrl-C while saying so is ignored (no traceback)
-        return _quiet_exit("interrupted", 130)
+        return _quiet_exit("interrupted", 130, argv)
     except Terminated:
         handlers.done()
-        return _quiet_exit("terminated", 143)
+        return _quiet_exit("terminated", 143, argv)
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:
         handlers.done()
-        return _quiet_exit("interrupted", 130)
+        return _quiet_exit("interrupted", 130, argv)
     except Exception as exc:  # usage errors (typer's click, vendored or not) show themselves
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         if type(exc).__name__ == "Abort":  # click's own Abort where typer re-exports another class
             handlers.done()
-            return _quiet_exit("interrupted", 130)
+            return _quiet_exit("interrupted", 130, argv)
         raise
     return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sensitivity.errors import OutputDirError
 from sensitivity.files.atomic import default_mode
-from sensitivity.files.signals import deferred_signals
+from sensitivity.files.signals import deferred_signals, outputs_committed
 
 __all__ = [
     "MARKER",
@@ -268,6 +268,7 @@ class atomic_dir:
                     raise OutputDirError(f"writing {self.shown} failed: {exc.strerror or exc}") from exc
                 return
             self._commit(self.tmp)
+            outputs_committed()
 
     def _commit(self, tmp: Path) -> None:
         try:
@@ -330,6 +331,7 @@ class staged_files:
                 if exc_type is None:
                     for item in sorted(self.tmp.iterdir()):
                         os.replace(item, self.folder / item.name)
+                    outputs_committed()
             except OSError as err:
                 raise OutputDirError(
                     f"cannot move the outputs into {self.folder}: {err.strerror or err}"

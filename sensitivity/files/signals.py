@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["InterruptHandlers", "Terminated", "deferred_signals"]
+__all__ = ["InterruptHandlers", "Terminated", "deferred_signals", "outputs_committed"]
 
 _DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,6 +29,9 @@ class InterruptHandlers:
         self.finished = False
         self.saved: dict[int, Any] = {}
 
+    #: the handlers of the command running in this process (set by `install`), see `outputs_committed`
+    active: InterruptHandlers | None = None
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.finished:
             return
@@ -38,6 +41,7 @@ class InterruptHandlers:
         if threading.current_thread() is threading.main_thread():
             for sig in _DEFERRED:
                 self.saved[sig] = signal.signal(sig, self._handle)
+            InterruptHandlers.active = self
         return self
 
     def done(self) -> None:
@@ -55,6 +59,17 @@ class InterruptHandlers:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         self.saved.clear()
+        if InterruptHandlers.active is self:
+            InterruptHandlers.active = None
+
+
+def outputs_committed() -> None:
+    """The command's outputs are in place (a report folder swapped in, staged files moved): from now on an
+    interrupt would only cut short the closing messages, and its exit code and "nothing was written" line
+    would be false, so the running command's handlers ignore further signals (and those held during the
+    move). Without a command running (library use) nothing changes."""
+    if InterruptHandlers.active is not None:
+        InterruptHandlers.active.done()
 
 
 @contextmanager
@@ -75,5 +90,7 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(pending):
-            signal.raise_signal(sig)
+        active = InterruptHandlers.active
+        if active is None or not active.finished:
+            for sig in dict.fromkeys(pending):
+                signal.raise_signal(sig)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -247,6 +249,27 @@ def test_view_no_browser_forces_serving(planted: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(serve.ReportServer, "serve_forever", stop)
     assert main(["view", str(planted), "--no-browser"]) == 0
     assert served and served[0].startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_view_stopped_by_a_signal_says_it_stopped_serving(planted: Path, sig: signal.Signals) -> None:
+    """A served report stopped by SIGTERM (143) or Ctrl-C: the line says serving stopped, not that a
+    report went unwritten (view writes nothing)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sensitivity", "view", str(planted), "--no-browser", "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "serving" in first, first
+        proc.send_signal(sig)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), rest
+    assert "stopped serving" in rest and "report was written" not in rest and "Traceback" not in rest
 
 
 def test_view_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
