@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sensitivity.cli.app import app
-from sensitivity.cli.console import console, out
+from sensitivity.cli.console import out
 
 __all__ = ["report", "view"]
 
@@ -47,9 +47,7 @@ def view(
         return
     server = make_server(report_dir, port=port)
     out.print(f"serving {report_dir} at [bold]{server.url}[/bold]  (Ctrl-C to stop)", soft_wrap=True)
-    try:
+    try:  # Ctrl-C / SIGTERM end it through the entry point: "interrupted: stopped serving", exit 130 / 143
         server.serve_forever()
-    except KeyboardInterrupt:
-        console.print("stopped serving")
     finally:
         server.server_close()
