@@ -3,12 +3,14 @@
 Four methods, as in pytorch-quantization 2.1.3: `max` (torch.ao's MinMaxObserver), and `percentile`,
 `entropy`, `mse` chosen from a histogram of |x| (of max(x, 0) when unsigned: negative inputs saturate to
 code 0, so they count as zeros) that reproduces pytorch-quantization's `HistogramCalibrator` binning
-exactly, so the amax values match it.
+exactly, so the amax values match it. `DyadicHistogram` holds the range behind the per-layer calibrator
+choice (nested power-of-two bins: merges exactly across ranks and resumed runs).
 """
 
 from __future__ import annotations
 
 from sensitivity.quant.calibrators.base import Calibrator, NothingCollectedError, ReduceOp
+from sensitivity.quant.calibrators.dyadic import DyadicHistogram
 from sensitivity.quant.calibrators.entropy import compute_amax_entropy
 from sensitivity.quant.calibrators.histogram import HistogramCalibrator
 from sensitivity.quant.calibrators.max import MaxCalibrator
@@ -18,6 +20,7 @@ from sensitivity.spec import CALIBRATORS
 
 __all__ = [
     "Calibrator",
+    "DyadicHistogram",
     "HistogramCalibrator",
     "MaxCalibrator",
     "NothingCollectedError",

@@ -1,0 +1,89 @@
+"""The calibrator-choice range histogram: its bins depend only on the set of values (any batch order, any
+split across ranks or resumed runs gives the same counts, exactly), and its amax values match the direct
+computations on the same bins."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sensitivity.quant.calibrators import DyadicHistogram, compute_amax_percentile
+
+
+def _batches(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    scales = (0.3, 1.0, 7.0, 0.01, 40.0)  # the top grows several octaves over the batches
+    return [torch.randn(500, generator=g) * s for s in scales]
+
+
+def _filled(batches: list[torch.Tensor]) -> DyadicHistogram:
+    h = DyadicHistogram(num_bins=256)
+    for b in batches:
+        h.collect(b)
+    return h
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_counts_do_not_depend_on_order_or_split(seed: int) -> None:
+    batches = _batches(seed)
+    whole = _filled([torch.cat(batches)])
+    forward, backward = _filled(batches), _filled(batches[::-1])
+    halves = _filled(batches[::2])
+    halves.merge_state(_filled(batches[1::2]).state())
+    for other in (forward, backward, halves):
+        assert other.exp == whole.exp
+        assert torch.equal(other.hist, whole.hist) and torch.equal(other.neg, whole.neg)
+    assert whole.hist.sum() == sum(b.numel() for b in batches)
+
+
+def test_bins_are_floor_of_x_over_the_bin_width() -> None:
+    x = torch.tensor([0.0, 0.49, 0.5, 1.0, 3.99, -2.0, 2.5])
+    h = _filled([x])
+    assert h.top == 4.0  # smallest power of two above max |x| = 3.99
+    width = h.top / h.num_bins
+    expected = np.bincount(np.floor(np.abs(x.numpy()) / width).astype(int), minlength=h.num_bins)
+    assert np.array_equal(h.hist.numpy(), expected)
+    assert h.neg.sum() == 1 and h.neg[int(2.0 / width)] == 1
+
+
+def test_zeros_first_then_values() -> None:
+    h = _filled([torch.zeros(10), torch.tensor([1.5, -0.25])])
+    assert h.hist[0] == 10 and h.hist.sum() == 12 and h.top == 2.0
+    only_zeros = _filled([torch.zeros(3)])
+    assert float(only_zeros.amax_by("percentile", 99.0)) == 0.0
+
+
+def test_amax_matches_the_formulas_on_its_bins() -> None:
+    batches = _batches(0)
+    h = _filled(batches)
+    edges = np.linspace(0.0, h.top, h.num_bins + 1).astype(np.float32)
+    for p in (99.0, 99.9, 99.99):
+        direct = compute_amax_percentile(h.hist.numpy(), edges, p)
+        assert float(h.amax_by("percentile", p)) == float(direct)
+        # pytorch-quantization's rule: the left edge of the bin where the float CDF reaches p, which
+        # rounding can push on to the next non-empty bin: between the sample quantile's bin and the next value
+        values = torch.cat(batches).abs().sort().values
+        k = math.ceil(p / 100 * len(values)) - 1
+        upper = float(values[min(k + 1, len(values) - 1)])
+        assert float(values[k]) - h.top / h.num_bins <= float(direct) <= upper
+    assert float(h.amax_by("max")) == pytest.approx(float(torch.cat(batches).abs().max()))
+    mse = float(h.amax_by("mse"))
+    assert 0 < mse <= h.top and math.isfinite(mse)
+
+
+def test_unsigned_counts_negative_values_at_zero() -> None:
+    x = torch.cat([torch.linspace(0, 1, 101), -torch.linspace(0.5, 8, 100)])
+    h = _filled([x])
+    # unsigned: the 100 negative values saturate to code 0, so the 99th percentile is inside [0, 1]
+    assert float(h.amax_by("percentile", 99.0, unsigned=True)) <= 1.0
+    assert float(h.amax_by("percentile", 99.0, unsigned=False)) > 7.0
+
+
+def test_bad_bins_and_mismatched_merges_are_refused() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        DyadicHistogram(num_bins=1000)
+    with pytest.raises(ValueError, match="number of bins"):
+        DyadicHistogram(num_bins=64).merge_state(DyadicHistogram(num_bins=128).state())
