@@ -69,7 +69,7 @@ def _configs(qlayers: dict[str, QuantMixin], policy: Policy, state: QuantState) 
         try:
             configs[name] = method.fit(qlayers[name], layer)
         except ConfigError as exc:
-            raise ConfigError(f"layer {name}: {exc} in the quant state") from exc
+            raise ConfigError(f"layer {name}: {exc}") from exc
     return configs
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult
 from sensitivity.metrics import ErrorStats
+from sensitivity.quant.calibrators import DyadicHistogram
 
 __all__ = [
     "broadcast",
@@ -40,6 +41,7 @@ __all__ = [
     "reduce_pass_",
     "session",
     "shard",
+    "sum_floats",
     "world_size",
 ]
 
@@ -128,6 +130,18 @@ def reduce_observers_(observers: dict[str, LayerObserver]) -> None:
         merged = {k: _reduce(v, ops[k]) for k, v in state.items()}
         obs.calibrator = obs.new_calibrator()  # empty, same configuration: merging copies the reduced state
         obs.calibrator.merge_state(merged)
+        if obs.range_hist is not None:
+            _reduce_range_hist(obs.range_hist)
+
+
+def _reduce_range_hist(hist: DyadicHistogram) -> None:
+    """Exact: every rank grows its histogram to the highest top, then the counts add up."""
+    top = int(_reduce(torch.tensor([hist.exp], dtype=torch.int64), "max"))
+    if top != hist.exp:
+        hist.grow_to(top)
+    hist.hist, hist.neg = _reduce(hist.hist, "sum"), _reduce(hist.neg, "sum")
+    hist.zeros = float(_reduce(torch.tensor([hist.zeros], dtype=torch.float64), "sum"))
+    hist.max = float(_reduce(torch.tensor([hist.max], dtype=torch.float64), "max"))
 
 
 def reduce_histograms_(histograms: dict[str, RangeHistogram]) -> None:
@@ -167,6 +181,19 @@ def reduce_pass_(result: PassResult) -> None:
         return
     for table in (result.iso, result.cum, result.out):
         _reduce_stats(table)  # type: ignore[arg-type]
+    result.out_rel, result.out_weight, result.pred_weight = sum_floats(
+        result.out_rel, result.out_weight, result.pred_weight
+    )
+    pred_keys = _union_keys(list(result.pred))
+    pred = _reduce(torch.tensor([result.pred.get(k, 0.0) for k in pred_keys], dtype=torch.float64), "sum")
+    result.pred.clear()
+    result.pred.update(dict(zip(pred_keys, pred.tolist(), strict=True)))
+    grad_keys = _union_keys(list(result.grad_max))
+    grads = _reduce(
+        torch.tensor([result.grad_max.get(k, 0.0) for k in grad_keys], dtype=torch.float64), "max"
+    )
+    result.grad_max.clear()
+    result.grad_max.update(dict(zip(grad_keys, grads.tolist(), strict=True)))
     calls_keys = _union_keys(list(result.calls))
     calls = _reduce(
         torch.tensor([float(result.calls.get(k, 0)) for k in calls_keys], dtype=torch.float64), "sum"
@@ -182,6 +209,13 @@ def reduce_pass_(result: PassResult) -> None:
         best[1],
         list(best[2]),
     )
+
+
+def sum_floats(*values: float) -> tuple[float, ...]:
+    """The sums over all ranks of a few numbers (the values themselves when not distributed)."""
+    if not is_distributed():
+        return values
+    return tuple(_reduce(torch.tensor(values, dtype=torch.float64), "sum").tolist())
 
 
 def broadcast(value: T) -> T:

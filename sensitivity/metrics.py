@@ -10,6 +10,7 @@ elements are counted and left out of the sums, so one NaN does not hide the size
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,6 +53,7 @@ class ErrorStats:
         test: torch.Tensor,
         ref_sums: tuple[float, float] | None = None,
         consume_test: bool = False,
+        on_diff: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """Add one pair of same-shape tensors (reference = FP output, test = quantized output).
 
@@ -60,6 +62,8 @@ class ErrorStats:
         overflow), the pair is redone in float64 with non-finite elements masked out. `ref_sums` (from
         `reference_sums(ref)`) saves the reference's own reductions when several candidates share one
         reference; `consume_test=True` lets the difference be computed in `test`'s own memory.
+        `on_diff(diff)` sees the flat difference test - ref before it is reduced (the output probes dot it
+        with their gradients without a second subtraction).
         """
         if ref.shape != test.shape:
             raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs quantized {tuple(test.shape)}")
@@ -73,6 +77,8 @@ class ErrorStats:
             return
         ref_l1, sq_ref = ref_sums if ref_sums is not None else reference_sums(ref)
         diff = test.sub_(ref) if consume_test else test - ref
+        if on_diff is not None:
+            on_diff(diff)
         dmin, dmax = torch.aminmax(diff)
         sums = torch.stack((torch.dot(diff, diff), torch.dot(ref, diff), dmin, dmax, diff.abs_().sum()))
         del diff

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,11 @@ def scan_json(result: ScanData) -> dict[str, Any]:
                 "thresholds": vars(opts.thresholds),
                 "exclude": list(opts.exclude),
                 "outputs": list(opts.outputs),
+                "policy": opts.policy,
+                "probes": opts.probes,
+                "calibrator_choices": opts.calibrator_choices,
+                "max_fp_layers": opts.fp_layer_budget(len(result.layers)),
+                "max_fp_macs": opts.max_fp_macs,
             },
             "seed": opts.seed,
             "calibration": result.calibration,
@@ -105,6 +110,7 @@ def scan_json(result: ScanData) -> dict[str, Any]:
             "policy_first_nonfinite": result.policy_first_nonfinite,
             "comparison": result.comparison.to_dict(orient="records"),
             "output_comparison": result.output_comparison.to_dict(orient="records"),
+            "fp_curve": [asdict(p) for p in result.fp_curve],
             "timings": result.timings,
             "versions": {
                 "sensitivity": _version(),

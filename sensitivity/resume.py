@@ -63,7 +63,17 @@ def fingerprint(model: nn.Module, batches: Sequence[Any], opts: Any) -> str:
     h = hashlib.blake2b(digest_size=32)
     _hash_tensors(h, model.state_dict())
     _hash_tensors(h, list(batches))
-    keys = ("spec", "only", "skip", "fold_bn", "holdout", "granularities", "alphas", "sq_mode")
+    keys = (
+        "spec",
+        "only",
+        "skip",
+        "fold_bn",
+        "holdout",
+        "granularities",
+        "alphas",
+        "sq_mode",
+        "calibrator_choices",
+    )
     h.update(repr([getattr(opts, k) for k in keys]).encode())
     return h.hexdigest()
 
@@ -83,6 +93,7 @@ def save_calibration_checkpoint(
             "chan_absmax": obs.chan_absmax,
             "col_absmax": obs.col_absmax,
             "calibrator": obs.calibrator.state(),
+            "range_hist": obs.range_hist.state() if obs.range_hist is not None else None,
             "shapes": shapes.get(name),
         }
     payload = {"format": FORMAT, "version": 1, "fingerprint": fingerprint, "layers": layers}
@@ -109,6 +120,8 @@ def _checkpoint_problem(payload: dict[str, Any]) -> str | None:
             return f"layer {name!r} lacks its statistics"
         if not isinstance(d["calibrator"], dict):
             return f"layer {name!r} has no calibrator state"
+        if d.get("range_hist") is not None and not isinstance(d["range_hist"], dict):
+            return f"layer {name!r} has a damaged range histogram"
     return None
 
 
@@ -126,6 +139,8 @@ def _restore(
         )
         obs.chan_absmax, obs.col_absmax = d["chan_absmax"], d["col_absmax"]
         obs.calibrator.merge_state(d["calibrator"])
+        if obs.range_hist is not None and isinstance(d.get("range_hist"), dict):
+            obs.range_hist.merge_state(d["range_hist"])
     return observers
 
 

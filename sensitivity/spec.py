@@ -4,6 +4,7 @@ and the report read these names without loading torch."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -12,12 +13,14 @@ from sensitivity.errors import SpecError
 
 __all__ = [
     "CALIBRATORS",
+    "CALIBRATOR_CHOICES",
     "GRANULARITIES",
     "METHODS",
     "METRICS",
     "MODES",
     "SPEC_RE",
     "QuantSpec",
+    "calibrator_problem",
     "qrange",
     "spec_problem",
 ]
@@ -29,6 +32,11 @@ GRANULARITIES = ("channel", "im2col")
 #: SmoothQuant modes: factors from calibration (deployable) or from each batch (research).
 MODES = ("static", "dynamic")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
+#: The activation ranges a scan offers each layer, all computed from one histogram of its input (policy
+#: `calibrator:` values): the maximum, three percentiles of |x|, and the range minimising the quantization
+#: MSE. Entropy is left out: it is reported to clip away far-range LiDAR points, and it costs a KL search per
+#: layer. See `calibrator_choice`.
+CALIBRATOR_CHOICES = ("max", "p99.9", "p99.99", "p99.999", "mse")
 #: Per-layer error metrics, in the column order of layers.csv (`{iso,cum}_{method}_{metric}`).
 METRICS = ("l1", "rel_l1", "mse", "sqnr_db", "cosine", "max_abs", "nonfinite")
 ActSign = Literal["signed", "auto"]
@@ -47,6 +55,20 @@ def spec_problem(spec: object) -> str | None:
         shown = text if len(text) <= 60 else text[:57] + "..."
         return f"spec must be of the form W<bits>A<bits> with bits in 2..16, e.g. W8A8; got {shown}"
     return None
+
+
+def calibrator_problem(choice: object) -> str | None:
+    """What is wrong with a per-layer calibrator choice (`max`, `mse`, `entropy`, `p<percentile>`), or None."""
+    if choice in ("max", "mse", "entropy"):
+        return None
+    if isinstance(choice, str) and choice.startswith("p"):
+        try:
+            value = float(choice[1:])
+        except ValueError:
+            value = math.nan
+        if 0.0 < value <= 100.0:
+            return None
+    return f"calibrator must be max, mse, entropy or p<percentile> (e.g. p99.99), got {choice!r}"
 
 
 def qrange(num_bits: int, unsigned: bool) -> tuple[int, int]:
@@ -104,6 +126,13 @@ class QuantSpec:
     @property
     def name(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def calibrator_choice(self) -> str:
+        """This spec's own calibrator as a per-layer choice name: `max`, `p99.99`, `mse`, `entropy`."""
+        if self.calibrator == "percentile":
+            return f"p{self.percentile:g}"
+        return self.calibrator
 
     def with_options(self, **changes: object) -> QuantSpec:
         return replace(self, **changes)  # type: ignore[arg-type]

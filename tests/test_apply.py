@@ -96,7 +96,7 @@ def test_policy_edits_are_honoured() -> None:
 def test_onnx_export_matches_in_onnx_runtime(tmp_path: Path) -> None:
     # naive, SmoothQuant (folded into `a` and unfolded) and FP layers in one model
     model = OutlierChannelsNet()
-    result = scan(model, _batches(), ScanOptions(exclude=("fc2",)))
+    result = scan(model, _batches(), ScanOptions(exclude=("fc2",), policy="thresholds"))
     decisions = set(result.table["decision"])
     assert decisions == {"naive", "smoothquant", "fp"}
     q = apply_policy(model, result.policy, result.quant_state)
@@ -212,7 +212,7 @@ def test_eval_and_exclusion_budget() -> None:
     evaluate = _top1_factory(_batches(3, seed=42))
     spec = QuantSpec.parse("W8A4")  # bad enough that the metric drops
     # thresholds off: the policy quantizes everything, so only the budget can restore the metric
-    opts = ScanOptions(spec=spec, alphas=(), thresholds=Thresholds(None, None, True))
+    opts = ScanOptions(spec=spec, alphas=(), thresholds=Thresholds(None, None, True), policy="thresholds")
     result = scan(OutlierChannelsNet(), _batches(), opts, evaluate=evaluate)
     comp = result.comparison.set_index("config")
     assert comp.loc["fp", "eval_top1"] == 1.0
@@ -224,6 +224,14 @@ def test_eval_and_exclusion_budget() -> None:
     steps = budget.table["budget_step"].dropna()
     assert len(steps) >= 1 and list(steps) == list(range(1, len(steps) + 1))
     assert all("exclusion budget" in budget.table.loc[n, "reason"] for n in steps.index)
+    # policy v2 without FP slots and without SmoothQuant: the budget's steps follow the output-referred
+    # ranking, so its first step is the layer predicted worst at the outputs and it needs no more steps
+    v2 = replace(opts, policy="output", max_fp_layers=0, calibrator_choices=False, exclude_budget=0.02)
+    out = scan(OutlierChannelsNet(), _batches(), v2, evaluate=evaluate)
+    v2_steps = out.table["budget_step"].dropna().sort_values()
+    assert out.comparison.set_index("config").loc["policy", "eval_top1"] >= 1.0 - 0.02
+    assert v2_steps.index[0] == out.table["out_naive_err"].idxmax()
+    assert len(v2_steps) <= len(steps)
     with pytest.raises(SpecError, match="not among the metrics"):
         scan(
             OutlierChannelsNet(),

@@ -16,6 +16,7 @@ here is the adapter's side of the contract; the real OpenPCDet is not exercised.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -457,7 +458,21 @@ def test_scan_with_pcdet_cfg_end_to_end(standin, tmp_path: Path) -> None:
     assert info["calibration"]["batches"] == 4
     assert "pred_dicts" in json.dumps(info)  # the default --outputs
     assert "dense_head.heads_list.1.hm.1" in (out / "policy.yaml").read_text()
-    assert set(table.index[table["decision"] == "fp"]) == {f"dense_head.heads_list.{t}.hm.1" for t in (0, 1)}
+    fp = set(table.index[table["decision"] == "fp"])
+    user = {f"dense_head.heads_list.{t}.hm.1" for t in (0, 1)}
+    assert user <= fp and all(table.loc[n, "reason"] == "listed in the user's exclusion file" for n in user)
+    # policy v2 spends the default FP budget (10% of the layers) where the output error is largest
+    budget = math.ceil(0.1 * len(table))
+    assert 0 < len(fp - user) <= budget
+    assert all("output error" in table.loc[n, "reason"] for n in fp - user)
+    # spconv has no backward on CPU: the sparse layers' output errors are measured exactly, never guessed,
+    # except the last one, whose output reaches the heads through dense ops (the probes' gradient exists)
+    sparse = table.index[table["type"].isin(["SubMConv3d", "SparseConv3d"])]
+    assert len(sparse) > 2 and table.loc[sparse[:-1], "out_err_source"].str.startswith("exact").all()
+    assert table.loc[sparse[-1], "out_err_source"].startswith("probe")
+    assert table.loc[sparse, "out_naive_err"].notna().all()
+    dense = table.index[~table["type"].isin(["SubMConv3d", "SparseConv3d"])]
+    assert table.loc[dense, "out_err_source"].str.startswith("probe").all()
 
 
 def test_pcdet_dump_then_scan_without_the_standin(

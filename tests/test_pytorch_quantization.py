@@ -249,7 +249,10 @@ def test_scan_uses_the_checkpoint_amax_and_matches_pytorch_quantization(
 @pytest.fixture(scope="module")
 def foldable() -> tuple[nn.Module, ScanResult]:
     model = FoldableOutliers().eval()
-    result = scan(model, _batches(4, (8, 3, 12, 12), seed=4), ScanOptions(exclude=("c",)))
+    # the thresholds policy: SmoothQuant wherever the isolated error says so (the layout is under test)
+    result = scan(
+        model, _batches(4, (8, 3, 12, 12), seed=4), ScanOptions(exclude=("c",), policy="thresholds")
+    )
     return model, result
 
 
@@ -300,7 +303,9 @@ def test_round_trip_with_folded_smoothquant_and_an_fp_layer(
 def test_round_trip_unsigned_inputs_and_linear(tmp_path: Path) -> None:
     model = SmallCNN().eval()
     result = scan(
-        model, _batches(4, (8, 3, 16, 16), seed=6), ScanOptions(spec=QuantSpec(act_sign="auto"), alphas=())
+        model,
+        _batches(4, (8, 3, 16, 16), seed=6),
+        ScanOptions(spec=QuantSpec(act_sign="auto"), alphas=(), max_fp_layers=0),
     )
     qmodel = apply_policy(model, result.policy, result.quant_state)
     path = save_amax_state_dict(qmodel, tmp_path / "pq.pt")
@@ -336,7 +341,7 @@ def test_round_trip_folded_bn_and_transposed_conv(tmp_path: Path) -> None:
     """The output channels of a transposed conv are weight axis 1: its amax is [1, Cout, 1, 1], and the
     sidecar says axis 1 (pytorch-quantization's default descriptor would use 0)."""
     model = FoldedTransposed().eval()
-    result = scan(model, _batches(4, (4, 3, 8, 8), seed=10), ScanOptions(alphas=()))
+    result = scan(model, _batches(4, (4, 3, 8, 8), seed=10), ScanOptions(alphas=(), max_fp_layers=0))
     qmodel = apply_policy(model, result.policy, result.quant_state)
     path = save_amax_state_dict(qmodel, tmp_path / "pq.pt")
     sd = torch.load(path, weights_only=True)
@@ -352,7 +357,7 @@ def test_round_trip_folded_bn_and_transposed_conv(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def unfoldable() -> tuple[nn.Module, ScanResult]:
     model = OutlierChannelsNet().eval()
-    return model, scan(model, _batches(4, (8, 3, 12, 12), seed=8))
+    return model, scan(model, _batches(4, (8, 3, 12, 12), seed=8), ScanOptions(policy="thresholds"))
 
 
 def test_unfolded_smoothquant_is_refused(unfoldable: tuple[nn.Module, ScanResult], tmp_path: Path) -> None:
@@ -373,7 +378,7 @@ def test_cli_apply_writes_the_pytorch_quantization_layout(tmp_path: Path) -> Non
     torch.save(torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(9)), calib)
     report, arch = tmp_path / "report", f"{MODELS}:FoldableOutliers"
     assert main(["scan", str(model_path), "--arch", arch, "--calib", str(calib), "--out", str(report),
-                 "--quiet"]) == 0  # fmt: skip
+                 "--quiet", "--policy-by", "thresholds"]) == 0  # fmt: skip
     argv = ["apply", str(model_path), "--arch", arch, "--policy", str(report / "policy.yaml"),
             "--format", "pytorch-quantization", "--onnx"]  # fmt: skip
     assert main(argv) == 0

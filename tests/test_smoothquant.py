@@ -188,7 +188,9 @@ def _batches(seed: int = 0, n: int = 4) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
-    result = scan(OutlierChannelsNet(seed=seed), _batches(seed), ScanOptions(alphas=(0.25, 0.5, 0.75)))
+    """Policy v1 (isolated thresholds): SmoothQuant exactly on the layers with outlier channels."""
+    opts = ScanOptions(alphas=(0.25, 0.5, 0.75), policy="thresholds")
+    result = scan(OutlierChannelsNet(seed=seed), _batches(seed), opts)
     t = result.table
     assert set(t.index[t["decision"] == "smoothquant"]) == {"mid", "fc1"}
     assert set(t.index[t["decision"] == "naive"]) == {"stem", "post", "fc2"}
@@ -207,12 +209,27 @@ def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
     assert result.sweeps["alpha_sweep/mid"].shape == (3, 3)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_policy_v2_smooths_the_layer_that_dominates_the_outputs(seed: int) -> None:
+    """Policy v2 without FP slots: `fc1` (compensated outlier channels feeding the logits) dominates the
+    output error and gets SmoothQuant, and the whole model measures far better than all-naive on the held-out batch."""
+    opts = ScanOptions(alphas=(0.25, 0.5, 0.75), max_fp_layers=0)
+    result = scan(OutlierChannelsNet(seed=seed), _batches(seed), opts)
+    t = result.table
+    assert t.loc["fc1", "decision"] == "smoothquant"
+    assert (t["decision"] != "fp").all()
+    sq = t.loc["fc1", "out_best"]
+    assert t.loc["fc1", f"out_{sq}_err"] < t.loc["fc1", "out_naive_err"] / 5
+    comp = result.comparison.set_index("config")
+    assert comp.loc["policy", "out_rel_mse"] < comp.loc["naive", "out_rel_mse"] / 5
+
+
 @pytest.mark.parametrize("spec", ["W4A8", "W8A4"])
 def test_other_bit_widths(spec: str) -> None:
     t = scan(
         OutlierChannelsNet(seed=2),
         _batches(2),
-        ScanOptions(spec=QuantSpec.parse(spec), alphas=(0.25, 0.5, 0.75)),
+        ScanOptions(spec=QuantSpec.parse(spec), alphas=(0.25, 0.5, 0.75), policy="thresholds"),
     ).table
     assert t["iso_sq_rel_l1"].notna().all()
     # the Linear with compensated outlier channels gains at every width
@@ -246,7 +263,7 @@ def _drift_batches() -> list[torch.Tensor]:
 
 
 def test_default_grid_is_one_alpha_and_still_finds_the_outliers() -> None:
-    result = scan(OutlierChannelsNet(), _batches())
+    result = scan(OutlierChannelsNet(), _batches(), ScanOptions(policy="thresholds"))
     t = result.table
     assert set(t["sq_alpha"].dropna()) == {0.5}
     assert set(t.index[t["decision"] == "smoothquant"]) == {"mid", "fc1"}
@@ -255,21 +272,24 @@ def test_default_grid_is_one_alpha_and_still_finds_the_outliers() -> None:
 def test_held_out_scoring_rejects_static_factors_that_only_fit_calibration() -> None:
     batches = _drift_batches()
     # scored on the fitting batches themselves (holdout = the last of one batch each), SQ looks great ...
-    fit_scored = scan(DriftingChannel(), batches[:1] * 4)
+    no_fp = ScanOptions(max_fp_layers=0)  # a one-layer model's FP budget would be that layer
+    fit_scored = scan(DriftingChannel(), batches[:1] * 4, no_fp)
     assert fit_scored.table.loc["fc", "decision"] == "smoothquant"
     # ... but on the held-out batch channel 3 exceeds its calibrated range and SmoothQuant loses
-    held = scan(DriftingChannel(), batches)
+    held = scan(DriftingChannel(), batches, no_fp)
     assert held.table.loc["fc", "iso_sq_rel_l1"] > held.table.loc["fc", "iso_naive_rel_l1"] * 0.5
     assert held.table.loc["fc", "decision"] != "smoothquant"
 
 
 def test_dynamic_and_im2col_modes_are_scored() -> None:
-    opts = ScanOptions(granularities=("channel", "im2col"), alphas=(0.5,))
+    opts = ScanOptions(granularities=("channel", "im2col"), alphas=(0.5,), max_fp_layers=0)
     t = scan(OutlierChannelsNet(), _batches(), opts).table
     assert t.loc["mid", "iso_sqi_rel_l1"] < t.loc["mid", "iso_naive_rel_l1"]
     assert "no im2col form" in t.loc["fc1", "sqi_refused"]
     assert (t["decision"] != "fp").all()
-    dyn = scan(OutlierChannelsNet(), _batches(), ScanOptions(sq_mode="dynamic", alphas=(0.5,)))
+    dyn = scan(
+        OutlierChannelsNet(), _batches(), ScanOptions(sq_mode="dynamic", alphas=(0.5,), max_fp_layers=0)
+    )
     assert dyn.table.loc["mid", "decision"] == "smoothquant"
     assert dyn.quant_state.layers["mid"].mode == "dynamic"
     comp = dyn.comparison.set_index("config")

@@ -308,6 +308,10 @@ def test_scan_names_the_first_nonfinite_sparse_layer_and_excludes_its_cause() ->
             assert torch.isfinite(model(batches[0])["dim"]).all()
         result = scan(model, batches, ScanOptions(outputs=("dim",)))
     assert list(result.table.index) == ["stem", "dim"]
+    # no backward through spconv on CPU: `stem`'s output error is measured exactly; `dim` feeds the outputs
+    # through dense ops only, so the probes' gradient at its output exists and predicts it
+    source = result.table["out_err_source"]
+    assert source["stem"].startswith("exact") and source["dim"].startswith("probe")
     assert result.first_nonfinite == "decode"
     assert list(result.excluded) == ["dim"]
     assert result.policy_first_nonfinite is None

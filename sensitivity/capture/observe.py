@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sensitivity.quant.calibrators import Calibrator, make_calibrator
+from sensitivity.quant.calibrators import Calibrator, DyadicHistogram, make_calibrator
 from sensitivity.quant.registry import input_channel_axis
 from sensitivity.spec import QuantSpec
 
@@ -37,9 +37,14 @@ class LayerObserver:
     col_absmax: torch.Tensor | None = None
     #: a fixed histogram range (distributed runs: histograms must add up across ranks)
     hist_range: float | None = None
+    #: keep a histogram of |x| too, from which every `CALIBRATOR_CHOICES` range is computed per layer
+    choices: bool = False
+    range_hist: DyadicHistogram | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.calibrator = self.new_calibrator()
+        if self.choices:
+            self.range_hist = DyadicHistogram(self.spec.a_bits)
 
     def new_calibrator(self, unsigned: bool = False) -> Calibrator:
         """An empty calibrator of this observer's configuration (merge a state into it to copy one)."""
@@ -65,6 +70,8 @@ class LayerObserver:
             cmin = cmax = x
         mn, mx = cmin.min(), cmax.max()
         self.calibrator.collect(torch.stack((mn, mx)) if self.spec.calibrator == "max" else x)
+        if self.range_hist is not None and math.isfinite(float(mn)) and math.isfinite(float(mx)):
+            self.range_hist.collect(x)  # non-finite inputs: the FP model's own check names them
         self.min_value = min(self.min_value, float(mn))
         self.max_abs = max(self.max_abs, abs(float(mn)), abs(float(mx)))
         chan = torch.maximum(cmax, -cmin).float().cpu()
@@ -92,6 +99,22 @@ class LayerObserver:
         twin.merge_state(self.calibrator.state())
         return twin.compute_amax()
 
+    def calibrator_amax(self, choice: str, unsigned: bool | None = None) -> torch.Tensor:
+        """The activation amax of a per-layer calibrator choice (`max`, `p99.99`, `mse`, ...), for the
+        signed or unsigned code range; the spec's own choice is exactly `amax()`."""
+        unsigned = self.unsigned() if unsigned is None else unsigned
+        if choice == self.spec.calibrator_choice:
+            return self.amax(unsigned)
+        if choice == "max":
+            return torch.tensor(self.max_abs, dtype=torch.float32)
+        if self.range_hist is None:
+            raise ValueError(
+                f"calibrator {choice!r} needs the range histogram (observer built without choices)"
+            )
+        if choice.startswith("p"):
+            return self.range_hist.amax_by("percentile", float(choice[1:]), unsigned)
+        return self.range_hist.amax_by(choice, None, unsigned)
+
     def merge(self, other: LayerObserver) -> None:
         """Fold in another observer of the same layer (e.g. the held-out batches seen on another rank)."""
         if other.batches == 0:
@@ -104,6 +127,8 @@ class LayerObserver:
             if theirs is not None:
                 setattr(self, attr, theirs.clone() if mine is None else torch.maximum(mine, theirs))
         self.calibrator.merge_state(other.calibrator.state())
+        if self.range_hist is not None and other.range_hist is not None:
+            self.range_hist.merge_state(other.range_hist.state())
 
     def outlier_ratio(self) -> float:
         """max / median of the per-channel max |x|: how far the worst channel stands out."""

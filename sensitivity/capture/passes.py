@@ -8,6 +8,7 @@ they cost one extra layer call per candidate, not one extra model forward per la
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -20,16 +21,18 @@ from torch import nn
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import OutputSelector, as_tensor, flatten_outputs
+from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
 from sensitivity.errors import FPModelError
 from sensitivity.graph import eager_modules
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.methods.base import Candidate
+from sensitivity.methods.ranges import InputVariants
 from sensitivity.metrics import ErrorStats, reference_sums
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.registry import layer_macs
 from sensitivity.spec import QuantSpec
 
-__all__ = ["PassResult", "calibrate", "compare_pass"]
+__all__ = ["PassResult", "calibrate", "compare_pass", "held_pieces", "relative_sq_error"]
 
 Progress = Callable[[], None]
 
@@ -99,11 +102,23 @@ def _check_fp_outputs(out: Any, index: int) -> None:
 
 @dataclass
 class PassResult:
-    """Accumulated errors: isolated per (layer, candidate), cumulative per layer, per model output."""
+    """Accumulated errors: isolated per (layer, candidate), cumulative per layer, per model output; with
+    output probes, each (layer, candidate)'s predicted output error."""
 
     iso: dict[tuple[str, str], ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
     cum: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
     out: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
+    #: the quantized model's relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖² per batch piece),
+    #: summed with weight = samples per piece; `out_weight` the total weight (see `out_rel_mse`)
+    out_rel: float = 0.0
+    out_weight: float = 0.0
+    #: predicted relative output MSE per (layer, candidate) from the probes, weighted as `out_rel`
+    pred: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    pred_weight: float = 0.0
+    #: largest |probe gradient| seen at each layer's output (0 or absent: no gradient reached it)
+    grad_max: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: why the probes' backward failed on some batch ("" when it never did)
+    probe_failed: str = ""
     first_nonfinite: str | None = None
     first_nonfinite_rank: float = math.inf
     #: target layers that ran (in the quantized model) up to the first non-finite value, in order
@@ -115,6 +130,16 @@ class PassResult:
         for s in self.out.values():
             total.merge(s)
         return total
+
+    def out_rel_mse(self) -> float:
+        """The measured relative output MSE of the quantized model (NaN before any batch)."""
+        return self.out_rel / self.out_weight if self.out_weight > 0 else math.nan
+
+    def predicted(self, layer: str, candidate: str) -> float:
+        """The probes' predicted relative output MSE of `candidate` at `layer` alone (NaN: not predicted)."""
+        if self.pred_weight <= 0 or (layer, candidate) not in self.pred:
+            return math.nan
+        return self.pred[(layer, candidate)] / self.pred_weight
 
 
 def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
@@ -187,30 +212,76 @@ class _Compare:
     def __init__(
         self, res: PassResult, names: list[str], candidates: dict[str, dict[str, Candidate]],
         observers: dict[str, LayerObserver] | None, histograms: dict[str, RangeHistogram] | None,
+        variants: dict[str, InputVariants],
     ) -> None:  # fmt: skip
         self.res, self.names, self.candidates = res, names, candidates
-        self.observers, self.histograms = observers, histograms
+        self.observers, self.histograms, self.variants = observers, histograms, variants
         self.stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
         self.inputs = LayerInputs({})
         self.watch = _NonfiniteWatch()
+        #: this piece's probe gradients, and the probe dot products summed over each layer's calls
+        self.grads: ProbeGrads | None = None
+        self.dots: dict[tuple[str, str], torch.Tensor] = {}
 
     def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
         if y is None:
             return
+        x = None
         if self.observers is not None or self.histograms is not None:
             x = self.inputs(name, args)
             if x is not None and self.observers is not None:
                 self.observers[name].observe(x)
             if x is not None and self.histograms is not None:
                 self.histograms[name].update(x)
+        g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
+        if g_out is not None:
+            self.res.grad_max[name] = max(self.res.grad_max[name], float(g_out.abs().max()))
         cands = self.candidates.get(name, {})
         sums = reference_sums(y) if cands else None
+        naive: list[torch.Tensor] = []
         for cname, fn in cands.items():
             yc = as_tensor(fn(args))
-            if yc is not None:  # the candidate's output is ours: its memory holds the difference
-                self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True)
+            if yc is None:  # the candidate's output is ours: its memory holds the difference
+                continue
+            on_diff = None
+            if g_out is not None:
+                on_diff = functools.partial(self._probe_diff, name, cname, g_out, y.shape, naive)
+            self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True, on_diff=on_diff)
+        variants = self.variants.get(name)
+        if variants is not None and g_in is not None and naive and self.grads is not None:
+            x = x if x is not None else self.inputs(name, args)
+            if x is not None:
+                for key, err in variants.errors(x):
+                    self._add_dots(name, key, naive[0] + sample_dots(g_in, err, self.grads.samples))
         self.stored[name].append(y.detach().clone())
+
+    def _probe_diff(
+        self, name: str, cname: str, g: torch.Tensor, shape: torch.Size, naive: list[torch.Tensor],
+        diff: torch.Tensor,
+    ) -> None:  # fmt: skip
+        assert self.grads is not None
+        dots = sample_dots(g, diff.view(shape), self.grads.samples)
+        self._add_dots(name, cname, dots)
+        if cname == "naive":
+            naive.append(dots)
+
+    def _add_dots(self, name: str, cand: str, dots: torch.Tensor) -> None:
+        key = (name, cand)
+        prev = self.dots.get(key)
+        self.dots[key] = dots if prev is None else prev + dots
+
+    def finish_piece(self, weight: float) -> None:
+        """Square this piece's probe dot products (per probe and sample, summed over a layer's calls)."""
+        if self.grads is None:
+            return
+        for key, dots in self.dots.items():
+            self.res.pred[key] += weight * float((dots**2).sum()) / self.grads.probes
+        self.res.pred_weight += weight
+        if self.grads.failed:
+            self.res.probe_failed = self.grads.failed
+        self.dots.clear()
+        self.grads = None
 
     def q_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -221,12 +292,16 @@ class _Compare:
         self.res.calls[name] += 1
         self.watch.called.append(name)
 
-    def outputs(self, fp_out: Any, q_out: Any, select: OutputSelector) -> None:
+    def outputs(self, fp_out: Any, q_out: Any, select: OutputSelector, weight: float) -> None:
         """Model-output errors per named output, and the first non-finite value of the piece."""
         ref_flat, q_flat = select(fp_out), select(q_out)
+        rel = 0.0
         for key, ref in ref_flat.items():
             if key in q_flat:
                 self.res.out[key].update(ref, q_flat[key])
+                rel += relative_sq_error(ref, q_flat[key])
+        self.res.out_rel += weight * rel
+        self.res.out_weight += weight
         found = self.watch.found(q_flat)
         if found is not None and (
             self.res.first_nonfinite is None or found[0] < self.res.first_nonfinite_rank
@@ -236,6 +311,32 @@ class _Compare:
         self.stored.clear()
 
 
+def relative_sq_error(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """‖test - ref‖² / ‖ref‖² in float64 (inf where test is not finite; 0 / 0 counts as 0)."""
+    den = float(torch.linalg.vector_norm(ref.detach().double()) ** 2)
+    num = float(torch.linalg.vector_norm(test.detach().double() - ref.detach().double()) ** 2)
+    if not math.isfinite(num):
+        return math.inf
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def held_pieces(
+    layers: Sequence[LayerInfo],
+    batches: Sequence[Batch],
+    budget_mb: float,
+    first_index: int = 0,
+    copies: int = 1,
+) -> list[tuple[int, Batch]]:
+    """(batch index, piece) for the held-out batches cut so that one piece's stored tensors (`copies` per
+    layer output: FP outputs, probe gradients) fit `budget_mb` (0: whole batches)."""
+    if not batches:
+        return []
+    micro = _micro_batch(layers, batches[0], budget_mb / max(copies, 1) if budget_mb > 0 else 0.0)
+    return [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
+
+
 def compare_pass(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -243,6 +344,7 @@ def compare_pass(
     batches: Sequence[Batch],
     *,
     candidates: dict[str, dict[str, Candidate]] | None = None,
+    variants: dict[str, InputVariants] | None = None,
     observers: dict[str, LayerObserver] | None = None,
     histograms: dict[str, RangeHistogram] | None = None,
     outputs: OutputSelector | None = None,
@@ -251,30 +353,39 @@ def compare_pass(
     result: PassResult | None = None,
     device: torch.device | str | None = None,
     stored_budget_mb: float = 128.0,
+    probes: int = 0,
+    seed: int = 0,
 ) -> PassResult:
-    """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP)."""
+    """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
+    `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
+    isolated error (and every input variant's) is dotted with them: `PassResult.pred`."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
-    run = _Compare(res, names, candidates or {}, observers, histograms)
+    run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
     select = outputs or OutputSelector()
     leaves = _leaf_names(q_model, set(names))
+    # probes keep 2 gradients per probe per layer, and autograd the activations of one forward
+    copies = 1 + (2 * probes + 2 if probes else 0)
     with torch.no_grad():
-        micro = _micro_batch(layers, batches[0], stored_budget_mb) if batches else 0
-        pieces = [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
         last_index = first_index - 1
-        for index, batch in pieces:
+        for index, batch in held_pieces(layers, batches, stored_budget_mb, first_index, copies):
             if device is not None:
                 batch = batch_to(batch, device)
+            if probes:
+                gen = piece_generator(seed, batch)
+                run.grads = probe_gradients(fp_model, batch, names, select, probes, gen, index)
             with layer_inputs(fp_model, names) as run.inputs, forward_hooks(fp_model, names, run.fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
             _check_fp_outputs(fp_out, index)
+            weight = float(batch_len(batch) or 1)
+            run.finish_piece(weight)
             run.watch.reset()
             with (
                 forward_hooks(q_model, names, run.q_hook),
                 forward_hooks(q_model, leaves, run.watch.leaf_hook),
             ):
                 q_out = run_checked(q_model, batch, index)
-            run.outputs(fp_out, q_out, select)
+            run.outputs(fp_out, q_out, select, weight)
             if index != last_index:
                 last_index = index
                 progress()

@@ -10,8 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from sensitivity.cli.app import app
-from sensitivity.cli.console import RichProgress, out, print_summary
+from sensitivity.cli.console import RichProgress, out
 from sensitivity.cli.options import SpecOpt
+from sensitivity.cli.summary import print_summary
 
 __all__ = ["demo"]
 

@@ -132,6 +132,34 @@ BudgetOpt = Annotated[
     float | None, Opt("--exclude-budget", help="Exclude layers until the metric is within this of FP.")
 ]
 SeedOpt = Annotated[int, Opt("--seed")]
+PolicyOpt = Annotated[
+    str,
+    Opt(
+        "--policy-by",
+        help="output: least predicted output error per layer, FP budget where it removes the most, verified "
+        "(default); thresholds: the isolated-error thresholds of earlier versions.",
+    ),
+]
+MaxFpLayersOpt = Annotated[
+    int | None,
+    Opt(
+        "--max-fp-layers", help="FP budget: at most N layers in FP (default: 10% of the layers, at least 1)."
+    ),
+]
+MaxFpMacsOpt = Annotated[
+    float | None, Opt("--max-fp-macs", help="FP budget: at most this fraction of the model's MACs in FP.")
+]
+ProbesOpt = Annotated[
+    int | None,
+    Opt("--probes", help="Output probes per held-out batch (default: about 64 probe-samples; 0: off)."),
+]
+CalChoiceOpt = Annotated[
+    bool,
+    Opt(
+        "--calibrator-choice/--no-calibrator-choice",
+        help="Offer each layer max / p99.9 / p99.99 / p99.999 / mse ranges (one histogram per layer).",
+    ),
+]
 OutOpt = Annotated[Path | None, Opt("--out", help="Report folder (default reports/<model>).")]
 OverwriteOpt = Annotated[bool, Opt("--overwrite", help="Replace an existing report folder.")]
 ResumeOpt = Annotated[

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from sensitivity.cli.app import app
-from sensitivity.cli.console import RichProgress, print_summary
+from sensitivity.cli.console import RichProgress
 from sensitivity.cli.options import (
     AlphaOpt,
     ArchKwargsOpt,
@@ -17,6 +17,7 @@ from sensitivity.cli.options import (
     BatchesOpt,
     BatchSizeOpt,
     BudgetOpt,
+    CalChoiceOpt,
     CalibDataOpt,
     CalibOpt,
     CalibSplitOpt,
@@ -26,6 +27,8 @@ from sensitivity.cli.options import (
     ExcludeOpt,
     FoldOpt,
     HoldoutOpt,
+    MaxFpLayersOpt,
+    MaxFpMacsOpt,
     MaxRelOpt,
     MinSqnrOpt,
     ModelArg,
@@ -35,6 +38,8 @@ from sensitivity.cli.options import (
     OverwriteOpt,
     PcdetCfgOpt,
     PercOpt,
+    PolicyOpt,
+    ProbesOpt,
     QuietOpt,
     ResumeOpt,
     SeedOpt,
@@ -50,6 +55,7 @@ from sensitivity.cli.options import (
     outputs_option,
     split,
 )  # fmt: skip
+from sensitivity.cli.summary import print_summary
 from sensitivity.errors import SpecError
 from sensitivity.files import check_output_dir, default_report_name
 
@@ -90,6 +96,11 @@ class ScanArgs:
     eval_fn: str | None
     eval_metric: str | None
     exclude_budget: float | None
+    policy_by: str
+    max_fp_layers: int | None
+    max_fp_macs: float | None
+    probes: int | None
+    calibrator_choice: bool
     seed: int
     out_dir: Path | None
     overwrite: bool
@@ -107,10 +118,13 @@ def scan(
     outputs: OutputsOpt = None, max_rel_l1: MaxRelOpt = None, min_sqnr_db: MinSqnrOpt = None,
     holdout: HoldoutOpt = 0.25, device: DeviceOpt = "cpu", alpha_grid: AlphaOpt = "0.5", smoothquant: SqOpt = True,
     sq_granularity: SqGranOpt = "channel", sq_mode: SqModeOpt = "static", sq_margin: SqMarginOpt = 0.5,
-    eval_fn: EvalOpt = None, eval_metric: EvalMetricOpt = None, exclude_budget: BudgetOpt = None, seed: SeedOpt = 0,
+    eval_fn: EvalOpt = None, eval_metric: EvalMetricOpt = None, exclude_budget: BudgetOpt = None,
+    policy_by: PolicyOpt = "output", max_fp_layers: MaxFpLayersOpt = None, max_fp_macs: MaxFpMacsOpt = None,
+    probes: ProbesOpt = None, calibrator_choice: CalChoiceOpt = True, seed: SeedOpt = 0,
     out_dir: OutOpt = None, overwrite: OverwriteOpt = False, resume: ResumeOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
-    """Scan a model: per-layer isolated and cumulative error, exclusions, report folder."""
+    """Scan a model: each layer's error alone and in the whole model, its effect at the outputs, the policy
+    (per layer: FP, naive with a calibrator range, or SmoothQuant) and the exclusion list, the report."""
     args = ScanArgs(**{k: v for k, v in locals().items() if k != "ctx"})
     run_scan_command(ctx, args)
 
@@ -185,6 +199,8 @@ def _options(args: ScanArgs) -> Any:
         alphas=parse_alpha_grid(args.alpha_grid) if args.smoothquant else (),
         granularities=split([args.sq_granularity]), sq_mode=args.sq_mode, sq_margin=args.sq_margin,
         eval_metric=args.eval_metric, exclude_budget=args.exclude_budget, device=args.device,
+        policy=args.policy_by, max_fp_layers=args.max_fp_layers, max_fp_macs=args.max_fp_macs,
+        probes=args.probes, calibrator_choices=args.calibrator_choice,
     )  # fmt: skip
 
 

@@ -353,6 +353,12 @@ def _sparse_macs(
     return out_shape[0] * w.numel() if out_shape else 0  # type: ignore[union-attr]
 
 
+def _backward_available(first_input: Any) -> bool:
+    """spconv's CPU kernels have no backward (it asserts CUDA): only CUDA features can be differentiated."""
+    feats = getattr(first_input, "features", first_input)
+    return isinstance(feats, torch.Tensor) and feats.is_cuda
+
+
 def _quant_class(module: nn.Module) -> type[nn.Module] | None:
     return None if isinstance(module, QuantMixin) else sparse_quant_class_for(module)
 
@@ -367,5 +373,6 @@ SPCONV = Family(
     macs=_sparse_macs,
     prepare_model_=add_cpu_bias_fallback_,
     run_context=single_thread_if_sparse,
+    backward=_backward_available,
 )
 register_family(SPCONV)

@@ -36,6 +36,8 @@ class LayerStats(Protocol):
 
     def unsigned(self) -> bool: ...
 
+    def calibrator_amax(self, choice: str, unsigned: bool | None = None) -> torch.Tensor: ...
+
 
 def sq_key(granularity: str, alpha: float) -> str:
     """Candidate name, e.g. `sq_channel_0.5` / `sq_im2col_0.75`."""
@@ -48,6 +50,7 @@ class Method:
     alpha: float | None = None
     granularity: str | None = None
     mode: str | None = None
+    calibrator: str | None = None  # naive: another activation range than the spec's (`p99.99`, `mse`)
 
     @classmethod
     def of(cls, rule: Any) -> Method:
@@ -56,7 +59,22 @@ class Method:
             return NAIVE
         if rule.method == "smoothquant":
             return cls("smoothquant", rule.alpha, rule.granularity, rule.mode or "static")
+        calibrator = getattr(rule, "calibrator", None)
+        if rule.method == "naive" and calibrator and calibrator != getattr(rule, "calibrator_default", None):
+            return cls("naive", calibrator=calibrator)
         return FP if rule.method == "fp" else NAIVE
+
+    @classmethod
+    def from_key(cls, key: str, mode: str = "static") -> Method:
+        """The method a candidate key names: `naive`, `naive_p99.99`, `sq_channel_0.5`, `fp`."""
+        if key in ("fp", "naive"):
+            return FP if key == "fp" else NAIVE
+        if key.startswith("naive_"):
+            return cls("naive", calibrator=key.removeprefix("naive_"))
+        if key.startswith("sq_"):
+            _, granularity, alpha = key.split("_", 2)
+            return cls("smoothquant", float(alpha), granularity, mode)
+        raise ValueError(f"not a method key: {key!r}")
 
     @property
     def key(self) -> str:
@@ -64,6 +82,8 @@ class Method:
         if self.kind == "smoothquant":
             assert self.granularity is not None and self.alpha is not None
             return sq_key(self.granularity, self.alpha)
+        if self.kind == "naive" and self.calibrator:
+            return f"naive_{self.calibrator}"
         return self.kind
 
     def fit(self, layer: QuantMixin, stats: LayerStats) -> LayerQuant:
@@ -72,7 +92,8 @@ class Method:
         if self.kind == "fp":
             return LayerQuant("fp")
         if self.kind == "naive":
-            return LayerQuant("naive", stats.amax(), stats.unsigned())
+            amax = stats.calibrator_amax(self.calibrator) if self.calibrator else stats.amax()
+            return LayerQuant("naive", amax, stats.unsigned())
         assert self.alpha is not None
         if self.granularity == "im2col":
             raise ConfigError(
@@ -81,12 +102,14 @@ class Method:
         if self.mode == "dynamic":
             return LayerQuant("smoothquant", None, False, None, self.alpha)
         if stats.chan_absmax is None:
-            raise ConfigError("no per-channel statistics for SmoothQuant")
+            raise ConfigError("no per-channel statistics for SmoothQuant in the quant state")
         _, amax, _, scale = layer.smoothing_setting(stats.chan_absmax, self.alpha)
         return LayerQuant("smoothquant", amax, False, scale)
 
     def rule_fields(self) -> Mapping[str, Any]:
         """The policy rule's fields for this method (match, reason and metrics are the caller's)."""
+        if self.kind == "naive" and self.calibrator:
+            return {"method": "naive", "calibrator": self.calibrator}
         if self.kind != "smoothquant":
             return {"method": self.kind}
         return {

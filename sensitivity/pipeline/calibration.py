@@ -68,10 +68,17 @@ def observers_for(
     spec: QuantSpec,
     opts: ScanOptions,
     hist_range: dict[str, float] | None = None,
+    choices: bool | None = None,
 ) -> dict[str, LayerObserver]:
     """Fresh observers; im2col column statistics only where the research im2col path will be scored."""
+    ranges = hist_range or {}
     obs = {
-        n: LayerObserver(spec, channel_dim(fp.get_submodule(n)), hist_range=(hist_range or {}).get(n))
+        n: LayerObserver(
+            spec,
+            channel_dim(fp.get_submodule(n)),
+            hist_range=ranges.get(n),
+            choices=opts.calibrator_choices if choices is None else choices,
+        )
         for n in names
     }
     if "im2col" in opts.granularities and opts.alphas and opts.sq_mode == "static":
@@ -98,9 +105,9 @@ def _calibrated(
 ) -> dict[str, LayerObserver]:
     spec, names, layers = opts.spec, prep.names, prep.layers
     observers = observers_for(fp, names, spec, opts)
-    if D.is_distributed() and spec.calibrator != "max":
+    if D.is_distributed() and (spec.calibrator != "max" or opts.calibrator_choices):
         # histograms add up across ranks only over one fixed range: a max pass first (distributed.py)
-        ranges = observers_for(fp, names, spec.with_options(calibrator="max"), opts)
+        ranges = observers_for(fp, names, spec.with_options(calibrator="max"), opts, choices=False)
         with progress.phase("calibrate (range)", len(fit_local)) as advance:
             calibrate(fp, layers, fit_local, spec, progress=advance, observers=ranges, device=opts.device)
         D.reduce_observers_(ranges)

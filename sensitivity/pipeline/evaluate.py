@@ -88,8 +88,10 @@ def evaluate_stage(
     table: pd.DataFrame,
     opts: ScanOptions,
     progress: PhaseProgress,
+    ranking: list[str] | None = None,
 ) -> Evaluation:
-    """The metric per configuration, then (with a budget) the steps that moved layers to FP."""
+    """The metric per configuration, then (with a budget) the steps that moved layers to FP: in the order
+    of `ranking` (the output-referred one: fewer evaluations) where given, else by isolated error."""
 
     def run(configs: dict[str, Any]) -> dict[str, float]:
         configure_layers(qmodel, configs)
@@ -107,6 +109,9 @@ def evaluate_stage(
         raise SpecError(f"--eval-metric {key!r} is not among the metrics returned: {', '.join(fp_eval)}")
     target = fp_eval[key] - opts.exclude_budget
     order = _order(rules, table)
+    if ranking:
+        ranked = [n for n in dict.fromkeys(ranking) if n in rules and rules[n].method != "fp"]
+        order = ranked + [n for n in order if n not in set(ranked)]
     with progress.phase("exclusion budget", len(order)) as advance:
 
         def metric(fp_layers: list[str]) -> float:

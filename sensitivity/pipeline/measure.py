@@ -21,12 +21,15 @@ from sensitivity import distributed as D
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.fold import FoldSite, find_fold_site
+from sensitivity.io.batches import batch_len
 from sensitivity.methods.base import sq_key
 from sensitivity.methods.candidates import build_candidates
+from sensitivity.methods.ranges import InputVariants
 from sensitivity.pipeline.calibration import Calibration, observers_for
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.quant.build import build_quant_model, quant_layers
 from sensitivity.quant.modules import QuantMixin
+from sensitivity.spec import CALIBRATOR_CHOICES
 from sensitivity.table import build_table
 
 __all__ = ["Measurement", "measure_stage"]
@@ -65,6 +68,8 @@ def measure_stage(
         no_smoothing={layer.name for layer in layers if layer.weight_transformed},
     )  # fmt: skip
     alt_names = sorted({c for cands in candidates.values() for c in cands if c in ("signed", "unsigned")})
+    variants = _input_variants(qlayers, observers, opts)
+    probes = opts.probe_count(sum(batch_len(b) or 1 for b in cal.held))  # all ranks' held-out samples
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
     t = time.perf_counter()
     refit = _refit_observers(cal, opts)
@@ -73,9 +78,9 @@ def measure_stage(
             fp, qmodel, layers, cal.held_local, candidates=candidates, observers=refit,
             histograms=histograms, outputs=opts.output_selector, progress=advance,
             first_index=len(cal.batches) - len(cal.held), device=opts.device,
-            stored_budget_mb=opts.stored_activation_mb,
+            stored_budget_mb=opts.stored_activation_mb, variants=variants, probes=probes, seed=opts.seed,
         )  # fmt: skip
-    del candidates
+    del candidates, variants
     D.reduce_pass_(result)
     D.reduce_histograms_(histograms)
     if refit is not None and refit is not observers:
@@ -92,6 +97,24 @@ def measure_stage(
     table["sq_fold"] = [fold_sites[n].producer or "" for n in names]
     table["sq_fold_reason"] = [fold_sites[n].reason for n in names]
     return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites)
+
+
+def _input_variants(
+    qlayers: dict[str, QuantMixin], observers: dict[str, LayerObserver], opts: ScanOptions
+) -> dict[str, InputVariants]:
+    """Each layer's other calibrator ranges (`CALIBRATOR_CHOICES` but its own), fitted on the calibration
+    batches, for the probes to score (none when the choice is off or the probes are)."""
+    if not opts.calibrator_choices or opts.probes == 0:
+        return {}
+    own = opts.spec.calibrator_choice
+    out = {}
+    for name, qmod in qlayers.items():
+        obs = observers[name]
+        if obs.range_hist is None or obs.batches == 0:
+            continue
+        amaxes = {c: obs.calibrator_amax(c) for c in CALIBRATOR_CHOICES if c != own}
+        out[name] = InputVariants(qmod.input_quantizer, amaxes)
+    return out
 
 
 def _add_sign_gain(table: pd.DataFrame) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from sensitivity.policy import DEFAULT_SQ_MARGIN, Thresholds, glob_match
 from sensitivity.prepare import Selection
 from sensitivity.spec import GRANULARITIES, MODES, QuantSpec
 
-__all__ = ["DEFAULT_ALPHAS", "PhaseProgress", "ScanOptions"]
+__all__ = ["DEFAULT_ALPHAS", "MAX_AUTO_PROBES", "POLICIES", "PROBE_SAMPLES", "PhaseProgress", "ScanOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 #: within its budget (about 3.5x an FP forward, benchmarks/README.md); each extra alpha costs one more
 #: layer call per layer on the held-out batches. `--alpha-grid 0.25,0.5,0.75` or `0.1:0.9:0.1` sweep.
 DEFAULT_ALPHAS = (0.5,)
+#: Output probes: one probe on one sample is one estimate of a layer's output error (relative spread about
+#: 1.4); by default a scan uses enough probes for this many per layer, at most `MAX_AUTO_PROBES` per piece
+#: (each costs one backward pass over the held-out batches). Measured in benchmarks/output_sensitivity.py.
+PROBE_SAMPLES = 64
+MAX_AUTO_PROBES = 4
+POLICIES = ("output", "thresholds")
 
 
 class PhaseProgress:
@@ -63,6 +70,18 @@ class ScanOptions:
     stored_activation_mb: float = 128.0
     #: `output -> {name: tensor}`: what the model's outputs are (instead of `outputs` keys), each measured apart
     output_fn: Callable[[Any], Any] | None = None
+    #: output-referred sensitivity: random output probes per held-out batch piece (None: enough for about
+    #: `PROBE_SAMPLES` probe-samples, 1..4; 0: off, and the policy falls back to isolated thresholds)
+    probes: int | None = None
+    #: offer each layer every `CALIBRATOR_CHOICES` range (one histogram of its input per calibration pass)
+    calibrator_choices: bool = True
+    #: "output": policy v2 (least predicted output error under the FP budget, verified on held-out
+    #: batches); "thresholds": policy v1 (isolated-error thresholds)
+    policy: str = "output"
+    #: the FP budget of policy v2: at most this many layers (None: max(1, ceil(0.1 L))) and, if set, this
+    #: fraction of the model's MACs; layers the NaN/Inf safety net keeps in FP do not count
+    max_fp_layers: int | None = None
+    max_fp_macs: float | None = None
 
     def __post_init__(self) -> None:
         bad = [g for g in self.granularities if g not in GRANULARITIES]
@@ -76,6 +95,28 @@ class ScanOptions:
             raise SpecError(f"--holdout must be in (0, 1), got {self.holdout}")
         if not 0.0 < self.sq_margin <= 1.0:
             raise SpecError(f"SmoothQuant margin must be in (0, 1], got {self.sq_margin}")
+        if self.policy not in POLICIES:
+            raise SpecError(f"unknown policy {self.policy!r}; choose {' or '.join(POLICIES)}")
+        if self.probes is not None and (isinstance(self.probes, bool) or not 0 <= self.probes <= 64):
+            raise SpecError(f"--probes must be an integer in 0..64, got {self.probes!r}")
+        if self.max_fp_layers is not None and (
+            isinstance(self.max_fp_layers, bool) or self.max_fp_layers < 0
+        ):
+            raise SpecError(f"--max-fp-layers must be a non-negative integer, got {self.max_fp_layers!r}")
+        if self.max_fp_macs is not None and not 0.0 <= self.max_fp_macs <= 1.0:
+            raise SpecError(f"--max-fp-macs must be a fraction in [0, 1], got {self.max_fp_macs!r}")
+
+    def probe_count(self, samples: int) -> int:
+        """Probes per piece for `samples` held-out samples (this rank's): `probes`, or the automatic count."""
+        if self.probes is not None:
+            return self.probes
+        return max(1, min(MAX_AUTO_PROBES, math.ceil(PROBE_SAMPLES / max(samples, 1))))
+
+    def fp_layer_budget(self, n_layers: int) -> int:
+        """At most how many layers policy v2 keeps in FP (the NaN/Inf safety net's not counted)."""
+        if self.max_fp_layers is not None:
+            return min(self.max_fp_layers, n_layers)
+        return min(n_layers, max(1, math.ceil(0.1 * n_layers)))
 
     @property
     def output_selector(self) -> OutputSelector:

@@ -22,7 +22,14 @@ from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, con
 from sensitivity.quant.state import QuantState
 from sensitivity.spec import QuantSpec
 
-__all__ = ["MIN_HELDOUT_SAMPLES", "ScanData", "comparison_tables", "scan_warnings"]
+__all__ = [
+    "LARGE_OUTPUT_ERROR",
+    "MIN_HELDOUT_SAMPLES",
+    "ScanData",
+    "comparison_tables",
+    "output_warning",
+    "scan_warnings",
+]
 
 #: Fewer held-out samples than this and the decisions rest on too little data to trust.
 MIN_HELDOUT_SAMPLES = 32
@@ -58,6 +65,8 @@ class ScanData:
     #: the comparison per named model output (config, output, out_* metrics): outputs in different units
     #: (box coordinates, class scores) are measured apart
     output_comparison: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: policy v2's curve: output error vs layers kept in FP (`CurvePoint`: predicted, measured where run)
+    fp_curve: list[Any] = field(default_factory=list)
 
     @property
     def spec(self) -> QuantSpec:
@@ -102,6 +111,9 @@ def comparison_tables(
     rows = [_row("fp", None, n_layers, n_layers)]
     rows += [_row(c, check.output_stats(), fp_layers[c], n_layers) for c, check in checks.items()]
     comparison = pd.DataFrame(rows)
+    comparison.insert(
+        3, "out_rel_mse", [0.0, *(check.out_rel_mse() for check in checks.values())]
+    )  # the policy's objective: Σ over outputs of ‖Δy‖² / ‖y‖²
     comparison["smoothquant_layers"] = [0, 0, 0, smoothquant_layers]
     for key in sorted({k for v in evals.values() for k in v}):
         comparison[f"eval_{key}"] = [evals.get(c, {}).get(key, math.nan) for c in comparison["config"]]
@@ -114,6 +126,22 @@ def comparison_tables(
         columns=["config", "output", *(f"out_{k}" for k in _OUT_METRICS)],
     )
     return comparison, per_output
+
+
+#: A verified policy leaving more relative output MSE than this (output SNR under 20 dB) is worth a warning.
+LARGE_OUTPUT_ERROR = 0.01
+
+
+def output_warning(measured: float, fp_layers: int, budget: int) -> str | None:
+    """What to say when the verified policy still leaves a large output error, or None."""
+    if not measured > LARGE_OUTPUT_ERROR:
+        return None
+    snr = -10.0 * math.log10(measured) if measured > 0 and math.isfinite(measured) else -math.inf
+    return (
+        f"the verified policy still leaves a relative output MSE of {measured:.3g} (output SNR {snr:.1f} dB) "
+        f"with {fp_layers} layers in FP (budget {budget}): raise --max-fp-layers, calibrate on more data, "
+        "or give --eval with --exclude-budget to spend FP layers until your metric is met"
+    )
 
 
 def scan_warnings(unscanned: dict[str, str], held: list[Batch], batches: list[Batch]) -> list[str]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -23,10 +24,12 @@ from sensitivity.io.batches import Batch
 from sensitivity.metrics import ErrorStats
 from sensitivity.pipeline.calibration import Calibration, calibrate_stage
 from sensitivity.pipeline.decide import Decision, decide_stage
+from sensitivity.pipeline.decide_output import CurvePoint, decide_by_outputs
 from sensitivity.pipeline.evaluate import Evaluation, eval_fp, evaluate_stage
 from sensitivity.pipeline.measure import Measurement, measure_stage
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
-from sensitivity.pipeline.result import ScanData, comparison_tables, scan_warnings
+from sensitivity.pipeline.result import ScanData, comparison_tables, output_warning, scan_warnings
+from sensitivity.pipeline.sensitivity import output_stage
 from sensitivity.pipeline.state import example_input, quant_state
 from sensitivity.pipeline.verify import Verifier
 from sensitivity.policy import ExcludeEntry, Policy, Rule
@@ -76,22 +79,53 @@ def scan(
 
         cal = calibrate_stage(model, batches, opts, progress, timings, on_prepared, resume_file, resume)
         meas = measure_stage(cal, opts, progress, timings)
-        decision, verifier = decide_stage(cal, meas, opts, progress, timings)
+        sens = output_stage(cal, meas, opts, progress, timings)
+        curve: list[CurvePoint] = []
+        if opts.policy == "output" and sens.probes:
+            decision, verifier, curve = decide_by_outputs(cal, meas, sens, opts, progress, timings)
+        else:
+            decision, verifier = decide_stage(cal, meas, opts, progress, timings)
         state = _state(cal, meas, decision, opts)
         evaluation = Evaluation({})
         if evaluate is not None:
             t = time.perf_counter()
             evaluation = evaluate_stage(
                 evaluate, fp_eval, meas.qmodel, state, decision.rules, list(decision.excluded), meas.table, opts,
-                progress,
+                progress, ranking=_output_ranking(meas.table, decision.rules),
             )  # fmt: skip
             if evaluation.steps:
                 decision, state = _after_budget(evaluation, decision, cal, meas, verifier, opts)
             timings["eval_s"] = time.perf_counter() - t
     data = _result(cal, meas, decision, state, evaluation, opts, model_name)
+    data.fp_curve = curve
+    if curve:
+        fp_count = sum(1 for r in decision.rules.values() if r.method == "fp")
+        warning = output_warning(
+            decision.pol_check.out_rel_mse(), fp_count, opts.fp_layer_budget(len(cal.names))
+        )
+        if warning:
+            data.warnings.append(warning)
     timings["total_s"] = time.perf_counter() - t0
     data.timings = timings
     return data
+
+
+def _output_ranking(table: pd.DataFrame, rules: dict[str, Rule]) -> list[str]:
+    """Quantized layers by their output error (exact where measured, else predicted), largest first; empty
+    without output-referred columns (then the budget ranks by isolated error)."""
+    if "out_naive_err" not in table.columns:
+        return []
+
+    def error(n: str) -> float:
+        exact = float(table.loc[n, "out_exact_err"]) if "out_exact_err" in table.columns else math.nan
+        if math.isfinite(exact):
+            return exact
+        key = table.loc[n, "out_best"] if "out_best" in table.columns else "naive"
+        col = f"out_{key}_err" if f"out_{key}_err" in table.columns else "out_naive_err"
+        value = float(table.loc[n, col])
+        return value if not math.isnan(value) else -1.0
+
+    return sorted((n for n, r in rules.items() if r.method != "fp"), key=error, reverse=True)
 
 
 def _state(cal: Calibration, meas: Measurement, decision: Decision, opts: ScanOptions) -> QuantState:
@@ -140,6 +174,10 @@ def _result(
             table.loc[n, f"cum_policy_{key}"] = value
     table["decision"] = [rules[n].method for n in names]
     table["alpha"] = [rules[n].alpha if rules[n].alpha is not None else math.nan for n in names]
+    table["calibrator"] = [
+        (rules[n].calibrator or opts.spec.calibrator_choice) if rules[n].method == "naive" else ""
+        for n in names
+    ]
     table["reason"] = [rules[n].reason for n in names]
     if evaluation.steps:
         step_of = {s.layer: s for s in evaluation.steps}
@@ -150,9 +188,11 @@ def _result(
                  "policy": sum(1 for r in rules.values() if r.method == "fp")}  # fmt: skip
     sq_layers = sum(1 for r in rules.values() if r.method == "smoothquant")
     comparison, per_output = comparison_tables(checks, fp_layers, len(names), sq_layers, evaluation.evals)
-    policy_rules = [rules[n] for n in names if rules[n].method != "naive"]
+    policy_rules = [rules[n] for n in names if rules[n].method != "naive" or rules[n].calibrator]
+    shared = {rules[n].reason for n in names if rules[n].method == "naive" and not rules[n].calibrator}
+    why = f": {next(iter(shared))}" if len(shared) == 1 and "" not in shared else ""
     policy_rules.append(
-        Rule(match="**", method="naive", reason=f"default: every other layer {opts.spec.name}")
+        Rule(match="**", method="naive", reason=f"default: every other layer {opts.spec.name}{why}")
     )
     return ScanData(
         model_name=model_name,

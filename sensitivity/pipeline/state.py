@@ -22,7 +22,7 @@ from sensitivity.quant.build import ActQuant, build_quant_model, quant_layers
 from sensitivity.quant.modules import QuantMixin, per_channel_amax
 from sensitivity.quant.registry import run_context
 from sensitivity.quant.state import LayerState, QuantState
-from sensitivity.spec import QuantSpec
+from sensitivity.spec import CALIBRATOR_CHOICES, QuantSpec
 
 __all__ = ["calibrate_quant_state", "example_input", "quant_state"]
 
@@ -50,6 +50,7 @@ def _layer_state(qmod: QuantMixin, obs: LayerObserver, rule: Rule, fixed: torch.
     input with max, exactly from the per-channel maxima (smoothing has already removed what percentile /
     entropy would clip). A checkpoint's own input amax stays the layer's naive amax."""
     method = Method.of(rule)
+    own = obs.spec.calibrator_choice
     static_channel = (
         method.kind == "smoothquant" and method.mode != "dynamic" and method.granularity == "channel"
     )
@@ -67,8 +68,17 @@ def _layer_state(qmod: QuantMixin, obs: LayerObserver, rule: Rule, fixed: torch.
         mode=rule.mode,
         smooth_scale=setting.smooth_scale if setting is not None else None,
         smooth_input_amax=setting.input_amax if setting is not None else None,
-        calibrator=obs.spec.calibrator,
+        calibrator=(rule.calibrator or own) if rule.method == "naive" and fixed is None else own,
+        range_amax=_ranges(obs) if fixed is None else None,
+        calibrator_default=own,
     )
+
+
+def _ranges(obs: LayerObserver) -> dict[str, torch.Tensor] | None:
+    """Every calibrator choice's amax for this layer, from its histogram (None without one)."""
+    if obs.range_hist is None or obs.batches == 0:
+        return None
+    return {c: obs.calibrator_amax(c).reshape(()).clone() for c in CALIBRATOR_CHOICES}
 
 
 def quant_state(
@@ -104,7 +114,11 @@ def calibrate_quant_state(
         raise CalibrationDataError("the calibration set is empty: give at least one batch")
     with run_context(model):
         prep = prepare(model, batches[0], fold_bn=fold_bn)
-        observers = {n: LayerObserver(spec, channel_dim(prep.model.get_submodule(n))) for n in prep.names}
+        choices = any(r.calibrator for r in policy.rules)
+        observers = {
+            n: LayerObserver(spec, channel_dim(prep.model.get_submodule(n)), choices=choices)
+            for n in prep.names
+        }
         with progress.phase("calibrate", len(batches)) as advance:
             calibrate(prep.model, prep.layers, batches, spec, progress=advance, observers=observers)
     acts = {n: ActQuant(observers[n].amax(), observers[n].unsigned()) for n in prep.names}

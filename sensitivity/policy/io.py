@@ -16,6 +16,9 @@ policy.yaml (format version 1) — the full per-layer assignment, rules tried in
         alpha: 0.5              # smoothquant only, required there: a number in [0, 1]
         granularity: channel    # smoothquant only, required there: channel | im2col
         mode: static            # smoothquant only, optional: static | dynamic
+      - match: backbone_2d.blocks.0.4
+        method: naive
+        calibrator: p99.99      # naive only, optional (default: the spec's): max | p<percentile> | mse
       - match: "**"
         method: naive
 
@@ -82,7 +85,7 @@ __all__ = [
 
 EXCLUDE_VERSION = 1
 _POLICY_KEYS = ("version", "spec", "meta", "rules")
-_RULE_KEYS = ("match", "method", "alpha", "granularity", "mode", "reason", "metrics")
+_RULE_KEYS = ("match", "method", "alpha", "granularity", "mode", "calibrator", "reason", "metrics")
 _EXCLUDE_KEYS = ("version", "spec", "exclude")
 _ENTRY_KEYS = ("layer", "reason", "metrics")
 _MAX_META_DEPTH = 16
@@ -93,6 +96,7 @@ _POLICY_HEADER = """\
 # `match` is a layer name or a glob: `*` matches within one name segment, `**` across segments.
 # method: fp (keep in floating point) | naive | smoothquant (needs alpha in [0, 1] and
 #   granularity: channel | im2col; optional mode: static | dynamic).
+# naive takes an optional calibrator (the activation range): max | p99.9 | p99.99 | p99.999 | mse | entropy.
 # Edit freely (comments are not kept when sensitivity rewrites the file), then run:
 #   sensitivity apply MODEL --policy THIS_FILE
 """
@@ -162,6 +166,8 @@ def _rule_data(rule: Rule) -> dict[str, Any]:
         data["granularity"] = rule.granularity
     if rule.mode is not None:
         data["mode"] = rule.mode
+    if rule.calibrator is not None:
+        data["calibrator"] = rule.calibrator
     if rule.reason:
         data["reason"] = rule.reason
     if rule.metrics:

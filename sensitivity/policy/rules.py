@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sensitivity.errors import ConfigError, short_repr
 from sensitivity.policy.glob import glob_match
-from sensitivity.spec import GRANULARITIES, METHODS, MODES, spec_problem
+from sensitivity.spec import GRANULARITIES, METHODS, MODES, calibrator_problem, spec_problem
 
 __all__ = [
     "POLICY_VERSION",
@@ -60,6 +60,7 @@ def rule_problem(
     mode: object = None,
     reason: object = "",
     metrics: object = None,
+    calibrator: object = None,
 ) -> tuple[str, str] | None:
     """The first problem with these rule fields as `(key, message)`, or None when they form a valid rule."""
     if not isinstance(match, str):
@@ -90,6 +91,12 @@ def rule_problem(
         for key, value in (("alpha", alpha), ("granularity", granularity), ("mode", mode)):
             if value is not None:
                 return key, f"{key} applies only to method smoothquant, not {method}"
+    if calibrator is not None:
+        if method != "naive":
+            return "calibrator", f"calibrator applies only to method naive, not {method}"
+        problem = calibrator_problem(calibrator)
+        if problem:
+            return "calibrator", problem
     if not isinstance(reason, str):
         return "reason", f"reason must be a string, got {short_repr(reason)}"
     if metrics is not None:
@@ -110,13 +117,16 @@ class Rule:
     mode: str | None = None  # "static" | "dynamic" (smoothquant only; None means static)
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict, hash=False)
+    #: naive only: the activation range, one of `CALIBRATOR_CHOICES` (`p99.99`, `mse`...); None: the spec's
+    calibrator: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is None:  # `metrics:` left empty in a file
             object.__setattr__(self, "metrics", {})
         problem = rule_problem(
-            self.match, self.method, self.alpha, self.granularity, self.mode, self.reason, self.metrics
-        )
+            self.match, self.method, self.alpha, self.granularity, self.mode, self.reason, self.metrics,
+            self.calibrator,
+        )  # fmt: skip
         if problem:
             raise ConfigError(f"rule {self.match!r}: {problem[1]}" if problem[0] != "match" else problem[1])
         if self.alpha is not None:

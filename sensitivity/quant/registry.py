@@ -25,8 +25,10 @@ __all__ = [
     "Family",
     "check_registered",
     "family_of",
+    "has_backward_rule",
     "input_channel_axis",
     "is_target",
+    "lacks_backward",
     "layer_macs",
     "prepare_model_",
     "quant_class_for",
@@ -59,6 +61,9 @@ class Family:
     prepare_model_: Callable[[nn.Module], object] | None = None
     run_context: Callable[[nn.Module], AbstractContextManager[object]] | None = None
     package: str = ""
+    #: `backward(first_input)`: whether autograd can go back through the family's modules for this input
+    #: (spconv: on CUDA only); None: always. The output probes cut the graph where it cannot.
+    backward: Callable[[Any], bool] | None = None
 
 
 def _is_dense(module: nn.Module) -> bool:
@@ -165,6 +170,18 @@ def check_registered(model: nn.Module) -> None:
                 f"the model has {package} layers ({type(module).__name__}) but their support is not loaded: "
                 f"call sensitivity.scan / apply_policy / load_quantized (they load it), or import {PLUGINS[package]}"
             )
+
+
+def lacks_backward(module: nn.Module, first_input: Any) -> bool:
+    """True where `module`'s family has no backward for this input (spconv layers on CPU tensors)."""
+    family = family_of(module)
+    return family is not None and family.backward is not None and not family.backward(first_input)
+
+
+def has_backward_rule(module: nn.Module) -> bool:
+    """True for modules whose family may lack a backward (`lacks_backward` must be asked per input)."""
+    family = family_of(module)
+    return family is not None and family.backward is not None
 
 
 def prepare_model_(model: nn.Module) -> None:

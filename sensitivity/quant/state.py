@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sensitivity.errors import ModelLoadError, SensitivityError
+from sensitivity.errors import ConfigError, ModelLoadError, SensitivityError
 from sensitivity.quant.build import LayerQuant
 from sensitivity.spec import METHODS, QuantSpec
 
@@ -46,7 +46,12 @@ class LayerState:
     mode: str | None = None
     smooth_scale: torch.Tensor | None = None
     smooth_input_amax: torch.Tensor | None = None
+    #: the activation range a naive layer uses: one of `range_amax`'s keys (None or the spec's own choice:
+    #: `input_amax`)
     calibrator: str | None = None
+    #: every calibrator choice's amax for this layer (`CALIBRATOR_CHOICES`), so an edited policy may pick
+    #: another without recalibrating
+    range_amax: Mapping[str, torch.Tensor] | None = None
 
     # -- the statistics it keeps, as a method's `fit` reads them (`sensitivity.methods.base.LayerStats`) --
     @property
@@ -62,8 +67,26 @@ class LayerState:
     def unsigned(self) -> bool:
         return self.input_unsigned
 
-    def naive(self) -> LayerQuant:
-        return LayerQuant("naive", self.input_amax, self.input_unsigned)
+    def calibrator_amax(self, choice: str, unsigned: bool | None = None) -> torch.Tensor:
+        setting = self.naive(choice)
+        assert setting.input_amax is not None
+        return setting.input_amax
+
+    def naive(self, calibrator: str | None = None) -> LayerQuant:
+        """Naive quantization with the spec's range, or with another `calibrator` choice's."""
+        if calibrator is None or calibrator == self.calibrator_default:
+            return LayerQuant("naive", self.input_amax, self.input_unsigned)
+        ranges = self.range_amax or {}
+        if calibrator not in ranges:
+            known = ", ".join(sorted(ranges)) or "none kept"
+            raise ConfigError(
+                f"the quant state holds no {calibrator!r} activation range (it holds: {known}): rescan, or "
+                "apply with --calib to recalibrate"
+            )
+        return LayerQuant("naive", ranges[calibrator], self.input_unsigned)
+
+    #: the spec's own calibrator choice (the one `input_amax` holds); set by `QuantState`
+    calibrator_default: str | None = field(default=None, compare=False, repr=False)
 
     def setting(self) -> LayerQuant:
         """How the layer runs under its own method."""
@@ -73,10 +96,12 @@ class LayerState:
             if self.mode == "dynamic":
                 return LayerQuant("smoothquant", None, False, None, self.alpha)
             return LayerQuant("smoothquant", self.smooth_input_amax, False, self.smooth_scale)
-        return self.naive()
+        return self.naive(self.calibrator)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "calibrator_default"}
+        out["range_amax"] = dict(self.range_amax) if self.range_amax is not None else None
+        return out
 
 
 def _problem(entry: Any, name: str) -> str | None:
@@ -92,6 +117,14 @@ def _problem(entry: Any, name: str) -> str | None:
             return f"layer {name!r}: {key!r} is neither a tensor nor empty"
     if entry["input_amax"].numel() != 1 or not bool(torch.isfinite(entry["input_amax"]).all()):
         return f"layer {name!r}: 'input_amax' is not one finite number"
+    ranges = entry.get("range_amax")
+    if ranges is not None and not (
+        isinstance(ranges, Mapping)
+        and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.numel() == 1 for k, v in ranges.items()
+        )
+    ):
+        return f"layer {name!r}: 'range_amax' is not a mapping of calibrator name -> one amax"
     static_sq = entry.get("method") == "smoothquant" and entry.get("mode") != "dynamic"
     if static_sq and entry.get("smooth_scale") is None and entry.get("channel_absmax") is None:
         return f"layer {name!r}: static SmoothQuant without factors or per-channel statistics"
@@ -157,7 +190,10 @@ class QuantState:
         for name, entry in data["layers"].items():
             values = {k: v for k, v in entry.items() if k in keys}
             values["input_unsigned"] = bool(values.get("input_unsigned", False))
-            values.setdefault("calibrator", spec.calibrator)
+            values.setdefault("calibrator", spec.calibrator_choice)
+            if values["calibrator"] == spec.calibrator:  # version 2 files wrote the spec's calibrator name
+                values["calibrator"] = spec.calibrator_choice
+            values["calibrator_default"] = spec.calibrator_choice
             layers[name] = LayerState(**values)
         return cls(
             spec, layers, data.get("folded_bn", {}), data.get("sq_fold", {}), data.get("example_input")

@@ -55,14 +55,22 @@ FACT_LABEL = {
     "unsigned_gain_db": "unsigned gain dB",
     "decision": "decision",
     "alpha": "α",
+    "calibrator": "range",
     "reason": "reason",
+    "out_naive_err": "naive, alone",
+    "out_best": "best candidate",
+    "out_exact_err": "measured, alone",
+    "out_err_source": "how",
 }
-LEAD = ("order", "name", "type", "decision", "alpha", "weight_shape", "out_shape", "macs")
+LEAD = ("order", "name", "type", "decision", "alpha", "calibrator", "weight_shape", "out_shape", "macs")
+#: the output-referred columns, right after LEAD: what each layer costs at the model's outputs
+OUTPUT_COLUMNS = ("out_naive_err", "out_best", "out_exact_err")
 PRIMARY_METRICS = ("rel_l1", "sqnr_db")
 TAIL = ("outlier_ratio", "reason")
 COMPARISON_LABEL = {
     "quantized_layers": "quantized",
     "fp_layers": "FP layers",
+    "out_rel_mse": "output rel MSE",
     "out_rel_l1": "output rel L1",
     "out_sqnr_db": "output SQNR dB",
     "out_cosine": "output cosine",
@@ -173,6 +181,8 @@ def _columns(data: ReportData) -> list[Column]:
 
     for key in LEAD:
         add(key)
+    for key in OUTPUT_COLUMNS:
+        add(key, group="output error (relative MSE)")
     metric_groups = [(m, mc) for m in ("iso", "cum") for mc in data.methods(m, metric="rel_l1")]
     for mode, method in metric_groups:
         for metric in PRIMARY_METRICS:

@@ -216,7 +216,7 @@ def test_view_serves_when_headless(
         raise KeyboardInterrupt  # what Ctrl-C does to serve_forever
 
     monkeypatch.setattr(serve.ReportServer, "serve_forever", serve_once)
-    assert main(["view", str(planted)]) == 0
+    assert main(["view", str(planted)]) == 130  # Ctrl-C: "interrupted: stopped serving"
     assert opened == []  # no DISPLAY: no browser attempt
     assert fetched == [(planted / "report.html").read_bytes()]
     out = capsys.readouterr().out
@@ -247,7 +247,7 @@ def test_view_no_browser_forces_serving(planted: Path, monkeypatch: pytest.Monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(serve.ReportServer, "serve_forever", stop)
-    assert main(["view", str(planted), "--no-browser"]) == 0
+    assert main(["view", str(planted), "--no-browser"]) == 130
     assert served and served[0].startswith("http://127.0.0.1:")
 
 
@@ -343,6 +343,11 @@ def write_synthetic_report(folder: Path, n_layers: int = 100, seed: int = 0) -> 
                 "decision": "fp" if i in excluded else ("smoothquant" if i % 7 == 0 else "naive"),
                 "alpha": 0.5 if i % 7 == 0 and i not in excluded else np.nan,
                 "reason": "isolated relative L1 0.4 > 0.15" if i in excluded else ""}  # fmt: skip
+        out = iso**2 * float(rng.lognormal(0, 1.0))  # output-referred: related to the local error, not equal
+        row |= {"out_naive_err": out, "out_sq_channel_0.5_err": out / 3, "out_naive_p99.99_err": out * 0.9,
+                "out_err_source": "probe (4 x 16 samples)", "out_best": "sq_channel_0.5" if i % 7 == 0 else "naive",
+                "out_exact_err": out * float(rng.uniform(0.7, 1.3)) if i % 9 == 0 else np.nan,
+                "calibrator": "p99.99" if i % 5 == 0 else ""}  # fmt: skip
         rows.append(row)
         chan = rng.lognormal(0, 0.5, cin).astype(np.float32)
         chan[rng.choice(cin, 3)] *= 300
@@ -385,6 +390,9 @@ def write_synthetic_report(folder: Path, n_layers: int = 100, seed: int = 0) -> 
         "versions": {"sensitivity": "0.1.0", "torch": "2.13.0", "python": "3.11"},
         "eval": {"metric": "top1", "values": {"fp": 0.761, "naive": 0.012, "naive+exclusion": 0.74,
                                               "policy": 0.755}},
+        "fp_curve": [{"fp_layers": k, "layer": names[i] if k else "", "predicted": 0.02 / (1 + k),
+                      "measured": 0.025 if k == 0 else (0.006 if k == 5 else None)}
+                     for k, i in enumerate([0, *sorted(excluded)])],
     }  # fmt: skip
     (folder / "scan.json").write_text(json.dumps(scan_json, indent=2))
     (folder / "exclude.yaml").write_text(

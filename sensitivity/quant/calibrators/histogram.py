@@ -155,17 +155,30 @@ class HistogramCalibrator(Calibrator):
         return hist, self._edges
 
     def compute_amax(self) -> torch.Tensor:
+        return self.amax_by(self.method, self.percentile, self.unsigned)
+
+    def amax_by(
+        self, method: str, percentile: float | None = None, unsigned: bool | None = None
+    ) -> torch.Tensor:
+        """The amax `method` (percentile / entropy / mse; `max`: the last edge) picks from this histogram,
+        for the signed or unsigned code range: one histogram serves every calibrator choice."""
         hist, edges = self.histogram()
         if self._max is not None and not torch.isfinite(self._max):
             raise FPModelError(f"calibration activations are not finite (max |x| = {self._max.item()})")
         if edges[-1] == 0:
             return torch.tensor(0.0)
+        unsigned = self.unsigned if unsigned is None else unsigned
         h, e = hist.numpy(), edges.numpy()
-        if self.method == "percentile":
-            return compute_amax_percentile(h, e, self.percentile)
-        if self.method == "entropy":
-            return compute_amax_entropy(h, e, self.num_bits, self.unsigned, start_bin=self.start_bin)
-        return compute_amax_mse(h, e, self.num_bits, self.unsigned, start_bin=self.start_bin)
+        if method == "max":
+            top = self._max if self._max is not None else edges[-1]
+            return torch.as_tensor(top, dtype=torch.float32).detach().cpu().reshape(())
+        if method == "percentile":
+            return compute_amax_percentile(h, e, self.percentile if percentile is None else percentile)
+        if method == "entropy":
+            return compute_amax_entropy(h, e, self.num_bits, unsigned, start_bin=self.start_bin)
+        if method == "mse":
+            return compute_amax_mse(h, e, self.num_bits, unsigned, start_bin=self.start_bin)
+        raise ValueError(f"unknown histogram method {method!r}")
 
     def state(self) -> dict[str, torch.Tensor]:
         """Fixed range: {"hist", "zeros"} (SUM) and "max" (MAX, -inf before data; only checked for NaN/inf).

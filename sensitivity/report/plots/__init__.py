@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from sensitivity.report.data import ReportData
 from sensitivity.report.plots.layers import plot_cumulative, plot_layer_error, plot_sqnr
+from sensitivity.report.plots.outputs import plot_fp_curve, plot_output_error, plot_predicted_vs_measured
 from sensitivity.report.plots.smoothquant import plot_alpha_sweeps, plot_channel_profiles, plot_histograms
 from sensitivity.report.plots.style import style
 
@@ -26,8 +27,11 @@ __all__ = [
     "plot_alpha_sweeps",
     "plot_channel_profiles",
     "plot_cumulative",
+    "plot_fp_curve",
     "plot_histograms",
     "plot_layer_error",
+    "plot_output_error",
+    "plot_predicted_vs_measured",
     "plot_sqnr",
     "render_plots",
 ]
@@ -44,6 +48,28 @@ class Plot:
 
 
 PLOTS: tuple[Plot, ...] = (
+    Plot(
+        "output_error",
+        "Each layer's cost at the model's outputs",
+        "Relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖², held-out batches) with only that layer "
+        "quantized: naive, with its best candidate (calibrator range or SmoothQuant), and measured exactly "
+        "where the scan checked it. Predicted by output probes (first order) unless measured.",
+        plot_output_error,
+    ),
+    Plot(
+        "fp_curve",
+        "Output error vs layers kept in FP",
+        "The policy's methods with its FP layers added in rank order: the predicted sum of the remaining "
+        "layers' errors, and the whole quantized model measured where the scan ran it.",
+        plot_fp_curve,
+    ),
+    Plot(
+        "predicted_vs_measured",
+        "Predicted vs measured output error",
+        "Layers the scan measured exactly (the budget's edge): the first-order prediction against the "
+        "layer quantized alone over the held-out batches.",
+        plot_predicted_vs_measured,
+    ),
     Plot(
         "layer_error",
         "Per-layer relative L1",

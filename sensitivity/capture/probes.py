@@ -1,0 +1,215 @@
+"""Output probes: every layer's first-order effect on the model's outputs, for every candidate, at once.
+
+Quantizing one layer alone changes its output by δ (its isolated error, computed in the FP pass's hooks);
+to first order the model's outputs then change by J δ, J the rest of the network's Jacobian. The predicted
+output error is ‖J δ‖², each selected output normalised by its own ‖y‖² (relative output MSE). With random
+sign probes r on the outputs, E_r[(rᵀ J δ)²] = ‖J δ‖², and one backward pass of rᵀ y gives g = Jᵀ r at
+every layer at once: a candidate then costs one dot product g · δ, never a forward pass (ModelOpt's
+auto_quantize scores layers by gradient x error the same way).
+
+Samples are independent in per-sample models (J is block-diagonal over dim 0), so each sample's dot
+squares on its own: N samples give N independent estimates from one backward pass. Where a tensor's dim 0
+is not the batch, the whole tensor is one group. `probes` backward passes per batch average more.
+
+`g` is taken at the layer's output (for whole-layer candidates: naive, SmoothQuant, the other sign) and at
+its op's input (candidates that only change the activation quantizer, e.g. another calibrator's amax:
+g_x · (Q_c(x) - Q(x)) replaces a layer call). Layers of families without a backward here (spconv on CPU)
+get their inputs detached, so no gradient reaches them or what feeds only them: those are measured
+exactly (`out_err_source`), as are layers whose gradient is missing or zero (a `.detach()`, `argmax`,
+`no_grad` in the model's forward). A layer's tensors are cloned on the way through, so in-place ops after
+it (ReLU(inplace=True)) change neither what the gradient refers to nor what the hooks compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sensitivity.capture.outputs import OutputSelector, as_tensor
+from sensitivity.io.batches import Batch, batch_len, batch_tensors, run_checked
+from sensitivity.quant.modules import is_wrapped_kind
+from sensitivity.quant.registry import has_backward_rule, lacks_backward
+from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
+
+__all__ = ["ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeGrads:
+    """One batch's probe gradients: per target layer and call, at the output and at the op's input
+    ([K, *shape] each, K probes; None where no gradient reached)."""
+
+    probes: int
+    samples: int | None
+    out: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
+    inp: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
+    #: why no gradient was computed for the whole batch (backward failed), or ""
+    failed: str = ""
+
+    def take(self, name: str) -> tuple[Tensor | None, Tensor | None]:
+        """The next call's (output gradient, input gradient) of `name`, in call order."""
+        out, inp = self.out.get(name), self.inp.get(name)
+        return (out.popleft() if out else None), (inp.popleft() if inp else None)
+
+
+def sample_dots(g: Tensor, d: Tensor, samples: int | None) -> Tensor:
+    """[K, G] dot products of each probe's gradient `g` [K, *shape] with `d` [*shape], per sample where
+    dim 0 is the batch (G = samples), else over the whole tensor (G = 1); float64 accumulation."""
+    k = g.shape[0]
+    groups = samples if samples and d.dim() > 0 and d.shape[0] == samples else 1
+    gg = g.reshape(k, groups, -1)
+    dd = d.reshape(groups, -1).to(gg.dtype)
+    return torch.einsum("kgn,gn->kg", gg, dd).double()
+
+
+class _Recorder:
+    """Hooks that make each layer's output (and op input) a tensor of its own that requires grad."""
+
+    def __init__(self) -> None:
+        self.outs: list[tuple[str, Tensor]] = []
+        self.ins: list[tuple[str, Tensor]] = []
+
+    def input_clone(self, name: str, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            return x
+        xc = x.detach().clone().requires_grad_() if not x.requires_grad else x.clone()
+        self.ins.append((name, xc))
+        return xc
+
+    def pre_hook(self, name: str) -> Callable[[nn.Module, tuple], Any]:
+        def hook(module: nn.Module, args: tuple) -> Any:
+            if args and isinstance(args[0], Tensor):
+                return (self.input_clone(name, args[0]), *args[1:])
+            return None
+
+        return hook
+
+    def out_hook(self, name: str) -> Callable[[nn.Module, tuple, Any], Any]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            y = as_tensor(out)
+            if y is None or not y.is_floating_point():
+                return None
+            if not y.requires_grad:
+                y = y.detach().requires_grad_()
+            self.outs.append((name, y))
+            clone = y.clone()  # what the rest of the model sees (and may modify in place)
+            if isinstance(out, Tensor):
+                return clone
+            replace = getattr(out, "replace_feature", None)
+            return replace(clone) if callable(replace) else None
+
+        return hook
+
+
+def _detached(value: Any) -> Any:
+    """`value` cut from autograd: tensors detached, a SparseConvTensor through `replace_feature` (which
+    keeps its `indice_dict`: later layers read the rule books stored there)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    replace, feats = getattr(value, "replace_feature", None), getattr(value, "features", None)
+    if callable(replace) and isinstance(feats, Tensor):
+        return replace(feats.detach())
+    return value
+
+
+def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
+    """Pre-hook: a module with no backward for this input (spconv on CPU) gets its inputs detached."""
+    if args and lacks_backward(module, args[0]):
+        return tuple(_detached(a) for a in args)
+    return None
+
+
+@contextmanager
+def _recording(model: nn.Module, names: Sequence[str]) -> Iterator[_Recorder]:
+    rec = _Recorder()
+    with ExitStack() as stack:
+        for mod in model.modules():
+            if has_backward_rule(mod):
+                stack.callback(mod.register_forward_pre_hook(_cut_without_backward).remove)
+        for name in names:
+            mod = model.get_submodule(name)
+            if is_wrapped_kind(mod):
+                op = op_name(mod)
+                assert op is not None
+                tap = OpIntercept(op, lambda x, w, _n=name: (rec.input_clone(_n, x), w))
+                stack.enter_context(during_forward(mod, tap))
+            else:
+                stack.callback(mod.register_forward_pre_hook(rec.pre_hook(name)).remove)
+            stack.callback(mod.register_forward_hook(rec.out_hook(name)).remove)
+        yield rec
+
+
+def _probe_loss(flat: dict[str, Tensor], gen: torch.Generator) -> Tensor | None:
+    """Σ_o rᵀ y_o / ‖y_o‖ with random signs r: its gradient is one probe (None: nothing to differentiate)."""
+    loss: Tensor | None = None
+    for y in flat.values():
+        if not y.requires_grad or not y.is_floating_point():
+            continue
+        norm = float(y.detach().double().norm())
+        if not norm > 0.0 or norm == float("inf"):
+            continue
+        r = torch.randint(0, 2, y.shape, generator=gen).to(device=y.device, dtype=y.dtype).mul_(2).sub_(1)
+        term = (r * y).sum() / norm
+        loss = term if loss is None else loss + term
+    return loss
+
+
+def piece_generator(seed: int, batch: Batch) -> torch.Generator:
+    """The probes' random signs for one piece, drawn from the piece's content: a batch gets the same probes
+    whichever rank or position it has (torchrun shards reproduce the single-process scan)."""
+    h = hashlib.sha256(str(seed).encode())
+    for where, t in batch_tensors(batch, "batch"):
+        flat = t.detach().reshape(-1)
+        head = flat[:4096].to("cpu", torch.float64) if t.is_floating_point() else flat[:4096].cpu().double()
+        h.update(f"{where}{tuple(t.shape)}".encode() + head.numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") & (2**63 - 1))
+
+
+def probe_gradients(
+    model: nn.Module,
+    batch: Batch,
+    names: Sequence[str],
+    select: OutputSelector,
+    probes: int,
+    gen: torch.Generator,
+    index: int = 0,
+) -> ProbeGrads:
+    """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
+    each probe at every target layer's output and op input. Modules without a backward here (spconv on
+    CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients)."""
+    result = ProbeGrads(probes, batch_len(batch))
+    with torch.enable_grad(), _recording(model, names) as rec:
+        out = run_checked(model, batch, index)
+        flat = select(out)
+    tensors = [t for _, t in rec.outs] + [t for _, t in rec.ins]
+    grads: list[list[Tensor | None]] = [[] for _ in tensors]
+    try:
+        for k in range(probes):
+            with torch.enable_grad():
+                loss = _probe_loss(flat, gen)
+            if loss is None or not tensors:
+                break
+            got = torch.autograd.grad(loss, tensors, retain_graph=k < probes - 1, allow_unused=True)
+            for slot, g in zip(grads, got, strict=True):
+                slot.append(None if g is None else g.detach())
+    except Exception as exc:  # a custom op without a working backward: every layer is measured exactly
+        result.failed = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        )
+        log.info("output probes failed (%s); layers are measured exactly", result.failed)
+        grads = [[] for _ in tensors]
+    n_out = len(rec.outs)
+    for i, ((name, _), slot) in enumerate(zip(rec.outs + rec.ins, grads, strict=True)):
+        stacked = torch.stack(slot) if slot and all(g is not None for g in slot) else None  # type: ignore[misc]
+        (result.out if i < n_out else result.inp)[name].append(stacked)
+    return result

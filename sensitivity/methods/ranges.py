@@ -1,0 +1,47 @@
+"""Per-layer activation ranges: the same layer quantized with another calibrator's amax (max, percentiles of
+|x|, the MSE-optimal range), every one computed from the one histogram its calibration pass kept.
+
+Such a candidate changes only the input quantizer, so its effect is scored without a layer call: the
+output probes dot the change of the quantized input, Q_c(x) - Q(x), with their gradient at the layer's
+input (`InputVariants.errors`), and add that to the naive candidate's score. To first order this is the
+candidate's own output error (the layer is linear in its input; the cross term with the weight's own
+quantization error is second order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from sensitivity.quant.quantizer import TensorQuantizer
+
+__all__ = ["InputVariants", "range_key"]
+
+
+def range_key(choice: str) -> str:
+    """Candidate / column name of a calibrator choice: `naive_p99.99`, `naive_mse`, `naive_max`."""
+    return f"naive_{choice}"
+
+
+class InputVariants:
+    """A layer's input quantized with other amax values than its own (`base`, the naive quantizer)."""
+
+    def __init__(self, base: TensorQuantizer, amaxes: Mapping[str, torch.Tensor]) -> None:
+        self.base = base
+        self.quantizers: dict[str, TensorQuantizer] = {}
+        for choice, amax in amaxes.items():
+            q = TensorQuantizer(base.num_bits, axis=None, unsigned=base.unsigned)
+            q.set_amax(amax)
+            self.quantizers[range_key(choice)] = q
+
+    def errors(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(candidate key, Q_c(x) - Q(x)) for each variant whose amax differs from the layer's own."""
+        x = x.detach()
+        own = self.base(x)
+        own_amax = self.base.amax
+        for key, q in self.quantizers.items():
+            if own_amax is not None and q.amax is not None and bool(torch.equal(q.amax, own_amax.cpu())):
+                yield key, torch.zeros_like(own)
+                continue
+            yield key, q(x) - own

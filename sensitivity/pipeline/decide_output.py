@@ -1,0 +1,286 @@
+"""Stage 3, policy v2: each layer's least-output-error candidate, the FP budget where it removes the most
+predicted output error, and nothing believed before it is measured.
+
+1. Safety net (does not count against the budget): the user's exclusion list, layers whose isolated output
+   is non-finite, and, for layers no output measurement reached, the isolated thresholds of policy v1.
+2. Per layer the best candidate (`sensitivity.policy.output.best_options`), then the FP layers
+   (`choose_fp`: a knapsack under --max-fp-layers / --max-fp-macs).
+3. The boundary of that choice is measured exactly: the layers ranked just inside and just outside the
+   budget are each quantized alone over the held-out batches, and the FP set is chosen again with those
+   exact errors (greedy correction on measured error: a layer the first-order prediction over- or
+   under-rated is swapped).
+4. The policy is verified by a quantized pass (non-finite outputs repaired by putting the worst upstream
+   layer in FP, step by step); candidates other than plain naive must then beat plain naive on the
+   measured output error of the whole model, or they are reverted.
+A model whose layers together predict a negligible output error (`NEGLIGIBLE_ERROR`) stays all naive.
+The curve "output error vs layers kept in FP" keeps the predicted values for every step and the measured
+ones where a pass measured them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import pandas as pd
+
+from sensitivity.methods.base import Method
+from sensitivity.pipeline.calibration import Calibration
+from sensitivity.pipeline.decide import USER_LISTED, Decision
+from sensitivity.pipeline.measure import Measurement
+from sensitivity.pipeline.options import PhaseProgress, ScanOptions
+from sensitivity.pipeline.sensitivity import OutputSensitivity
+from sensitivity.pipeline.verify import Verifier, isolated_badness
+from sensitivity.policy import ExcludeEntry, Rule, Thresholds, exclude_by_thresholds
+from sensitivity.policy.output import NEGLIGIBLE_ERROR, LayerOption, best_options, choose_fp, negligible
+from sensitivity.quant.build import LayerQuant
+
+__all__ = ["CurvePoint", "decide_by_outputs"]
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Output error with the `fp_layers` first layers of the ranking kept in FP (the last one `layer`)."""
+
+    fp_layers: int
+    layer: str
+    predicted: float
+    measured: float = math.nan
+
+
+def _setting(meas: Measurement, cal: Calibration, name: str, key: str, opts: ScanOptions) -> LayerQuant:
+    if key == "naive":
+        return LayerQuant("naive", cal.observers[name].amax(), cal.observers[name].unsigned())
+    return Method.from_key(key, opts.sq_mode).fit(meas.qlayers[name], cal.observers[name])
+
+
+def _safety_net(
+    cal: Calibration, meas: Measurement, sens: OutputSensitivity, opts: ScanOptions
+) -> dict[str, ExcludeEntry]:
+    table, names = meas.table, cal.names
+    net = {n: e for n, e in exclude_by_thresholds(table, Thresholds(None, None, True)).items()}
+    unmeasured = [n for n in names if math.isnan(sens.best(n)[1])]
+    if unmeasured:
+        limits = exclude_by_thresholds(table.loc[unmeasured], opts.thresholds)
+        for n, e in limits.items():
+            net.setdefault(n, replace(e, reason=f"{e.reason} (no output measurement reached this layer)"))
+    for n in opts.user_fp(names):
+        net.setdefault(n, ExcludeEntry(n, USER_LISTED))
+    return {n: net[n] for n in names if n in net}
+
+
+class _Exact:
+    """Exact alone errors, each measured once: (layer, candidate key) -> relative output MSE."""
+
+    def __init__(
+        self, cal: Calibration, meas: Measurement, sens: OutputSensitivity, opts: ScanOptions
+    ) -> None:
+        self.cal, self.meas, self.sens, self.opts = cal, meas, sens, opts
+        self.values: dict[tuple[str, str], float] = {}
+
+    def __call__(self, layer: str, key: str) -> float:
+        if (layer, key) not in self.values:
+            assert self.sens.reference is not None
+            setting = _setting(self.meas, self.cal, layer, key, self.opts)
+            self.values[(layer, key)] = self.sens.reference.alone(
+                self.meas.qmodel, self.cal.names, layer, setting
+            )
+        return self.values[(layer, key)]
+
+
+@dataclass
+class _Selection:
+    """One FP choice: the options it was made on (exact where measured), the FP layers, the ranking."""
+
+    options: dict[str, LayerOption]
+    fp: list[str]
+    ranked: list[str]
+    exact: dict[str, float]
+
+    def blown(self) -> dict[str, ExcludeEntry]:
+        """Layers whose option, quantized alone, measured non-finite outputs: FP outside the budget."""
+        return {
+            n: ExcludeEntry(
+                n,
+                "quantized alone it turns the model's outputs non-finite (measured on the held-out batches)",
+                {f"out_{self.options[n].key}_exact_err": e},
+            )
+            for n, e in self.exact.items()
+            if not math.isfinite(e)
+        }
+
+
+def _select(
+    options: dict[str, LayerOption], free: list[str], budget: int, exact: _Exact, progress: PhaseProgress,
+    label: str,
+) -> _Selection:  # fmt: skip
+    """The FP layers for `options`: ranked by prediction, the layers around the budget's edge measured
+    exactly (each alone, with its option), then chosen again on those measurements."""
+    ranked = sorted(free, key=lambda n: -_err(options[n]))
+    width = max(1, math.ceil(budget / 4))
+    window = ranked[max(0, budget - width) : budget + width] if budget else []
+    blind = {n for n in free if exact.sens.source.get(n, "").startswith("exact")}
+    window = [n for n in window if n not in blind or options[n].key != "naive"]
+    measured: dict[str, float] = {}
+    with progress.phase(f"exact check ({label})", len(window)) as advance:
+        for n in window:
+            measured[n] = exact(n, options[n].key)
+            advance()
+    options = {**options, **{n: replace(options[n], error=e) for n, e in measured.items()}}
+    ranked = sorted(free, key=lambda n: -_err(options[n]))
+    finite = [n for n in free if not (n in measured and not math.isfinite(measured[n]))]
+    return _Selection(options, choose_fp(options, finite, budget, exact.opts.max_fp_macs), ranked, measured)
+
+
+def _options(
+    table: pd.DataFrame, opts: ScanOptions, free: list[str], net: dict[str, ExcludeEntry]
+) -> tuple[dict[str, LayerOption], int, str]:
+    """Each layer's best candidate, the FP budget, and the reason naive layers get: on a model whose
+    predicted output error is negligible, every layer stays naive (no FP slot, no other candidate)."""
+    budget = opts.fp_layer_budget(len(free) + len(net))
+    calm = negligible(table)
+    if calm is not None:
+        plain = {n: replace(o, key="naive", error=o.naive_error) for n, o in best_options(table).items()}
+        return plain, 0, (
+            f"the model's predicted output error, every layer naive, is negligible ({calm:.2g} < "
+            f"{NEGLIGIBLE_ERROR:g}): nothing to repair"
+        )  # fmt: skip
+    first = best_options(table, opts.sq_mode)  # the savings that matter are among the layers left quantized
+    fp = choose_fp(first, free, budget, opts.max_fp_macs)
+    return best_options(table, opts.sq_mode, fp=set(fp) | set(net)), budget, ""
+
+
+def _rules(
+    names: list[str], sel: _Selection, net: dict[str, ExcludeEntry], budget: int, mode: str, note: str = ""
+) -> dict[str, Rule]:
+    """One rule per layer: the safety net's FP, the selection's FP (with its measured or predicted output
+    error in the reason), else the layer's option."""
+    rank = {n: i for i, n in enumerate(sel.ranked)}
+    rules: dict[str, Rule] = {}
+    for n in names:
+        o = sel.options[n]
+        metrics = {"out_naive_err": o.naive_error} if math.isfinite(o.naive_error) else {}
+        if o.key != "naive" and math.isfinite(o.error):
+            metrics[f"out_{o.key}_err"] = o.error
+        if n in sel.exact:
+            metrics["out_exact_err"] = sel.exact[n]
+        if n in net:
+            rules[n] = Rule(n, "fp", reason=net[n].reason, metrics={**net[n].metrics, **metrics})
+        elif n in sel.fp:
+            how = "measured" if n in sel.exact else "predicted"
+            what = "naive" if o.key == "naive" else f"at best ({o.key})"
+            reason = (
+                f"{how} output error {what} {o.error:.3g} alone (rank {rank[n] + 1} of {len(names)}): kept in "
+                f"FP within the budget of {budget} layers"
+            )
+            rules[n] = Rule(n, "fp", reason=reason, metrics=metrics)
+        else:
+            fields = dict(Method.from_key(o.key, mode).rule_fields())
+            reason = note
+            if o.key != "naive":
+                reason = f"least predicted output error: {o.key} {o.error:.3g} vs naive {o.naive_error:.3g}"
+            rules[n] = Rule(n, reason=reason, metrics=metrics, **fields)
+    return rules
+
+
+def decide_by_outputs(
+    cal: Calibration, meas: Measurement, sens: OutputSensitivity, opts: ScanOptions, progress: PhaseProgress,
+    timings: dict[str, float],
+) -> tuple[Decision, Verifier, list[CurvePoint]]:  # fmt: skip
+    """Policy v2 (every candidate) and the exclusion list (naive only, what exclude.yaml holds), each with
+    the FP budget spent where it removes the most output error, both verified."""
+    t = time.perf_counter()
+    names, table = cal.names, meas.table
+    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress)
+    net = _safety_net(cal, meas, sens, opts)
+    free = [n for n in names if n not in net]
+    exact = _Exact(cal, meas, sens, opts)
+    best, budget, note = _options(table, opts, free, net)
+    naive = {n: replace(o, key="naive", error=o.naive_error) for n, o in best.items()}
+    pol = _select(best, free, budget, exact, progress, "policy")
+    exc = _select(naive, free, budget, exact, progress, "exclusion")
+    rules = _rules(names, pol, {**net, **pol.blown()}, budget, opts.sq_mode, note)
+    for n in names:
+        table.loc[n, "out_best"] = best[n].key
+        table.loc[n, "out_exact_err"] = exact.values.get((n, best[n].key), math.nan)
+    configs = {
+        n: LayerQuant("fp") if rules[n].method == "fp" else _setting(meas, cal, n, best[n].key, opts)
+        for n in names
+    }
+    badness, repair = (lambda n: isolated_badness(table, n)), _repair_reason(table)
+    pol_check, moved = verifier.repaired(configs, "policy", badness, repair)
+    for n, entry in moved.items():
+        rules[n] = Rule(n, "fp", reason=entry.reason, metrics=entry.metrics)
+    pol_check, rules = _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier)
+    ex_rules = _rules(names, exc, {**net, **exc.blown()}, budget, opts.sq_mode, note)
+    ex_configs = {
+        n: LayerQuant("fp") if ex_rules[n].method == "fp" else _setting(meas, cal, n, "naive", opts)
+        for n in names
+    }
+    ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
+    excluded = {
+        n: ExcludeEntry(n, r.reason, dict(r.metrics)) for n, r in ex_rules.items() if r.method == "fp"
+    }
+    excluded.update(ex_moved)
+    excluded = {n: excluded[n] for n in names if n in excluded}
+    fp_ranked = [n for n in pol.ranked if n in pol.fp]
+    curve = _curve(meas, sens, pol.options, fp_ranked, configs, pol_check.out_rel_mse(), cal)
+    timings["verify_s"] = time.perf_counter() - t
+    return Decision(rules, excluded, ex_check, pol_check), verifier, curve
+
+
+def _err(option: LayerOption) -> float:
+    return -1.0 if math.isnan(option.error) else option.error
+
+
+def _repair_reason(table):  # type: ignore[no-untyped-def]
+    def reason(name: str, where: str) -> ExcludeEntry:
+        rel = float(table.loc[name, "iso_naive_rel_l1"])
+        return ExcludeEntry(
+            name,
+            f"the quantized model turns non-finite at {where}; worst isolated error upstream (relative L1 {rel:.3g})",
+            {"iso_naive_rel_l1": rel},
+        )
+
+    return reason
+
+
+def _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier):  # type: ignore[no-untyped-def]
+    """Candidates other than plain naive stay only if the whole model measures better with them."""
+    fancy = [
+        n for n, r in rules.items() if r.method == "smoothquant" or (r.method == "naive" and r.calibrator)
+    ]
+    if not fancy or sens.reference is None or not math.isfinite(pol_check.out_rel_mse()):
+        return pol_check, rules
+    plain = dict(configs)
+    for n in fancy:
+        plain[n] = LayerQuant("naive", cal.observers[n].amax(), cal.observers[n].unsigned())
+    measured_plain = sens.reference.measure(meas.qmodel, plain)
+    if not measured_plain < pol_check.out_rel_mse():
+        return pol_check, rules
+    for n in fancy:
+        rules[n] = Rule(
+            n, "naive", reason=f"measured: plain naive ranges gave the model less output error "
+            f"({measured_plain:.3g} vs {pol_check.out_rel_mse():.3g})", metrics=rules[n].metrics,
+        )  # fmt: skip
+    configs.update(plain)
+    return verifier.run(configs, "policy"), rules
+
+
+def _curve(meas, sens, options, fp_ranked, configs, measured_policy, cal) -> list[CurvePoint]:  # type: ignore[no-untyped-def]
+    """Predicted output error as the ranked FP layers are added one by one; measured at 0 and at the policy."""
+    total = sum(max(_err(o), 0.0) for n, o in options.items() if configs[n].method != "fp" or n in fp_ranked)
+    no_fp = dict(configs)
+    for n in fp_ranked:
+        no_fp[n] = LayerQuant("naive", cal.observers[n].amax(), cal.observers[n].unsigned())
+    start = (
+        sens.reference.measure(meas.qmodel, no_fp)
+        if sens.reference is not None and fp_ranked
+        else measured_policy
+    )
+    points = [CurvePoint(0, "", total, start)]
+    for k, n in enumerate(fp_ranked, 1):
+        total -= max(_err(options[n]), 0.0)
+        points.append(CurvePoint(k, n, total, measured_policy if k == len(fp_ranked) else math.nan))
+    return points

@@ -1,0 +1,72 @@
+"""Exact output errors: a configuration of the quantized model run over the held-out batches against the FP
+model's outputs, kept once.
+
+What the output probes cannot predict is measured here: layers no gradient reaches (spconv on CPU, a
+`.detach()` or `no_grad` in the model's forward), each quantized alone; and every policy the scan believes,
+before it is believed. One configuration costs one quantized forward over the held-out batches (the FP
+outputs are not recomputed). The benchmark's oracle measures every layer this way (L forwards).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sensitivity import distributed as D
+from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.passes import held_pieces, relative_sq_error
+from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
+from sensitivity.prepare import LayerInfo
+from sensitivity.quant.build import LayerQuant, configure_layers
+
+__all__ = ["OutputReference"]
+
+
+class OutputReference:
+    """The FP model's selected outputs on the held-out pieces (this rank's shard), detached."""
+
+    def __init__(
+        self,
+        fp: nn.Module,
+        layers: Sequence[LayerInfo],
+        held: Sequence[Batch],
+        select: OutputSelector,
+        *,
+        first_index: int = 0,
+        device: str | torch.device | None = None,
+        budget_mb: float = 128.0,
+    ) -> None:
+        self.select, self.device = select, device
+        self.pieces = held_pieces(layers, held, budget_mb, first_index)
+        self.refs: list[dict[str, torch.Tensor]] = []
+        self.weights: list[float] = []
+        with torch.no_grad():
+            for index, piece in self.pieces:
+                batch = batch_to(piece, device) if device is not None else piece
+                self.refs.append({k: v.detach() for k, v in select(run_checked(fp, batch, index)).items()})
+                self.weights.append(float(batch_len(piece) or 1))
+        self.runs = 0
+
+    def measure(self, qmodel: nn.Module, configs: dict[str, LayerQuant]) -> float:
+        """Relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖², averaged over pieces by samples) of
+        `qmodel` configured with `configs`; inf where it turns non-finite. All ranks take part."""
+        configure_layers(qmodel, configs)
+        total, weight = 0.0, 0.0
+        with torch.no_grad():
+            for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True):
+                batch = batch_to(piece, self.device) if self.device is not None else piece
+                out = self.select(run_checked(qmodel, batch, index))
+                total += w * sum(relative_sq_error(r, out[k]) for k, r in ref.items() if k in out)
+                weight += w
+        self.runs += 1
+        total, weight = D.sum_floats(total, weight)
+        return total / weight if weight > 0 else math.nan
+
+    def alone(self, qmodel: nn.Module, names: Sequence[str], layer: str, setting: LayerQuant) -> float:
+        """`layer` quantized with `setting`, every other layer in FP."""
+        configs = {n: LayerQuant("fp") for n in names}
+        configs[layer] = setting
+        return self.measure(qmodel, configs)
