@@ -142,6 +142,7 @@ def _reduce_range_hist(hist: DyadicHistogram) -> None:
     hist.hist, hist.neg = _reduce(hist.hist, "sum"), _reduce(hist.neg, "sum")
     hist.zeros = float(_reduce(torch.tensor([hist.zeros], dtype=torch.float64), "sum"))
     hist.max = float(_reduce(torch.tensor([hist.max], dtype=torch.float64), "max"))
+    hist.changed()
 
 
 def reduce_histograms_(histograms: dict[str, RangeHistogram]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from sensitivity.errors import SensitivityError, SpecError
 
-__all__ = ["OutputSelector", "as_tensor", "flatten_outputs"]
+__all__ = ["OutputEnergy", "OutputSelector", "as_tensor", "flatten_outputs"]
 
 
 def as_tensor(obj: Any) -> torch.Tensor | None:
@@ -81,3 +82,31 @@ class OutputSelector:
                 f"{type(mapped).__name__}"
             )
         return flat
+
+
+@dataclass(frozen=True)
+class OutputEnergy:
+    """Σ‖y_o‖² of each selected FP output over all held-out batches (all ranks): the one normaliser of the
+    relative output MSE Σ_o ‖Δy_o‖² / ‖y_o‖² "on the held-out batches". Each piece then contributes its
+    share Σ_o ‖Δy_o‖² / E_o, and the shares add up to the model's value whatever the batches' split into
+    pieces or ranks (a per-piece ratio would weight small pieces and near-zero outputs by chance)."""
+
+    totals: Mapping[str, float]
+
+    def share(self, ref: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor]) -> float:
+        """This piece's part of the relative output MSE (inf where an output is not finite)."""
+        total = 0.0
+        for key, r in ref.items():
+            if key not in test:
+                continue
+            num = float(torch.linalg.vector_norm(test[key].detach().double() - r.detach().double()) ** 2)
+            den = self.totals.get(key, 0.0)
+            if not math.isfinite(num):
+                return math.inf
+            total += (num / den) if den > 0 else (0.0 if num == 0.0 else math.inf)
+        return total
+
+    def scale(self, key: str) -> float | None:
+        """sqrt(E_o), what the output probes divide output `key` by (None: unknown or zero)."""
+        den = self.totals.get(key, 0.0)
+        return math.sqrt(den) if den > 0 and math.isfinite(den) else None

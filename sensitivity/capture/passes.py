@@ -20,7 +20,7 @@ from torch import nn
 
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
-from sensitivity.capture.outputs import OutputSelector, as_tensor, flatten_outputs
+from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor, flatten_outputs
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
 from sensitivity.errors import FPModelError
 from sensitivity.graph import eager_modules
@@ -112,6 +112,8 @@ class PassResult:
     #: summed with weight = samples per piece; `out_weight` the total weight (see `out_rel_mse`)
     out_rel: float = 0.0
     out_weight: float = 0.0
+    #: out_rel and pred hold shares of one `OutputEnergy` (sums, not sample-weighted ratios)
+    energy_normalised: bool = False
     #: predicted relative output MSE per (layer, candidate) from the probes, weighted as `out_rel`
     pred: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     pred_weight: float = 0.0
@@ -132,14 +134,18 @@ class PassResult:
         return total
 
     def out_rel_mse(self) -> float:
-        """The measured relative output MSE of the quantized model (NaN before any batch)."""
-        return self.out_rel / self.out_weight if self.out_weight > 0 else math.nan
+        """The measured relative output MSE of the quantized model (NaN before any batch): the sum of the
+        pieces' shares under an `OutputEnergy`, else the pieces' own ratios averaged by samples."""
+        if self.out_weight <= 0:
+            return math.nan
+        return self.out_rel if self.energy_normalised else self.out_rel / self.out_weight
 
     def predicted(self, layer: str, candidate: str) -> float:
         """The probes' predicted relative output MSE of `candidate` at `layer` alone (NaN: not predicted)."""
         if self.pred_weight <= 0 or (layer, candidate) not in self.pred:
             return math.nan
-        return self.pred[(layer, candidate)] / self.pred_weight
+        value = self.pred[(layer, candidate)]
+        return value if self.energy_normalised else value / self.pred_weight
 
 
 def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
@@ -222,6 +228,7 @@ class _Compare:
         #: this piece's probe gradients, and the probe dot products summed over each layer's calls
         self.grads: ProbeGrads | None = None
         self.dots: dict[tuple[str, str], torch.Tensor] = {}
+        self.energy: OutputEnergy | None = None
 
     def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -252,8 +259,10 @@ class _Compare:
         if variants is not None and g_in is not None and naive and self.grads is not None:
             x = x if x is not None else self.inputs(name, args)
             if x is not None:
-                for key, err in variants.errors(x):
-                    self._add_dots(name, key, naive[0] + sample_dots(g_in, err, self.grads.samples))
+                for keys, err in variants.errors(x):
+                    dots = naive[0] if err is None else naive[0] + sample_dots(g_in, err, self.grads.samples)
+                    for key in keys:
+                        self._add_dots(name, key, dots)
         self.stored[name].append(y.detach().clone())
 
     def _probe_diff(
@@ -275,8 +284,9 @@ class _Compare:
         """Square this piece's probe dot products (per probe and sample, summed over a layer's calls)."""
         if self.grads is None:
             return
+        share = 1.0 if self.res.energy_normalised else weight  # normalised by E_o already, or per piece
         for key, dots in self.dots.items():
-            self.res.pred[key] += weight * float((dots**2).sum()) / self.grads.probes
+            self.res.pred[key] += share * float((dots**2).sum()) / self.grads.probes
         self.res.pred_weight += weight
         if self.grads.failed:
             self.res.probe_failed = self.grads.failed
@@ -299,8 +309,12 @@ class _Compare:
         for key, ref in ref_flat.items():
             if key in q_flat:
                 self.res.out[key].update(ref, q_flat[key])
-                rel += relative_sq_error(ref, q_flat[key])
-        self.res.out_rel += weight * rel
+                if self.energy is None:
+                    rel += relative_sq_error(ref, q_flat[key])
+        if self.energy is not None:
+            self.res.out_rel += self.energy.share(ref_flat, q_flat)
+        else:
+            self.res.out_rel += weight * rel
         self.res.out_weight += weight
         found = self.watch.found(q_flat)
         if found is not None and (
@@ -355,6 +369,7 @@ def compare_pass(
     stored_budget_mb: float = 128.0,
     probes: int = 0,
     seed: int = 0,
+    energy: OutputEnergy | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
     `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
@@ -362,6 +377,7 @@ def compare_pass(
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
+    run.energy, res.energy_normalised = energy, energy is not None
     select = outputs or OutputSelector()
     leaves = _leaf_names(q_model, set(names))
     # probes keep 2 gradients per probe per layer, and autograd the activations of one forward
@@ -373,7 +389,7 @@ def compare_pass(
                 batch = batch_to(batch, device)
             if probes:
                 gen = piece_generator(seed, batch)
-                run.grads = probe_gradients(fp_model, batch, names, select, probes, gen, index)
+                run.grads = probe_gradients(fp_model, batch, names, select, probes, gen, index, energy)
             with layer_inputs(fp_model, names) as run.inputs, forward_hooks(fp_model, names, run.fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
             _check_fp_outputs(fp_out, index)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sensitivity.capture.outputs import OutputSelector, as_tensor
+from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
 from sensitivity.io.batches import Batch, batch_len, batch_tensors, run_checked
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
@@ -149,13 +149,17 @@ def _recording(model: nn.Module, names: Sequence[str]) -> Iterator[_Recorder]:
         yield rec
 
 
-def _probe_loss(flat: dict[str, Tensor], gen: torch.Generator) -> Tensor | None:
-    """Σ_o rᵀ y_o / ‖y_o‖ with random signs r: its gradient is one probe (None: nothing to differentiate)."""
+def _probe_loss(
+    flat: dict[str, Tensor], gen: torch.Generator, energy: OutputEnergy | None = None
+) -> Tensor | None:
+    """Σ_o rᵀ y_o / sqrt(E_o) with random signs r (E_o: the output's energy over all held-out batches; the
+    piece's own ‖y_o‖ without one): its gradient is one probe (None: nothing to differentiate)."""
     loss: Tensor | None = None
-    for y in flat.values():
+    for key, y in flat.items():
         if not y.requires_grad or not y.is_floating_point():
             continue
-        norm = float(y.detach().double().norm())
+        scale = energy.scale(key) if energy is not None else None
+        norm = scale if scale is not None else float(y.detach().double().norm())
         if not norm > 0.0 or norm == float("inf"):
             continue
         r = torch.randint(0, 2, y.shape, generator=gen).to(device=y.device, dtype=y.dtype).mul_(2).sub_(1)
@@ -183,6 +187,7 @@ def probe_gradients(
     probes: int,
     gen: torch.Generator,
     index: int = 0,
+    energy: OutputEnergy | None = None,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
@@ -196,7 +201,7 @@ def probe_gradients(
     try:
         for k in range(probes):
             with torch.enable_grad():
-                loss = _probe_loss(flat, gen)
+                loss = _probe_loss(flat, gen, energy)
             if loss is None or not tensors:
                 break
             got = torch.autograd.grad(loss, tensors, retain_graph=k < probes - 1, allow_unused=True)

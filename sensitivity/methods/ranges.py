@@ -35,13 +35,21 @@ class InputVariants:
             q.set_amax(amax)
             self.quantizers[range_key(choice)] = q
 
-    def errors(self, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """(candidate key, Q_c(x) - Q(x)) for each variant whose amax differs from the layer's own."""
+    def errors(self, x: torch.Tensor) -> Iterator[tuple[list[str], torch.Tensor | None]]:
+        """(candidate keys, Q_c(x) - Q(x)) per distinct amax among the variants (the percentiles of a
+        light-tailed input often coincide with each other or with max); None for the keys whose amax is the
+        layer's own (no change: their score is naive's)."""
         x = x.detach()
-        own = self.base(x)
         own_amax = self.base.amax
+        own_value = float(own_amax) if own_amax is not None else None
+        groups: dict[float, list[str]] = {}
         for key, q in self.quantizers.items():
-            if own_amax is not None and q.amax is not None and bool(torch.equal(q.amax, own_amax.cpu())):
-                yield key, torch.zeros_like(own)
-                continue
-            yield key, q(x) - own
+            groups.setdefault(float(q.amax) if q.amax is not None else float("nan"), []).append(key)
+        same = groups.pop(own_value, []) if own_value is not None else []
+        if same:
+            yield same, None
+        if not groups:
+            return
+        own = self.base(x)
+        for keys in groups.values():
+            yield keys, self.quantizers[keys[0]](x) - own

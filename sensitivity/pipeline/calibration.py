@@ -77,7 +77,8 @@ def observers_for(
             spec,
             channel_dim(fp.get_submodule(n)),
             hist_range=ranges.get(n),
-            choices=opts.calibrator_choices if choices is None else choices,
+            # the ranges are scored by the output probes only: none without them
+            choices=(opts.calibrator_choices and opts.probes != 0) if choices is None else choices,
         )
         for n in names
     }

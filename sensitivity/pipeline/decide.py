@@ -42,7 +42,8 @@ def decide_stage(
     # fit-batch statistics (what the held-out scoring measured) for the verification passes
     fit_configs = {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in cal.acts().items()}
     user_fp = opts.user_fp(names)
-    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress)
+    energy = meas.reference.energy if meas.reference is not None else None
+    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy)
 
     def badness(name: str) -> float:
         return isolated_badness(table, name)

@@ -192,7 +192,8 @@ def decide_by_outputs(
     the FP budget spent where it removes the most output error, both verified."""
     t = time.perf_counter()
     names, table = cal.names, meas.table
-    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress)
+    energy = meas.reference.energy if meas.reference is not None else None
+    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy)
     net = _safety_net(cal, meas, sens, opts)
     free = [n for n in names if n not in net]
     exact = _Exact(cal, meas, sens, opts)
@@ -201,9 +202,8 @@ def decide_by_outputs(
     pol = _select(best, free, budget, exact, progress, "policy")
     exc = _select(naive, free, budget, exact, progress, "exclusion")
     rules = _rules(names, pol, {**net, **pol.blown()}, budget, opts.sq_mode, note)
-    for n in names:
-        table.loc[n, "out_best"] = best[n].key
-        table.loc[n, "out_exact_err"] = exact.values.get((n, best[n].key), math.nan)
+    table["out_best"] = [best[n].key for n in names]
+    table["out_exact_err"] = [exact.values.get((n, best[n].key), math.nan) for n in names]
     configs = {
         n: LayerQuant("fp") if rules[n].method == "fp" else _setting(meas, cal, n, best[n].key, opts)
         for n in names

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from sensitivity import distributed as D
-from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.passes import held_pieces, relative_sq_error
+from sensitivity.capture.outputs import OutputEnergy, OutputSelector
+from sensitivity.capture.passes import held_pieces
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.build import LayerQuant, configure_layers
@@ -48,22 +48,27 @@ class OutputReference:
                 batch = batch_to(piece, device) if device is not None else piece
                 self.refs.append({k: v.detach() for k, v in select(run_checked(fp, batch, index)).items()})
                 self.weights.append(float(batch_len(piece) or 1))
+        keys = sorted({k for ref in self.refs for k in ref})
+        local = [
+            sum(float(torch.linalg.vector_norm(r[k].double()) ** 2) for r in self.refs if k in r)
+            for k in keys
+        ]
+        self.energy = OutputEnergy(dict(zip(keys, D.sum_floats(*local), strict=True)))
         self.runs = 0
 
     def measure(self, qmodel: nn.Module, configs: dict[str, LayerQuant]) -> float:
-        """Relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖², averaged over pieces by samples) of
+        """Relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖², both summed over the held-out batches) of
         `qmodel` configured with `configs`; inf where it turns non-finite. All ranks take part."""
         configure_layers(qmodel, configs)
         total, weight = 0.0, 0.0
         with torch.no_grad():
             for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True):
                 batch = batch_to(piece, self.device) if self.device is not None else piece
-                out = self.select(run_checked(qmodel, batch, index))
-                total += w * sum(relative_sq_error(r, out[k]) for k, r in ref.items() if k in out)
+                total += self.energy.share(ref, self.select(run_checked(qmodel, batch, index)))
                 weight += w
         self.runs += 1
         total, weight = D.sum_floats(total, weight)
-        return total / weight if weight > 0 else math.nan
+        return total if weight > 0 else math.nan
 
     def alone(self, qmodel: nn.Module, names: Sequence[str], layer: str, setting: LayerQuant) -> float:
         """`layer` quantized with `setting`, every other layer in FP."""

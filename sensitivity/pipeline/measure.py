@@ -26,6 +26,7 @@ from sensitivity.methods.base import sq_key
 from sensitivity.methods.candidates import build_candidates
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.pipeline.calibration import Calibration, observers_for
+from sensitivity.pipeline.exact import OutputReference
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.quant.build import build_quant_model, quant_layers
 from sensitivity.quant.modules import QuantMixin
@@ -44,6 +45,8 @@ class Measurement:
     histograms: dict[str, RangeHistogram]
     sweeps: dict[str, np.ndarray]
     fold_sites: dict[str, FoldSite]
+    #: the FP outputs on the held-out batches and their energies (with output probes or policy v2)
+    reference: OutputReference | None = None
 
 
 def _refit_observers(cal: Calibration, opts: ScanOptions) -> dict[str, LayerObserver] | None:
@@ -73,12 +76,19 @@ def measure_stage(
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
     t = time.perf_counter()
     refit = _refit_observers(cal, opts)
+    reference = None
+    if probes or opts.policy == "output":  # its energies normalise the probes and every output error
+        reference = OutputReference(
+            fp, layers, cal.held_local, opts.output_selector, first_index=len(cal.batches) - len(cal.held),
+            device=opts.device, budget_mb=opts.stored_activation_mb,
+        )  # fmt: skip
     with progress.phase("scan", len(cal.held_local)) as advance:
         result = compare_pass(
             fp, qmodel, layers, cal.held_local, candidates=candidates, observers=refit,
             histograms=histograms, outputs=opts.output_selector, progress=advance,
             first_index=len(cal.batches) - len(cal.held), device=opts.device,
             stored_budget_mb=opts.stored_activation_mb, variants=variants, probes=probes, seed=opts.seed,
+            energy=reference.energy if reference is not None else None,
         )  # fmt: skip
     del candidates, variants
     D.reduce_pass_(result)
@@ -96,7 +106,7 @@ def measure_stage(
     fold_sites = {n: find_fold_site(cal.prep.flow, n) for n in names}
     table["sq_fold"] = [fold_sites[n].producer or "" for n in names]
     table["sq_fold_reason"] = [fold_sites[n].reason for n in names]
-    return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites)
+    return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites, reference)
 
 
 def _input_variants(
@@ -149,10 +159,16 @@ def _sq_columns(
                 finite = [r for r in rows if r[4] == 0 and math.isfinite(r[1])] or rows
                 best = min(finite, key=lambda r: (r[1] if math.isfinite(r[1]) else math.inf, abs(r[0] - 0.5)))
                 best_rows.append((n, best))
-        for n, (a, _, _, m, _) in best_rows:
-            for metric, value in m.items():
-                table.loc[n, f"iso_{prefix}_{metric}"] = value
-            table.loc[n, f"{prefix}_alpha"] = a
-            table.loc[n, f"{prefix}_granularity"] = gran
-            table.loc[n, f"{prefix}_mode"] = opts.sq_mode
+        if not best_rows:
+            continue
+        frame = pd.DataFrame.from_dict(
+            {
+                n: {**{f"iso_{prefix}_{k}": v for k, v in m.items()}, f"{prefix}_alpha": a,
+                    f"{prefix}_granularity": gran, f"{prefix}_mode": opts.sq_mode}
+                for n, (a, _, _, m, _) in best_rows
+            },
+            orient="index",
+        )  # fmt: skip
+        for col in frame.columns:  # one column at a time: layers without a candidate stay NaN
+            table[col] = frame[col].reindex(table.index)
     return sweeps

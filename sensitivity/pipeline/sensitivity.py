@@ -76,13 +76,7 @@ def output_stage(
             errors[layer][cand] = result.predicted(layer, cand)
     blind = [n for n in names if result.grad_max.get(n, 0.0) <= 0.0 or result.probe_failed]
     source = {n: f"{PROBE} ({probes} x {samples} samples)" for n in names}
-    reference = None
-    if probes or opts.policy == "output":
-        reference = OutputReference(
-            cal.prep.model, cal.prep.layers, cal.held_local, opts.output_selector,
-            first_index=len(cal.batches) - len(cal.held), device=opts.device,
-            budget_mb=opts.stored_activation_mb,
-        )  # fmt: skip
+    reference = meas.reference
     if probes and reference is not None and blind:
         with progress.phase("exact output errors", len(blind)) as advance:
             for n in blind:

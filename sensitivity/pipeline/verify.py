@@ -10,6 +10,7 @@ import pandas as pd
 from torch import nn
 
 from sensitivity import distributed as D
+from sensitivity.capture.outputs import OutputEnergy
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.io.batches import Batch
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
@@ -32,8 +33,9 @@ class Verifier:
     """Runs `qmodel` configured one way against `fp` on the held-out batches (this rank's shard)."""
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
-                 opts: ScanOptions, progress: PhaseProgress) -> None:  # fmt: skip
+                 opts: ScanOptions, progress: PhaseProgress, energy: OutputEnergy | None = None) -> None:  # fmt: skip
         self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
+        self.energy = energy
         self.opts, self.progress = opts, progress
         self.names = [layer.name for layer in layers]
 
@@ -43,6 +45,7 @@ class Verifier:
             result = compare_pass(
                 self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
                 progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
+                energy=self.energy,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result

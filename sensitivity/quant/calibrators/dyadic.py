@@ -24,6 +24,9 @@ __all__ = ["DyadicHistogram"]
 
 #: no top yet (only zeros seen, or nothing)
 _NO_TOP = -(2**31)
+#: `mse` searches this many bins (groups of nested bins added: exact): its candidates x bins grid is what it
+#: costs, 16x less than on 4096 bins, for a range chosen to within 1/1024 of the top
+_MSE_BINS = 1024
 
 
 class DyadicHistogram:
@@ -41,34 +44,46 @@ class DyadicHistogram:
         self.neg = torch.zeros(self.num_bins, dtype=torch.float64)  # counts of the negative values alone
         self.zeros = 0.0  # values seen while no top exists (all zero so far)
         self.max = 0.0
+        self._amax: dict[tuple[str, float | None, bool], torch.Tensor] = {}  # cleared by any new count
 
     @property
     def top(self) -> float:
         return math.ldexp(1.0, self.exp) if self.exp != _NO_TOP else 0.0
 
     def collect(self, x: torch.Tensor) -> None:
+        """One signed bincount per batch: the index trunc(x · n / 2^k) (toward zero) puts x and -x in the
+        same |x| bin; the negative side is also kept apart (`neg`, for the unsigned range). Negative values
+        in bin 0 count as positives there: for the unsigned range they saturate to 0 either way."""
         if x.numel() == 0:
             return
         with torch.no_grad():
             x = x.detach().float().reshape(-1)
-            a = x.abs()
-            top = float(a.max())
+            lo, hi = torch.aminmax(x)
+            top = max(-float(lo), float(hi))
             if not math.isfinite(top):
                 raise FPModelError(f"calibration activations are not finite (max |x| = {top})")
             self.max = max(self.max, top)
+            self._amax.clear()
             if top == 0.0 and self.exp == _NO_TOP:
                 self.zeros += float(x.numel())
                 return
             self.grow_to(math.frexp(top)[1])  # top < 2^e
-            scale = math.ldexp(1.0, int(math.log2(self.num_bins)) - self.exp)  # n / 2^k, a power of two
-            index = (a * scale).long().clamp_(max=self.num_bins - 1).cpu()
-            self.hist += torch.bincount(index, minlength=self.num_bins).double()
-            negative = index[(x < 0).cpu()]
-            if negative.numel():
-                self.neg += torch.bincount(negative, minlength=self.num_bins).double()
+            n = self.num_bins
+            scale = math.ldexp(1.0, int(math.log2(n)) - self.exp)  # n / 2^k, a power of two: exact
+            index = (x * scale).long().add_(n - 1).clamp_(0, 2 * n - 2)
+            counts = torch.bincount(index, minlength=2 * n - 1).double().cpu()
+            negative = counts[: n - 1].flip(0)  # |x| bins 1 .. n-1 of the negative values
+            self.hist += counts[n - 1 :]
+            self.hist[1:] += negative
+            self.neg[1:] += negative
+
+    def changed(self) -> None:
+        """Forget the amax values computed so far (the counts were changed from outside, e.g. all-reduced)."""
+        self._amax.clear()
 
     def grow_to(self, exp: int) -> None:
         """Raise the top to 2^exp (never lowers it): pairs of bins merge, exactly."""
+        self._amax.clear()
         if self.exp == _NO_TOP:
             self.exp = exp
             self.hist[0] += self.zeros
@@ -78,6 +93,7 @@ class DyadicHistogram:
         while self.exp < exp:
             self.hist = torch.cat((self.hist.view(-1, 2).sum(1), pad))
             self.neg = torch.cat((self.neg.view(-1, 2).sum(1), pad))
+            self.neg[0] = 0.0  # negatives in bin 0 count as zeros: the unsigned range saturates them to 0
             self.exp += 1
 
     def amax_by(self, method: str, percentile: float | None = None, unsigned: bool = False) -> torch.Tensor:
@@ -89,11 +105,19 @@ class DyadicHistogram:
             raise NothingCollectedError("the range histogram received no activations")
         if method == "max":
             return torch.tensor(self.max, dtype=torch.float32)
+        key = (method, percentile, unsigned)
+        if key not in self._amax:
+            self._amax[key] = self._amax_of(method, percentile, unsigned)
+        return self._amax[key].clone()
+
+    def _amax_of(self, method: str, percentile: float | None, unsigned: bool) -> torch.Tensor:
         hist = self.hist.clone()
         if unsigned:
             hist -= self.neg
             hist[0] += float(self.neg.sum())
-        edges = torch.linspace(0.0, self.top, self.num_bins + 1, dtype=torch.float64).float()
+        if method == "mse" and self.num_bins > _MSE_BINS:
+            hist = hist.view(_MSE_BINS, -1).sum(1)
+        edges = torch.linspace(0.0, self.top, hist.numel() + 1, dtype=torch.float64).float()
         h, e = hist.numpy(), edges.numpy()
         if method == "percentile":
             return compute_amax_percentile(h, e, 99.99 if percentile is None else percentile)
@@ -112,6 +136,7 @@ class DyadicHistogram:
 
     def merge_state(self, other: dict[str, torch.Tensor]) -> None:
         """Add another histogram of the same bins count: exact whatever the two tops."""
+        self.changed()
         hist, neg = other["hist"].double().cpu(), other["neg"].double().cpu()
         if hist.shape != self.hist.shape:
             raise ValueError("merge_state: the other range histogram has a different number of bins")
@@ -127,6 +152,7 @@ class DyadicHistogram:
         theirs.exp, theirs.hist, theirs.neg, theirs.zeros = exp, hist.clone(), neg.clone(), 0.0
         theirs.hist[0] += float(other["zeros"])
         top = max(self.exp, exp)
+        self._amax.clear()
         self.grow_to(top)
         theirs.grow_to(top)
         self.hist += theirs.hist

@@ -1,0 +1,152 @@
+"""Output-referred sensitivity against the exact answer, and policy v2 against policy v1 and the oracle.
+
+Per real model (`output_models.py`), in one run:
+
+1. Cost: the scan without output scores (`--probes 0`, today's v1 scan), with them (same v1 decisions, so
+   only the scores differ), and the default v2 scan; wall time side by side, ratios to the first.
+2. Accuracy of the scores: every layer quantized alone (naive) over the scan's own held-out batches,
+   exactly (L quantized forwards: the slow answer), against `out_naive_err`: Spearman rank correlation
+   over the layers whose `out_err_source` is an estimate, and the overlap of the two top-5s.
+3. Decisions, measured on test data neither calibration nor the policy saw: relative output MSE (and the
+   task metric) of all-naive, policy v1 (isolated thresholds), policy v2, and the oracle (the same FP
+   budget spent greedily on the layers with the largest exact alone errors, the rest naive).
+
+    .venv/bin/python benchmarks/output_sensitivity.py [--models digits,mobilenet,yolo] [--spec W8A8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+import torch
+from output_models import MODELS, Case
+from scipy.stats import spearmanr
+
+from sensitivity import ScanOptions, scan
+from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.passes import calibrate
+from sensitivity.io.batches import split_holdout
+from sensitivity.pipeline.exact import OutputReference
+from sensitivity.quant.build import LayerQuant, quant_layers
+from sensitivity.quant.registry import run_context
+from sensitivity.spec import QuantSpec
+
+
+def _timed(model: Any, case: Case, **options: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    result = scan(model, case.calib, ScanOptions(**{**case.options, **options}))
+    return result, time.perf_counter() - t
+
+
+def _exact_alone(result: Any, fit: list[Any], held: list[Any], select: OutputSelector) -> dict[str, float]:
+    """Each layer quantized alone (naive) over the held-out batches, with the activation ranges of the
+    fitting batches only, as the scan's own errors are (the final ranges have seen the held-out batches)."""
+    ref = OutputReference(result.fp_model, result.layers, held, select)
+    q = result.quantized_model("naive")
+    names = list(result.table.index)
+    spec = result.options.spec.with_options(calibrator=result.options.spec.calibrator)
+    observers = calibrate(result.fp_model, result.layers, fit, spec)
+    return {n: ref.alone(q, names, n, LayerQuant("naive", observers[n].amax(), observers[n].unsigned())) for n in names}
+
+
+def _measure(
+    result: Any, configs: dict[str, LayerQuant], case: Case, select: OutputSelector
+) -> tuple[float, float]:
+    """(relative output MSE on the test batches, task metric) of the scan's model configured `configs`."""
+    q = result.quantized_model("naive")
+    ref = OutputReference(result.fp_model, result.layers, case.test, select)
+    err = ref.measure(q, configs)
+    metric = case.metric(q) if case.metric is not None else math.nan
+    return err, metric
+
+
+def run_case(case: Case, spec: str, probes: int | None = None) -> dict[str, Any]:
+    model = case.model
+    base: dict[str, Any] = {"spec": QuantSpec.parse(spec)}
+    probed = {} if probes is None else {"probes": probes}
+    with run_context(model):
+        scan(model, case.calib[:2], ScanOptions(**{**case.options, "probes": 0, **base}))  # warm-up, untimed
+        _, t_plain = _timed(model, case, probes=0, **base)
+        v1, t_scores = _timed(model, case, policy="thresholds", **base, **probed)
+        v2, t_v2 = _timed(model, case, **base, **probed)
+        select = v2.options.output_selector
+        fit, held = split_holdout(case.calib, v2.options.holdout)
+        t = time.perf_counter()
+        exact = _exact_alone(v2, fit, held, select)
+        t_exact = time.perf_counter() - t
+        table = v2.table
+        est = [n for n in table.index if str(table.loc[n, "out_err_source"]).startswith("probe")]
+        rho = spearmanr([table.loc[n, "out_naive_err"] for n in est], [exact[n] for n in est]).correlation
+        top_pred = set(sorted(est, key=lambda n: -table.loc[n, "out_naive_err"])[:5])
+        top_exact = set(sorted(est, key=lambda n: -exact[n])[:5])
+        budget = v2.options.fp_layer_budget(len(table))
+        oracle_fp = sorted(exact, key=lambda n: -exact[n])[:budget]
+        naive = v2.layer_configs("naive")
+        oracle = {n: LayerQuant("fp") if n in oracle_fp else naive[n] for n in naive}
+        configs = {
+            "all-naive": naive,
+            "policy v1": _as_v2_model(v1, v2),
+            "policy v2": v2.layer_configs("policy"),
+            "oracle": oracle,
+        }
+        fp_metric = case.metric(v2.fp_model) if case.metric is not None else math.nan
+        rows = {label: _measure(v2, cfg, case, select) for label, cfg in configs.items()}
+    fp_counts = {
+        "all-naive": 0,
+        "policy v1": sum(1 for r in v1.table["decision"] if r == "fp"),
+        "policy v2": sum(1 for r in v2.table["decision"] if r == "fp"),
+        "oracle": len(oracle_fp),
+    }
+    return {
+        "name": case.name, "layers": len(table), "estimated": len(est), "rho": rho,
+        "top5": len(top_pred & top_exact), "t_plain": t_plain, "t_scores": t_scores, "t_v2": t_v2,
+        "t_exact": t_exact, "rows": rows, "fp": fp_counts, "fp_metric": fp_metric, "budget": budget,
+        "metric_name": case.metric_name, "probes": v2.table["out_err_source"].iloc[0],
+    }  # fmt: skip
+
+
+def _as_v2_model(v1: Any, v2: Any) -> dict[str, LayerQuant]:
+    """Policy v1's settings, to run on v2's model object (same FP model and calibration)."""
+    q1 = quant_layers(v1.quantized_model("policy"))
+    configs = v1.layer_configs("policy")
+    assert set(configs) == set(quant_layers(v2.quantized_model("naive"))) == set(q1)
+    return configs
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"\n## {r['name']}: {r['layers']} layers ({r['estimated']} estimated by probes, {r['probes']})")
+    print(f"Spearman out_naive_err vs exact one-at-a-time: {r['rho']:.3f}; top-5 overlap {r['top5']}/5")
+    print(
+        f"scan time: v1 {r['t_plain']:.1f} s; with output scores {r['t_scores']:.1f} s "
+        f"({r['t_scores'] / r['t_plain']:.2f}x); v2 {r['t_v2']:.1f} s ({r['t_v2'] / r['t_plain']:.2f}x); "
+        f"exact one-at-a-time on the held-out batches {r['t_exact']:.1f} s"
+    )
+    metric = r["metric_name"]
+    print(f"\n| config | FP layers | test rel. output MSE | {metric or 'task metric'} |")
+    print("|---|---|---|---|")
+    if metric:
+        print(f"| FP | {r['layers']} | 0 | {r['fp_metric']:.4f} |")
+    for label, (err, value) in r["rows"].items():
+        shown = f"{value:.4f}" if math.isfinite(value) else "—"
+        print(f"| {label} | {r['fp'][label]} | {err:.4g} | {shown} |")
+    v2, oracle = r["rows"]["policy v2"][0], r["rows"]["oracle"][0]
+    print(f"\npolicy v2 / oracle output error: {v2 / oracle:.3f} (FP budget {r['budget']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--spec", default="W8A8")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--probes", type=int, default=None, help="probes per batch (default: the scan's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        report(run_case(MODELS[name](), args.spec, args.probes))
+
+
+if __name__ == "__main__":
+    main()
