@@ -49,7 +49,10 @@ def _exact_alone(result: Any, fit: list[Any], held: list[Any], select: OutputSel
     names = list(result.table.index)
     spec = result.options.spec.with_options(calibrator=result.options.spec.calibrator)
     observers = calibrate(result.fp_model, result.layers, fit, spec)
-    return {n: ref.alone(q, names, n, LayerQuant("naive", observers[n].amax(), observers[n].unsigned())) for n in names}
+    return {
+        n: ref.alone(q, names, n, LayerQuant("naive", observers[n].amax(), observers[n].unsigned()))
+        for n in names
+    }
 
 
 def _measure(

@@ -9,9 +9,17 @@ from typing import Any
 
 import torch
 
-from sensitivity.errors import SensitivityError, SpecError
+from sensitivity.errors import FPModelError, SensitivityError, SpecError
 
-__all__ = ["OutputEnergy", "OutputSelector", "as_tensor", "flatten_outputs"]
+__all__ = [
+    "OutputEnergy",
+    "OutputSelector",
+    "all_finite",
+    "as_tensor",
+    "check_fp_outputs",
+    "flatten_outputs",
+    "relative_sq_error",
+]
 
 
 def as_tensor(obj: Any) -> torch.Tensor | None:
@@ -110,3 +118,31 @@ class OutputEnergy:
         """sqrt(E_o), what the output probes divide output `key` by (None: unknown or zero)."""
         den = self.totals.get(key, 0.0)
         return math.sqrt(den) if den > 0 and math.isfinite(den) else None
+
+
+def relative_sq_error(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """‖test - ref‖² / ‖ref‖² in float64 (inf where test is not finite; 0 / 0 counts as 0)."""
+    den = float(torch.linalg.vector_norm(ref.detach().double()) ** 2)
+    num = float(torch.linalg.vector_norm(test.detach().double() - ref.detach().double()) ** 2)
+    if not math.isfinite(num):
+        return math.inf
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """One cheap reduction first (a finite sum proves every element finite); the elementwise check only
+    when the sum is not finite (a NaN/Inf, or merely a float overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_fp_outputs(out: Any, index: int) -> None:
+    """FPModelError naming the first FP output with NaN/Inf values: nothing to quantize before it is fixed."""
+    for key, t in flatten_outputs(out).items():
+        if not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise FPModelError(
+                f"the FP model itself produced {bad} NaN/Inf values in output '{key}' on batch {index}: "
+                "fix the model or its inputs before quantizing"
+            )

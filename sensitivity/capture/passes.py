@@ -20,9 +20,15 @@ from torch import nn
 
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
-from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor, flatten_outputs
+from sensitivity.capture.outputs import (
+    OutputEnergy,
+    OutputSelector,
+    all_finite,
+    as_tensor,
+    check_fp_outputs,
+    relative_sq_error,
+)
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
-from sensitivity.errors import FPModelError
 from sensitivity.graph import eager_modules
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.methods.base import Candidate
@@ -32,7 +38,7 @@ from sensitivity.prepare import LayerInfo
 from sensitivity.quant.registry import layer_macs
 from sensitivity.spec import QuantSpec
 
-__all__ = ["PassResult", "calibrate", "compare_pass", "held_pieces", "relative_sq_error"]
+__all__ = ["PassResult", "calibrate", "compare_pass", "held_pieces"]
 
 Progress = Callable[[], None]
 
@@ -77,27 +83,11 @@ def calibrate(
             if device is not None:
                 batch = batch_to(batch, device)
             out = run_checked(model, batch, first_index + i)
-            _check_fp_outputs(out, first_index + i)
+            check_fp_outputs(out, first_index + i)
             if i == 0 and outputs is not None:
                 outputs(out)
             progress()
     return observers
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """One cheap reduction first (a finite sum proves every element finite); the elementwise check only
-    when the sum is not finite (a NaN/Inf, or merely a float overflow)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def _check_fp_outputs(out: Any, index: int) -> None:
-    for key, t in flatten_outputs(out).items():
-        if not _all_finite(t):
-            bad = int((~torch.isfinite(t)).sum())
-            raise FPModelError(
-                f"the FP model itself produced {bad} NaN/Inf values in output '{key}' on batch {index}: "
-                "fix the model or its inputs before quantizing"
-            )
 
 
 @dataclass
@@ -198,7 +188,7 @@ class _NonfiniteWatch:
     def leaf_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         self.counter += 1
         y = as_tensor(out)
-        if y is not None and y.is_floating_point() and self.first is None and not _all_finite(y):
+        if y is not None and y.is_floating_point() and self.first is None and not all_finite(y):
             self.first = (self.counter, name)
             self.upstream = list(dict.fromkeys(self.called))
 
@@ -206,7 +196,7 @@ class _NonfiniteWatch:
         """(rank, where, upstream layers) of this piece's first non-finite value, or None."""
         if self.first is not None:
             return float(self.first[0]), self.first[1], self.upstream
-        bad_outputs = [k for k, t in q_flat.items() if not _all_finite(t)]
+        bad_outputs = [k for k, t in q_flat.items() if not all_finite(t)]
         if bad_outputs:
             return math.inf, f"output:{bad_outputs[0]}", list(dict.fromkeys(self.called))
         return None
@@ -325,17 +315,6 @@ class _Compare:
         self.stored.clear()
 
 
-def relative_sq_error(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """‖test - ref‖² / ‖ref‖² in float64 (inf where test is not finite; 0 / 0 counts as 0)."""
-    den = float(torch.linalg.vector_norm(ref.detach().double()) ** 2)
-    num = float(torch.linalg.vector_norm(test.detach().double() - ref.detach().double()) ** 2)
-    if not math.isfinite(num):
-        return math.inf
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
 def held_pieces(
     layers: Sequence[LayerInfo],
     batches: Sequence[Batch],
@@ -392,7 +371,7 @@ def compare_pass(
                 run.grads = probe_gradients(fp_model, batch, names, select, probes, gen, index, energy)
             with layer_inputs(fp_model, names) as run.inputs, forward_hooks(fp_model, names, run.fp_hook):
                 fp_out = run_checked(fp_model, batch, index)
-            _check_fp_outputs(fp_out, index)
+            check_fp_outputs(fp_out, index)
             weight = float(batch_len(batch) or 1)
             run.finish_piece(weight)
             run.watch.reset()
