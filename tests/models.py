@@ -158,3 +158,10 @@ def plant_exp_fault_(stem: nn.Conv2d, dim: nn.Conv2d, bias: float) -> torch.Tens
         dim.weight[:, 1] = 1e-5
         dim.bias.fill_(bias)
     return gain
+
+
+def planted_confidence(model: nn.Module) -> dict[str, float]:
+    """An `--eval` metric for CLI tests: the model's mean top softmax probability on fixed inputs."""
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return {"confidence": float(model(x).softmax(1).max(1).values.mean())}

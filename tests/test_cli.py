@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from sensitivity.cli import main
 from tests.models import PlantedOutlierNet
 
 MODELS = str(Path(__file__).with_name("models.py"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -139,3 +143,64 @@ def test_scan_of_a_batchnorm_model_through_the_cli(tmp_path: Path) -> None:
         "stem.0": "stem.1",
         "conv1": "bn1",
     }
+
+
+def test_piped_output_keeps_tables_whole_and_shows_the_eval_metric(
+    planted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Piped (no terminal, no COLUMNS): tables are not wrapped at 80 columns, and `--eval`'s metric is a
+    column of the console's comparison table, not only in scan.json."""
+    model, calib = planted
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sensitivity", "scan", str(model), "--arch", f"{MODELS}:build_planted",
+         "--calib", str(calib), "--out", str(tmp_path / "r"), "--eval", f"{MODELS}:planted_confidence"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header = next(line for line in proc.stdout.splitlines() if "config" in line and "out rel MSE" in line)
+    assert "confidence" in header and len(header) > 80
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│ naive ")]
+    assert rows and all(line.rstrip().endswith("│") for line in rows)  # one line per row: not wrapped
+
+
+class _InterruptOnImport:
+    """A meta-path finder that turns `import <name>` into a Ctrl-C, as if the user pressed it while the
+    command imported its lazy dependencies."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_apply_imports_onnx_is_an_interrupt(
+    planted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Ctrl-C during `apply --onnx`'s start-up (importing onnx) ends it like any Ctrl-C: exit 130, one line,
+    and no model files (a Ctrl-C inside an import must not pass for a missing package, nor exit 0)."""
+    model, calib = planted
+    out = tmp_path / "report"
+    assert _scan(model, calib, out) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+    for name in [m for m in sys.modules if m == "onnx" or m.startswith("onnx.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptOnImport("onnx"), *sys.meta_path])
+    argv = [
+        "apply",
+        str(model),
+        "--arch",
+        f"{MODELS}:build_planted",
+        "--policy",
+        str(out / "policy.yaml"),
+        "--onnx",
+    ]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: no model was written"]
+    assert sorted(p.name for p in out.iterdir()) == before

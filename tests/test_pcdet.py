@@ -733,3 +733,30 @@ def test_user_setup_errors_are_one_line(standin, tmp_path: Path, capsys) -> None
     assert main(["pcdet-dump", "--cfg", str(cfg), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "the dataset folder of centerpoint.yaml does not exist: " in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["config", "base"])
+@pytest.mark.parametrize("bomb", ["laughs", "recursive"])
+def test_a_yaml_bomb_config_is_refused_before_openpcdet_reads_it(
+    standin, tmp_path: Path, where: str, bomb: str, capsys
+) -> None:
+    """A config (or its _BASE_CONFIG_) whose aliases expand to billions of values, or to a recursive
+    structure, is one line and exit 2 at once: OpenPCDet's own YAML reader has no bound and would hang."""
+    cfg, ckpt = standin
+    levels = "".join(
+        f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}]\n"
+        for i in range(1, 10)
+    )
+    text = "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + levels if bomb == "laughs" else "a: &a [*a]\n"
+    if where == "config":
+        target = cfg
+        target.write_text(text + cfg.read_text())
+    else:
+        base = cfg.parent / "bomb_base.yaml"
+        base.write_text(text)
+        cfg.write_text(f"_BASE_CONFIG_: {base}\n" + cfg.read_text())
+    out = tmp_path / "report"
+    assert main(["scan", str(ckpt), "--pcdet-cfg", str(cfg), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "through YAML anchors and aliases" in err
+    assert not out.exists()

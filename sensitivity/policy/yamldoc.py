@@ -18,7 +18,7 @@ from yaml.reader import ReaderError
 from sensitivity.errors import ConfigError, one_line, short_repr
 from sensitivity.spec import spec_problem
 
-__all__ = ["MAX_YAML_VALUES", "YamlDoc", "line_of", "type_name", "value_node"]
+__all__ = ["MAX_YAML_VALUES", "YamlDoc", "expansion", "line_of", "type_name", "value_node"]
 
 
 def type_name(value: object) -> str:
@@ -137,6 +137,12 @@ class YamlDoc:
 #: A policy or exclude file may expand to at most this many values: YAML aliases can make a few hundred
 #: bytes expand to billions ("billion laughs"), and everything after parsing walks the expanded data.
 MAX_YAML_VALUES = 1_000_000
+
+
+def expansion(text: str) -> float:
+    """How many values `text` expands to through anchors and aliases (inf: a recursive alias), counted on
+    its node graph before anything is built: check it before a YAML reader that has no such bound."""
+    return _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
 
 
 def _expanded_size(root: yaml.Node | None) -> float:

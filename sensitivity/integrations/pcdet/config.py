@@ -18,8 +18,28 @@ import torch.utils.data
 from sensitivity.errors import CalibrationDataError, SensitivityError
 from sensitivity.errors import describe_exception as _exc
 from sensitivity.integrations.pcdet.availability import PcdetConfigError
+from sensitivity.policy.yamldoc import MAX_YAML_VALUES, expansion
 
 log = logging.getLogger("sensitivity.integrations.pcdet")
+
+
+def _bounded_yaml(path: Path) -> Any:
+    """The parsed YAML file, refused when its anchors and aliases expand beyond `MAX_YAML_VALUES` (a
+    "billion laughs" config would hang OpenPCDet's own reader, which has no bound)."""
+    import yaml
+
+    try:
+        text = path.read_text()
+        size = expansion(text)
+        if size > MAX_YAML_VALUES:
+            expands = "a recursive structure" if size == float("inf") else f"{int(size):,} values"
+            raise PcdetConfigError(
+                f"the OpenPCDet config {path} expands to {expands} through YAML anchors and aliases "
+                f"(at most {MAX_YAML_VALUES:,})"
+            )
+        return yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PcdetConfigError(f"cannot read the OpenPCDet config {path}: {_exc(exc)}") from exc
 
 
 def _base_configs(node: Any) -> list[str]:
@@ -58,16 +78,15 @@ def _chdir(folder: Path) -> Iterator[None]:
 
 def load_config(pcdet: ModuleType, cfg_path: str | os.PathLike[str]) -> tuple[Any, Path]:
     """(the merged config, the folder its relative paths resolve against)."""
-    import yaml
 
     path = Path(cfg_path).expanduser()
     if not path.is_file():
         raise PcdetConfigError(f"OpenPCDet config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PcdetConfigError(f"cannot read the OpenPCDet config {path}: {_exc(exc)}") from exc
+    raw = _bounded_yaml(path)
     root = _config_root(path, _base_configs(raw))
+    for base in _base_configs(raw):  # OpenPCDet reads them with its own, unbounded YAML loader
+        if (root / base).is_file():
+            _bounded_yaml(root / base)
     config = copy.deepcopy(pcdet.config.cfg)
     absolute = str(path.resolve())  # before the chdir: a relative path names a file from the caller's folder
     try:
