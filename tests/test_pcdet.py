@@ -744,7 +744,7 @@ def test_a_yaml_bomb_config_is_refused_before_openpcdet_reads_it(
     structure, is one line and exit 2 at once: OpenPCDet's own YAML reader has no bound and would hang."""
     cfg, ckpt = standin
     levels = "".join(
-        f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}]\n"
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
         for i in range(1, 10)
     )
     text = "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + levels if bomb == "laughs" else "a: &a [*a]\n"
