@@ -743,10 +743,7 @@ def test_a_yaml_bomb_config_is_refused_before_openpcdet_reads_it(
     """A config (or its _BASE_CONFIG_) whose aliases expand to billions of values, or to a recursive
     structure, is one line and exit 2 at once: OpenPCDet's own YAML reader has no bound and would hang."""
     cfg, ckpt = standin
-    levels = "".join(
-        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
-        for i in range(1, 10)
-    )
+    levels = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
     text = "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + levels if bomb == "laughs" else "a: &a [*a]\n"
     if where == "config":
         target = cfg
