@@ -77,6 +77,7 @@ def apply_cmd(
         outputs += ["model_quant_pytorch_quantization.pt", "model_quant_pytorch_quantization.json"]
     inputs = [model, policy, quant_state or policy.with_name("quant_state.pt"), calib, pcdet_cfg]
     folder = check_output_files(folder, outputs, inputs)  # no input overwritten, no user file replaced
+    out.print(f"applying [bold]{policy}[/bold] to [bold]{model}[/bold]", soft_wrap=True)
     net, data = _model_and_data(ctx, model, pcdet_cfg, calib, calib_split, arch, arch_kwargs, trust_pickle,
                                 batch_size, batches)  # fmt: skip
     if data is not None:
