@@ -67,7 +67,7 @@ def _summary(data: ReportData) -> dict[str, Any]:
         "fit_batches": calib.get("fit_batches"),
         "heldout_batches": calib.get("heldout_batches"),
         "layers": len(data.table),
-        "excluded": len(data.excluded),
+        "excluded": len(data.scan.get("excluded") or []),  # exclude.yaml; the policy's FP count is beside it
         "decisions": data.table["decision"].value_counts().to_dict() if "decision" in data.table else {},
         "nonfinite_layers": len(data.nonfinite_layers()),
         "scan_time": _seconds(timings.get("total_s")),
