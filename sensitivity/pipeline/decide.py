@@ -16,7 +16,7 @@ from sensitivity.methods.base import Method
 from sensitivity.pipeline.calibration import Calibration
 from sensitivity.pipeline.measure import Measurement
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
-from sensitivity.pipeline.verify import Verifier, isolated_badness
+from sensitivity.pipeline.verify import Verifier, isolated_badness, repair_reason
 from sensitivity.policy import ExcludeEntry, Rule, assign_methods, exclude_by_thresholds
 from sensitivity.quant.build import LayerQuant
 
@@ -48,13 +48,8 @@ def decide_stage(
     def badness(name: str) -> float:
         return isolated_badness(table, name)
 
-    def repair_reason(name: str, where: str) -> ExcludeEntry:
-        rel = float(table.loc[name, "iso_naive_rel_l1"])
-        return ExcludeEntry(
-            name,
-            f"the quantized model turns non-finite at {where}; worst isolated error upstream (relative L1 {rel:.3g})",
-            {"iso_naive_rel_l1": rel},
-        )
+    def repair(name: str, where: str) -> ExcludeEntry:
+        return repair_reason(table, name, where)
 
     t = time.perf_counter()
     excluded = dict(exclude_by_thresholds(table, opts.thresholds))
@@ -63,7 +58,7 @@ def decide_stage(
     ex_configs = {n: (LayerQuant("fp") if n in excluded else fit_configs[n]) for n in names}
     ex_check = result
     if excluded or result.first_nonfinite is not None:
-        ex_check, moved = verifier.repaired(ex_configs, "exclusion", badness, repair_reason)
+        ex_check, moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
         excluded.update(moved)
     excluded = {n: excluded[n] for n in names if n in excluded}
 
@@ -73,7 +68,7 @@ def decide_stage(
     }
     pol_check = result
     if any(r.method != "naive" for r in rules.values()) or result.first_nonfinite is not None:
-        pol_check, moved = verifier.repaired(pol_configs, "policy", badness, repair_reason)
+        pol_check, moved = verifier.repaired(pol_configs, "policy", badness, repair)
         for n, entry in moved.items():
             rules[n] = Rule(match=n, method="fp", reason=entry.reason, metrics=entry.metrics)
     timings["verify_s"] = time.perf_counter() - t

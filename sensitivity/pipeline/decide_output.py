@@ -19,6 +19,7 @@ ones where a pass measured them.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from sensitivity.pipeline.decide import USER_LISTED, Decision
 from sensitivity.pipeline.measure import Measurement
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.pipeline.sensitivity import OutputSensitivity
-from sensitivity.pipeline.verify import Verifier, isolated_badness
+from sensitivity.pipeline.verify import Verifier, isolated_badness, repair_reason
 from sensitivity.policy import ExcludeEntry, Rule, Thresholds, exclude_by_thresholds
 from sensitivity.policy.output import NEGLIGIBLE_ERROR, LayerOption, best_options, choose_fp, negligible
 from sensitivity.quant.build import LayerQuant
@@ -208,7 +209,7 @@ def decide_by_outputs(
         n: LayerQuant("fp") if rules[n].method == "fp" else _setting(meas, cal, n, best[n].key, opts)
         for n in names
     }
-    badness, repair = (lambda n: isolated_badness(table, n)), _repair_reason(table)
+    badness, repair = (lambda n: isolated_badness(table, n)), functools.partial(repair_reason, table)
     pol_check, moved = verifier.repaired(configs, "policy", badness, repair)
     for n, entry in moved.items():
         rules[n] = Rule(n, "fp", reason=entry.reason, metrics=entry.metrics)
@@ -232,18 +233,6 @@ def decide_by_outputs(
 
 def _err(option: LayerOption) -> float:
     return -1.0 if math.isnan(option.error) else option.error
-
-
-def _repair_reason(table):  # type: ignore[no-untyped-def]
-    def reason(name: str, where: str) -> ExcludeEntry:
-        rel = float(table.loc[name, "iso_naive_rel_l1"])
-        return ExcludeEntry(
-            name,
-            f"the quantized model turns non-finite at {where}; worst isolated error upstream (relative L1 {rel:.3g})",
-            {"iso_naive_rel_l1": rel},
-        )
-
-    return reason
 
 
 def _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier):  # type: ignore[no-untyped-def]

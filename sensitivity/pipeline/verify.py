@@ -18,7 +18,7 @@ from sensitivity.policy import ExcludeEntry
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.build import LayerQuant, configure_layers
 
-__all__ = ["Verifier", "isolated_badness"]
+__all__ = ["Verifier", "isolated_badness", "repair_reason"]
 
 
 def isolated_badness(table: pd.DataFrame, name: str) -> float:
@@ -27,6 +27,17 @@ def isolated_badness(table: pd.DataFrame, name: str) -> float:
         return math.inf
     value = float(table.loc[name, "iso_naive_rel_l1"])
     return value if math.isfinite(value) else -1.0
+
+
+def repair_reason(table: pd.DataFrame, name: str, where: str) -> ExcludeEntry:
+    """Why the repair put `name` in FP: the quantized model turned non-finite at `where`, and `name` had the
+    worst isolated error upstream."""
+    rel = float(table.loc[name, "iso_naive_rel_l1"])
+    return ExcludeEntry(
+        name,
+        f"the quantized model turns non-finite at {where}; worst isolated error upstream (relative L1 {rel:.3g})",
+        {"iso_naive_rel_l1": rel},
+    )
 
 
 class Verifier:
