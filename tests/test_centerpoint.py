@@ -189,8 +189,7 @@ def test_scan_end_to_end_on_real_frames(centerpoint: cp.CenterPoint, frames: lis
         with single_thread_if_sparse(centerpoint):
             assert torch.get_num_threads() == 1
             # the thresholds policy with sq_margin 1: SmoothQuant wherever it helps the isolated error at all,
-            # so the policy uses it on sparse layers (their folding is under test; policy v2 measures sparse
-            # layers exactly for naive only, since spconv has no backward on CPU: see test_pcdet)
+            # so the policy uses it on sparse layers (their folding is under test)
             opts = ScanOptions(outputs=("pred_dicts",), sq_margin=1.0, policy="thresholds")
             result = scan(centerpoint, frames, opts)
     finally:

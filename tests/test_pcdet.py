@@ -465,14 +465,10 @@ def test_scan_with_pcdet_cfg_end_to_end(standin, tmp_path: Path) -> None:
     budget = math.ceil(0.1 * len(table))
     assert 0 < len(fp - user) <= budget
     assert all("output error" in table.loc[n, "reason"] for n in fp - user)
-    # spconv has no backward on CPU: the sparse layers' output errors are measured exactly, never guessed,
-    # except the last one, whose output reaches the heads through dense ops (the probes' gradient exists)
+    # the output probes reach every layer, the sparse ones through spconv's CPU backward
     sparse = table.index[table["type"].isin(["SubMConv3d", "SparseConv3d"])]
-    assert len(sparse) > 2 and table.loc[sparse[:-1], "out_err_source"].str.startswith("exact").all()
-    assert table.loc[sparse[-1], "out_err_source"].startswith("probe")
-    assert table.loc[sparse, "out_naive_err"].notna().all()
-    dense = table.index[~table["type"].isin(["SubMConv3d", "SparseConv3d"])]
-    assert table.loc[dense, "out_err_source"].str.startswith("probe").all()
+    assert len(sparse) > 2 and table["out_err_source"].str.startswith("probe").all()
+    assert table.loc[sparse, "out_naive_err"].notna().all() and (table.loc[sparse, "out_naive_err"] > 0).all()
 
 
 def test_pcdet_dump_then_scan_without_the_standin(

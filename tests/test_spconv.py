@@ -308,10 +308,8 @@ def test_scan_names_the_first_nonfinite_sparse_layer_and_excludes_its_cause() ->
             assert torch.isfinite(model(batches[0])["dim"]).all()
         result = scan(model, batches, ScanOptions(outputs=("dim",)))
     assert list(result.table.index) == ["stem", "dim"]
-    # no backward through spconv on CPU: `stem`'s output error is measured exactly; `dim` feeds the outputs
-    # through dense ops only, so the probes' gradient at its output exists and predicts it
-    source = result.table["out_err_source"]
-    assert source["stem"].startswith("exact") and source["dim"].startswith("probe")
+    # spconv's CPU backward (inside the scan's context) carries the probes through `dim` to `stem`
+    assert result.table["out_err_source"].str.startswith("probe").all()
     assert result.first_nonfinite == "decode"
     assert list(result.excluded) == ["dim"]
     assert result.policy_first_nonfinite is None
@@ -472,3 +470,33 @@ def test_sparse_conv_macs_count_the_rule_book() -> None:
         y = plain(x)
     assert integ.rule_pairs(plain, y) is None
     assert layer_macs(plain, (n, 4), (n, 16), y) == n * 16 * 27 * 4
+
+
+@pytest.mark.parametrize("kind", ["subm", "strided"])
+def test_sparse_layers_have_a_backward_on_cpu_inside_the_scans_context(kind: str) -> None:
+    """The output probes differentiate through spconv layers on CPU (spconv's own gather-mm-scatter
+    backward, inside `cpu_backward`): the input-feature gradient equals dense Conv3d's at the active sites,
+    to float32 summation order (atol 1e-5 on gradients of order 1)."""
+    torch.manual_seed(0)
+    x = lamppost_tensor(8)
+    if kind == "subm":
+        layer = sp.SubMConv3d(8, 12, 3, padding=1, bias=True, indice_key="s")
+    else:
+        layer = sp.SparseConv3d(8, 12, 3, stride=2, padding=1, bias=True)
+    feats = x.features.clone().requires_grad_()
+    inp = x.replace_feature(feats)
+    with integ.cpu_backward():
+        y = layer(inp)
+        r = torch.randn(y.features.shape, generator=torch.Generator().manual_seed(1))
+        (grad,) = torch.autograd.grad((y.features * r).sum(), feats)
+    dense = _dense_twin(layer)
+    x_dense = x.dense().requires_grad_()
+    yd = dense(x_dense)
+    i = y.indices.long()
+    rd = torch.zeros_like(yd)
+    rd[i[:, 0], :, i[:, 1], i[:, 2], i[:, 3]] = r
+    (gd,) = torch.autograd.grad((yd * rd).sum(), x_dense)
+    torch.testing.assert_close(grad, at_sites(gd, x), rtol=0, atol=1e-5)
+    with pytest.raises(AssertionError, match="CUDA"):  # outside the context spconv asks for a CUDA stream
+        y = layer(x.replace_feature(x.features.clone().requires_grad_()))
+        y.features.sum().backward()

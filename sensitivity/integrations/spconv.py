@@ -46,6 +46,7 @@ __all__ = [
     "SPCONV",
     "SpconvUnavailableError",
     "add_cpu_bias_fallback_",
+    "cpu_backward",
     "cpu_bias_fallback",
     "is_sparse_conv",
     "is_spconv_module",
@@ -270,9 +271,13 @@ def single_thread_if_sparse(model: nn.Module) -> Iterator[bool]:
     previous thread count is restored on exit; the first time in a process it is logged (INFO)."""
     global _logged_single_thread
     before = torch.get_num_threads()
-    needed = before > 1 and any(True for _ in _sparse_modules(model)) and _on_cpu(model)
-    if not needed:
-        yield False
+    sparse_on_cpu = any(True for _ in _sparse_modules(model)) and _on_cpu(model)
+    if not (before > 1 and sparse_on_cpu):
+        if sparse_on_cpu:
+            with cpu_backward():
+                yield False
+        else:
+            yield False
         return
     if not _logged_single_thread:
         _logged_single_thread = True
@@ -283,7 +288,8 @@ def single_thread_if_sparse(model: nn.Module) -> Iterator[bool]:
         )
     torch.set_num_threads(1)
     try:
-        yield True
+        with cpu_backward():
+            yield True
     finally:
         torch.set_num_threads(before)
 
@@ -354,9 +360,39 @@ def _sparse_macs(
 
 
 def _backward_available(first_input: Any) -> bool:
-    """spconv's CPU kernels have no backward (it asserts CUDA): only CUDA features can be differentiated."""
+    """CUDA features: spconv's own backward. CPU features: its CPU gather-mm-scatter backward, reachable
+    inside `cpu_backward` (the scan's run context), where the CUDA stream query that blocks it is answered."""
     feats = getattr(first_input, "features", first_input)
-    return isinstance(feats, torch.Tensor) and feats.is_cuda
+    if not isinstance(feats, torch.Tensor):
+        return False
+    return feats.is_cuda or _cpu_backward_on
+
+
+_cpu_backward_on = False
+
+
+@contextlib.contextmanager
+def cpu_backward() -> Iterator[None]:
+    """spconv 2.3's `indice_conv_backward` has a CPU path (gather, mm, scatter-add per kernel tap) but asks
+    for the current CUDA stream first, which asserts on a CPU-only torch. Inside this block that query
+    answers 0 (no stream) when CUDA is unavailable, so the output probes reach every sparse layer on CPU
+    with spconv's own backward (checked against dense Conv3d gradients in the tests)."""
+    global _cpu_backward_on
+    try:
+        import spconv.pytorch.ops as ops
+    except ImportError:  # no spconv: nothing to patch (a model naming spconv types is refused elsewhere)
+        ops = None
+    if ops is None or torch.cuda.is_available() or _cpu_backward_on or not hasattr(ops, "get_current_stream"):
+        yield
+        return
+    original = ops.get_current_stream
+    ops.get_current_stream = lambda: 0
+    _cpu_backward_on = True
+    try:
+        yield
+    finally:
+        ops.get_current_stream = original
+        _cpu_backward_on = False
 
 
 def _quant_class(module: nn.Module) -> type[nn.Module] | None:
