@@ -13,11 +13,12 @@ is not the batch, the whole tensor is one group. `probes` backward passes per ba
 
 `g` is taken at the layer's output (for whole-layer candidates: naive, SmoothQuant, the other sign) and at
 its op's input (candidates that only change the activation quantizer, e.g. another calibrator's amax:
-g_x · (Q_c(x) - Q(x)) replaces a layer call). Layers of families without a backward here (spconv on CPU)
-get their inputs detached, so no gradient reaches them or what feeds only them: those are measured
-exactly (`out_err_source`), as are layers whose gradient is missing or zero (a `.detach()`, `argmax`,
-`no_grad` in the model's forward). A layer's tensors are cloned on the way through, so in-place ops after
-it (ReLU(inplace=True)) change neither what the gradient refers to nor what the hooks compare.
+g_x · (Q_c(x) - Q(x)) replaces a layer call). Layers of families without a backward here (spconv on CPU
+outside the scan's `cpu_backward` context) get their inputs detached, so no gradient reaches them or what
+feeds only them: those are measured exactly (`out_err_source`), as are layers whose gradient is missing or
+zero (a `.detach()`, `argmax`, `no_grad` in the model's forward). A layer's tensors are cloned on the way
+through, so in-place ops after it (ReLU(inplace=True)) change neither what the gradient refers to nor
+what the hooks compare.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def _detached(value: Any) -> Any:
 
 
 def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
-    """Pre-hook: a module with no backward for this input (spconv on CPU) gets its inputs detached."""
+    """Pre-hook: a module with no backward for this input (e.g. spconv on a CPU-only torch outside the scan's
+    run context) gets its inputs detached."""
     if args and lacks_backward(module, args[0]):
         return tuple(_detached(a) for a in args)
     return None

@@ -4,7 +4,7 @@ The measure pass already dotted every candidate's isolated error with the output
 (`PassResult.pred`). Here those predictions become the table's `out_<candidate>_err` columns (relative
 output MSE on the held-out batches, that layer alone quantized that way), and the layers the probes could
 not see are measured exactly instead, never scored 0 and never ranked by their isolated error: layers no
-gradient reached (spconv on CPU, a `.detach()`, `argmax` or `no_grad` in the model's forward) get their
+gradient reached (a `.detach()`, `argmax` or `no_grad` in the model's forward, an op without a backward) get their
 naive error from one quantized forward each over the held-out batches (`OutputReference`). Their other
 candidates (calibrators, SmoothQuant) stay unpredicted (NaN): the policy gives them naive or FP.
 """
