@@ -71,7 +71,7 @@ class LayerObserver:
         mn, mx = cmin.min(), cmax.max()
         self.calibrator.collect(torch.stack((mn, mx)) if self.spec.calibrator == "max" else x)
         if self.range_hist is not None and math.isfinite(float(mn)) and math.isfinite(float(mx)):
-            self.range_hist.collect(x)  # non-finite inputs: the FP model's own check names them
+            self.range_hist.collect(x, (float(mn), float(mx)))  # non-finite: the FP model's check names them
         self.min_value = min(self.min_value, float(mn))
         self.max_abs = max(self.max_abs, abs(float(mn)), abs(float(mx)))
         chan = torch.maximum(cmax, -cmin).float().cpu()

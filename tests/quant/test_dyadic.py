@@ -103,8 +103,8 @@ def test_amax_values_follow_new_counts() -> None:
 
 
 def test_mse_on_grouped_bins_matches_the_full_search_closely() -> None:
-    """`mse` searches 1024 grouped bins (exact sums of nested bins): its range is within a few of the
-    4096-bin search's bin widths, for 16x less work."""
+    """`mse` searches 512 grouped bins (exact sums of nested bins), every second centre: its range is
+    within a few of the 4096-bin search's bin widths, for 128x less work."""
     from sensitivity.quant.calibrators import compute_amax_mse
 
     x = torch.cat([torch.randn(20000), torch.randn(50) * 30])
@@ -112,4 +112,4 @@ def test_mse_on_grouped_bins_matches_the_full_search_closely() -> None:
     h.collect(x)
     edges = np.linspace(0.0, h.top, h.num_bins + 1).astype(np.float32)
     full = float(compute_amax_mse(h.hist.numpy(), edges, 8, False))
-    assert abs(float(h.amax_by("mse")) - full) <= 4 * h.top / 1024
+    assert abs(float(h.amax_by("mse")) - full) <= 4 * h.top / 512

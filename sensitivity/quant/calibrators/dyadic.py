@@ -24,9 +24,10 @@ __all__ = ["DyadicHistogram"]
 
 #: no top yet (only zeros seen, or nothing)
 _NO_TOP = -(2**31)
-#: `mse` searches this many bins (groups of nested bins added: exact): its candidates x bins grid is what it
-#: costs, 16x less than on 4096 bins, for a range chosen to within 1/1024 of the top
-_MSE_BINS = 1024
+#: `mse` searches this many bins (groups of nested bins added: exact), every second bin centre from the
+#: 64th a candidate: its candidates x bins grid is what it costs (128x less than every centre of 4096 bins,
+#: about 1 ms a layer) for a range chosen to within 1/256 of the top
+_MSE_BINS = 512
 
 
 class DyadicHistogram:
@@ -50,15 +51,16 @@ class DyadicHistogram:
     def top(self) -> float:
         return math.ldexp(1.0, self.exp) if self.exp != _NO_TOP else 0.0
 
-    def collect(self, x: torch.Tensor) -> None:
+    def collect(self, x: torch.Tensor, bounds: tuple[float, float] | None = None) -> None:
         """One signed bincount per batch: the index trunc(x · n / 2^k) (toward zero) puts x and -x in the
         same |x| bin; the negative side is also kept apart (`neg`, for the unsigned range). Negative values
-        in bin 0 count as positives there: for the unsigned range they saturate to 0 either way."""
+        in bin 0 count as positives there: for the unsigned range they saturate to 0 either way. `bounds`:
+        x's (min, max) where the caller has them already (saves a pass over x)."""
         if x.numel() == 0:
             return
         with torch.no_grad():
             x = x.detach().float().reshape(-1)
-            lo, hi = torch.aminmax(x)
+            lo, hi = bounds if bounds is not None else (float(v) for v in torch.aminmax(x))
             top = max(-float(lo), float(hi))
             if not math.isfinite(top):
                 raise FPModelError(f"calibration activations are not finite (max |x| = {top})")
@@ -122,7 +124,7 @@ class DyadicHistogram:
         if method == "percentile":
             return compute_amax_percentile(h, e, 99.99 if percentile is None else percentile)
         if method == "mse":
-            return compute_amax_mse(h, e, self.num_bits, unsigned)
+            return compute_amax_mse(h, e, self.num_bits, unsigned, start_bin=64, stride=2)
         raise ValueError(f"unknown range histogram method {method!r}")
 
     def state(self) -> dict[str, torch.Tensor]:
