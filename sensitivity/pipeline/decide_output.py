@@ -50,9 +50,13 @@ class CurvePoint:
     measured: float = math.nan
 
 
-def _setting(meas: Measurement, cal: Calibration, name: str, key: str, opts: ScanOptions) -> LayerQuant:
+def _setting(
+    meas: Measurement, cal: Calibration, sens: OutputSensitivity, name: str, key: str, opts: ScanOptions
+) -> LayerQuant:
+    """The layer quantized as candidate `key`; naive is the fitting batches' setting the probes scored
+    (a loaded checkpoint's amax where there is one)."""
     if key == "naive":
-        return LayerQuant("naive", cal.observers[name].amax(), cal.observers[name].unsigned())
+        return sens.fit_configs[name]
     return Method.from_key(key, opts.sq_mode).fit(meas.qlayers[name], cal.observers[name])
 
 
@@ -83,7 +87,7 @@ class _Exact:
     def __call__(self, layer: str, key: str) -> float:
         if (layer, key) not in self.values:
             assert self.sens.reference is not None
-            setting = _setting(self.meas, self.cal, layer, key, self.opts)
+            setting = _setting(self.meas, self.cal, self.sens, layer, key, self.opts)
             self.values[(layer, key)] = self.sens.reference.alone(
                 self.meas.qmodel, self.cal.names, layer, setting
             )
@@ -206,19 +210,16 @@ def decide_by_outputs(
     table["out_best"] = [best[n].key for n in names]
     table["out_exact_err"] = [exact.values.get((n, best[n].key), math.nan) for n in names]
     configs = {
-        n: LayerQuant("fp") if rules[n].method == "fp" else _setting(meas, cal, n, best[n].key, opts)
+        n: LayerQuant("fp") if rules[n].method == "fp" else _setting(meas, cal, sens, n, best[n].key, opts)
         for n in names
     }
     badness, repair = (lambda n: isolated_badness(table, n)), functools.partial(repair_reason, table)
     pol_check, moved = verifier.repaired(configs, "policy", badness, repair)
     for n, entry in moved.items():
         rules[n] = Rule(n, "fp", reason=entry.reason, metrics=entry.metrics)
-    pol_check, rules = _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier)
+    pol_check, rules = _naive_if_better(meas, sens, rules, configs, pol_check, verifier)
     ex_rules = _rules(names, exc, {**net, **exc.blown()}, budget, opts.sq_mode, note)
-    ex_configs = {
-        n: LayerQuant("fp") if ex_rules[n].method == "fp" else _setting(meas, cal, n, "naive", opts)
-        for n in names
-    }
+    ex_configs = {n: LayerQuant("fp") if ex_rules[n].method == "fp" else sens.fit_configs[n] for n in names}
     ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
     excluded = {
         n: ExcludeEntry(n, r.reason, dict(r.metrics)) for n, r in ex_rules.items() if r.method == "fp"
@@ -226,7 +227,7 @@ def decide_by_outputs(
     excluded.update(ex_moved)
     excluded = {n: excluded[n] for n in names if n in excluded}
     fp_ranked = [n for n in pol.ranked if n in pol.fp]
-    curve = _curve(meas, sens, pol.options, fp_ranked, configs, pol_check.out_rel_mse(), cal)
+    curve = _curve(meas, sens, pol.options, fp_ranked, configs, pol_check.out_rel_mse())
     timings["verify_s"] = time.perf_counter() - t
     return Decision(rules, excluded, ex_check, pol_check), verifier, curve
 
@@ -235,7 +236,7 @@ def _err(option: LayerOption) -> float:
     return -1.0 if math.isnan(option.error) else option.error
 
 
-def _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier):  # type: ignore[no-untyped-def]
+def _naive_if_better(meas, sens, rules, configs, pol_check, verifier):  # type: ignore[no-untyped-def]
     """Candidates other than plain naive stay only if the whole model measures better with them."""
     fancy = [
         n for n, r in rules.items() if r.method == "smoothquant" or (r.method == "naive" and r.calibrator)
@@ -244,7 +245,7 @@ def _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier):  # t
         return pol_check, rules
     plain = dict(configs)
     for n in fancy:
-        plain[n] = LayerQuant("naive", cal.observers[n].amax(), cal.observers[n].unsigned())
+        plain[n] = sens.fit_configs[n]
     measured_plain = sens.reference.measure(meas.qmodel, plain)
     if not measured_plain < pol_check.out_rel_mse():
         return pol_check, rules
@@ -257,12 +258,12 @@ def _naive_if_better(meas, sens, cal, rules, configs, pol_check, verifier):  # t
     return verifier.run(configs, "policy"), rules
 
 
-def _curve(meas, sens, options, fp_ranked, configs, measured_policy, cal) -> list[CurvePoint]:  # type: ignore[no-untyped-def]
+def _curve(meas, sens, options, fp_ranked, configs, measured_policy) -> list[CurvePoint]:  # type: ignore[no-untyped-def]
     """Predicted output error as the ranked FP layers are added one by one; measured at 0 and at the policy."""
     total = sum(max(_err(o), 0.0) for n, o in options.items() if configs[n].method != "fp" or n in fp_ranked)
     no_fp = dict(configs)
     for n in fp_ranked:
-        no_fp[n] = LayerQuant("naive", cal.observers[n].amax(), cal.observers[n].unsigned())
+        no_fp[n] = sens.fit_configs[n]
     start = (
         sens.reference.measure(meas.qmodel, no_fp)
         if sens.reference is not None and fp_ranked
