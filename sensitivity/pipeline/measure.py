@@ -47,6 +47,8 @@ class Measurement:
     fold_sites: dict[str, FoldSite]
     #: the FP outputs on the held-out batches and their energies (with output probes or policy v2)
     reference: OutputReference | None = None
+    #: output probes per held-out piece (0: none)
+    probes: int = 0
 
 
 def _refit_observers(cal: Calibration, opts: ScanOptions) -> dict[str, LayerObserver] | None:
@@ -106,7 +108,7 @@ def measure_stage(
     fold_sites = {n: find_fold_site(cal.prep.flow, n) for n in names}
     table["sq_fold"] = [fold_sites[n].producer or "" for n in names]
     table["sq_fold_reason"] = [fold_sites[n].reason for n in names]
-    return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites, reference)
+    return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites, reference, probes)
 
 
 def _input_variants(

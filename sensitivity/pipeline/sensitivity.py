@@ -69,7 +69,7 @@ def output_stage(
     names, result, table = cal.names, meas.result, meas.table
     fit_configs = {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in cal.acts().items()}
     samples = sum(batch_len(b) or 1 for b in cal.held)  # all ranks'
-    probes = opts.probe_count(samples) if opts.probes != 0 else 0
+    probes = meas.probes
     errors: dict[str, dict[str, float]] = {n: {} for n in names}
     for layer, cand in result.pred:
         if layer in errors:
