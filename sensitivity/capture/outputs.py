@@ -19,6 +19,7 @@ __all__ = [
     "check_fp_outputs",
     "flatten_outputs",
     "relative_sq_error",
+    "sq_norm",
 ]
 
 
@@ -92,6 +93,12 @@ class OutputSelector:
         return flat
 
 
+def sq_norm(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """‖t‖² (or ‖t - minus‖²) in float64: the sums every relative output error is made of."""
+    d = t.detach().double() if minus is None else t.detach().double() - minus.detach().double()
+    return float(torch.linalg.vector_norm(d) ** 2)
+
+
 @dataclass(frozen=True)
 class OutputEnergy:
     """Σ‖y_o‖² of each selected FP output over all held-out batches (all ranks): the one normaliser of the
@@ -107,7 +114,7 @@ class OutputEnergy:
         for key, r in ref.items():
             if key not in test:
                 continue
-            num = float(torch.linalg.vector_norm(test[key].detach().double() - r.detach().double()) ** 2)
+            num = sq_norm(test[key], r)
             den = self.totals.get(key, 0.0)
             if not math.isfinite(num):
                 return math.inf
@@ -122,8 +129,7 @@ class OutputEnergy:
 
 def relative_sq_error(ref: torch.Tensor, test: torch.Tensor) -> float:
     """‖test - ref‖² / ‖ref‖² in float64 (inf where test is not finite; 0 / 0 counts as 0)."""
-    den = float(torch.linalg.vector_norm(ref.detach().double()) ** 2)
-    num = float(torch.linalg.vector_norm(test.detach().double() - ref.detach().double()) ** 2)
+    den, num = sq_norm(ref), sq_norm(test, ref)
     if not math.isfinite(num):
         return math.inf
     if den == 0.0:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sensitivity import distributed as D
-from sensitivity.capture.outputs import OutputEnergy, OutputSelector
+from sensitivity.capture.outputs import OutputEnergy, OutputSelector, sq_norm
 from sensitivity.capture.passes import held_pieces
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
@@ -49,10 +49,7 @@ class OutputReference:
                 self.refs.append({k: v.detach() for k, v in select(run_checked(fp, batch, index)).items()})
                 self.weights.append(float(batch_len(piece) or 1))
         keys = sorted({k for ref in self.refs for k in ref})
-        local = [
-            sum(float(torch.linalg.vector_norm(r[k].double()) ** 2) for r in self.refs if k in r)
-            for k in keys
-        ]
+        local = [sum(sq_norm(r[k]) for r in self.refs if k in r) for k in keys]
         self.energy = OutputEnergy(dict(zip(keys, D.sum_floats(*local), strict=True)))
         self.runs = 0
 
