@@ -25,12 +25,11 @@ Usage: .venv/bin/python benchmarks/trained_mobilenet.py [--retrain] [--save PATH
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sensitivity.demo.cache import atomic_save, single_thread
 from sensitivity.demo.digits import MNIST_MEAN, MNIST_STD, load_split, resolve_cache_dir
-from sensitivity.files import atomic_torch_save
 
 try:  # imported as benchmarks.trained_mobilenet
     from .edge_models import MobileNetV2, count_targets
@@ -131,17 +130,6 @@ def _shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
     return torch.stack([p[:, a : a + h, b : b + w] for p, a, b in zip(padded, dy, dx, strict=True)])
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: float reductions, hence the weights, then match on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train(config: MobileNetConfig, data: DigitsRGB) -> nn.Module:
     """Train from the seeded initialisation on the train split only; returns the model in eval mode."""
     images, labels = data.train
@@ -159,7 +147,7 @@ def train(config: MobileNetConfig, data: DigitsRGB) -> nn.Module:
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.max_lr, total_steps=steps, pct_start=0.25)
     model.train()
-    with _one_thread(), torch.random.fork_rng(devices=[]):
+    with single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # dropout masks
         for _ in range(config.epochs):
             for idx in torch.randperm(len(labels), generator=gen).split(config.batch_size):
@@ -205,8 +193,7 @@ def _load_or_train(
         "calib_top1": top1(model, *data.calib),
         "torch": str(torch.__version__),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, path)
+    atomic_save({"state_dict": model.state_dict(), "meta": meta}, path)
     return model, {**meta, "cache": str(path), "cached": False}
 
 
