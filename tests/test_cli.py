@@ -85,6 +85,12 @@ def test_user_edited_exclusion_list_is_honoured(planted: tuple[Path, Path], tmp_
         (["--spec", "W8A17"], "activation bits must be an integer in 2..16, got 17"),
         (["--calibrator", "magic"], "unknown calibrator 'magic'"),
         (["--only", "nothing"], "no Conv / Linear / sparse-conv layer to quantize after --only/--skip"),
+        (["--policy-by", "magic"], "unknown policy 'magic'; choose output or thresholds"),
+        (["--probes", "65"], "--probes must be an integer in 0..64, got 65"),
+        (["--probes=-1"], "--probes must be an integer in 0..64, got -1"),
+        (["--max-fp-layers=-1"], "--max-fp-layers must be a non-negative integer, got -1"),
+        (["--max-fp-macs", "1.5"], "--max-fp-macs must be a fraction in [0, 1], got 1.5"),
+        (["--max-fp-macs", "nan"], "--max-fp-macs must be a fraction in [0, 1], got nan"),
     ],
 )
 def test_bad_options_are_one_red_line(planted, tmp_path: Path, capsys, args: list[str], message: str) -> None:

@@ -352,6 +352,21 @@ ERRORS = [
     ("version: 1\nrules: *nope\n", "invalid YAML", 2),
     ("version: 1\n---\nversion: 1\n", "invalid YAML", 2),
     ("version: 1\nrules: !!python/object/apply:os.system ['echo hi']\n", "invalid YAML", 2),
+    (
+        "version: 1\nrules:\n  - match: a\n    method: fp\n    calibrator: mse\n",
+        "rules[0]: calibrator applies only to method naive, not fp",
+        5,
+    ),
+    (
+        "version: 1\nrules:\n  - match: a\n    method: naive\n    calibrator: p101\n",
+        "rules[0]: calibrator must be max, mse, entropy or p<percentile> (e.g. p99.99), got 'p101'",
+        5,
+    ),
+    (
+        "version: 1\nrules:\n  - match: a\n    method: naive\n    calibrator: 99.9\n",
+        "rules[0]: calibrator must be max, mse, entropy or p<percentile> (e.g. p99.99), got 99.9",
+        5,
+    ),
 ]
 
 
