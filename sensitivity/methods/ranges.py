@@ -29,27 +29,27 @@ class InputVariants:
 
     def __init__(self, base: TensorQuantizer, amaxes: Mapping[str, torch.Tensor]) -> None:
         self.base = base
-        self.quantizers: dict[str, TensorQuantizer] = {}
+        #: one quantizer per distinct amax (the percentiles of a light-tailed input often coincide with each
+        #: other or with max), with the candidate keys it stands for
+        self.groups: dict[float, tuple[list[str], TensorQuantizer]] = {}
         for choice, amax in amaxes.items():
-            q = TensorQuantizer(base.num_bits, axis=None, unsigned=base.unsigned)
-            q.set_amax(amax)
-            self.quantizers[range_key(choice)] = q
+            value = float(amax)
+            if value not in self.groups:
+                q = TensorQuantizer(base.num_bits, axis=None, unsigned=base.unsigned)
+                q.set_amax(amax)
+                self.groups[value] = ([], q)
+            self.groups[value][0].append(range_key(choice))
 
     def errors(self, x: torch.Tensor) -> Iterator[tuple[list[str], torch.Tensor | None]]:
-        """(candidate keys, Q_c(x) - Q(x)) per distinct amax among the variants (the percentiles of a
-        light-tailed input often coincide with each other or with max); None for the keys whose amax is the
-        layer's own (no change: their score is naive's)."""
+        """(candidate keys, Q_c(x) - Q(x)) per distinct amax among the variants; None for the keys whose
+        amax is the layer's own (no change: their score is naive's)."""
         x = x.detach()
-        own_amax = self.base.amax
-        own_value = float(own_amax) if own_amax is not None else None
-        groups: dict[float, list[str]] = {}
-        for key, q in self.quantizers.items():
-            groups.setdefault(float(q.amax) if q.amax is not None else float("nan"), []).append(key)
-        same = groups.pop(own_value, []) if own_value is not None else []
-        if same:
-            yield same, None
-        if not groups:
-            return
-        own = self.base(x)
-        for keys in groups.values():
-            yield keys, self.quantizers[keys[0]](x) - own
+        own_value = float(self.base.amax) if self.base.amax is not None else None
+        if own_value in self.groups:
+            yield self.groups[own_value][0], None
+        own: torch.Tensor | None = None
+        for value, (keys, q) in self.groups.items():
+            if value == own_value:
+                continue
+            own = self.base(x) if own is None else own
+            yield keys, q(x) - own
