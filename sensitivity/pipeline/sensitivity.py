@@ -43,7 +43,7 @@ class OutputSensitivity:
     source: dict[str, str]
     reference: OutputReference | None
     probes: int
-    #: FP settings of every layer fitted on the calibration batches (what the held-out scoring measured)
+    #: naive settings of every layer fitted on the calibration batches (what the held-out scoring measured)
     fit_configs: dict[str, LayerQuant]
 
     def best(self, layer: str) -> tuple[str, float]:
