@@ -3,8 +3,11 @@ cut in half (swapping a finished report folder into place, removing a temp folde
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -28,19 +31,41 @@ class InterruptHandlers:
     def __init__(self) -> None:
         self.finished = False
         self.saved: dict[int, Any] = {}
+        self.saved_hook: Any = None
+        self.resending = False
 
     #: the handlers of the command running in this process (set by `install`), see `outputs_committed`
     active: InterruptHandlers | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.finished:
+        if self.finished or self.resending:
             return
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """A signal whose exception was raised inside a weakref callback or `__del__` (run by the garbage
+        collector at any bytecode) is printed and dropped by CPython, and the run would go on as if never
+        interrupted. Such a signal is sent again from a helper thread, so the main thread receives it at
+        its next bytecode: normally outside the callback, else the same happens once more. Until it is
+        sent, further signals are dropped (one is on its way), so none can land inside this hook."""
+        exc = unraisable.exc_value
+        if isinstance(exc, KeyboardInterrupt | Terminated) and not self.finished:
+            self.resending = True
+            signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            threading.Thread(target=self._resend, args=(signum,), daemon=True).start()
+            return
+        (self.saved_hook or sys.__unraisablehook__)(unraisable)
+
+    def _resend(self, signum: int) -> None:
+        time.sleep(0.02)  # the hook that started this thread has long returned
+        self.resending = False
+        os.kill(os.getpid(), signum)
 
     def install(self) -> InterruptHandlers:
         if threading.current_thread() is threading.main_thread():
             for sig in _DEFERRED:
                 self.saved[sig] = signal.signal(sig, self._handle)
+            self.saved_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
             InterruptHandlers.active = self
         return self
 
@@ -59,6 +84,8 @@ class InterruptHandlers:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         self.saved.clear()
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self.saved_hook or sys.__unraisablehook__
         if InterruptHandlers.active is self:
             InterruptHandlers.active = None
 

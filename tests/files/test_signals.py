@@ -68,3 +68,49 @@ def test_without_a_command_running_a_held_signal_is_delivered_after_the_move(
     with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "rep") as tmp:
         (tmp / "a.txt").write_text("x")
     assert (tmp_path / "rep" / "a.txt").read_text() == "x"
+
+
+class _SignalsWhenCollected:
+    def __init__(self, sig: signal.Signals) -> None:
+        self.sig = sig
+
+    def __del__(self) -> None:
+        signal.raise_signal(self.sig)  # its exception is raised inside __del__: CPython drops it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("where", ["__del__", "weakref callback"])
+def test_a_signal_inside_a_finaliser_still_ends_the_run(handlers, sig: signal.Signals, where: str) -> None:
+    """The garbage collector runs finalisers at any bytecode; a signal that lands in one must not be lost
+    (it was, in CI: SIGTERM during a weakref callback, the scan then finished and exited 0)."""
+    import time
+    import weakref
+
+    class Target:
+        pass
+
+    with pytest.raises(BaseException) as info:
+        if where == "__del__":
+            obj = _SignalsWhenCollected(sig)
+            del obj
+        else:
+            target = Target()
+            keep = weakref.ref(target, lambda _ref: signal.raise_signal(sig))
+            del target
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        keep = None  # noqa: F841
+    assert type(info.value).__name__ == ("KeyboardInterrupt" if sig == signal.SIGINT else "Terminated")
+
+
+def test_other_unraisable_errors_still_reach_the_previous_hook(handlers) -> None:
+    seen: list[BaseException] = []
+    handlers.saved_hook = lambda u: seen.append(u.exc_value)
+
+    class Broken:
+        def __del__(self) -> None:
+            raise ValueError("from __del__")
+
+    Broken()
+    assert [str(e) for e in seen] == ["from __del__"]
