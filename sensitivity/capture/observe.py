@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sensitivity.quant.calibrators import Calibrator, DyadicHistogram, make_calibrator
+from sensitivity.quant.calibrators.sample import sampled
 from sensitivity.quant.registry import input_channel_axis
 from sensitivity.spec import QuantSpec
 
@@ -142,7 +143,12 @@ class LayerObserver:
 class RangeHistogram:
     """Counts over a fixed [lo, hi] range (values beyond it land in the edge bins): what the report plots.
 
-    The range comes from the fitting batches, so the held-out batches' excursions show as edge mass."""
+    The range comes from the fitting batches, so the held-out batches' excursions show as edge mass. Large
+    tensors are counted from a strided subsample, weighted (128 bins of a plot need the shape, not every
+    value; 2^18 values a call keep edge masses down to about 4e-6 of the values visible)."""
+
+    #: values counted per call at most
+    sample = 1 << 18
 
     def __init__(self, lo: float, hi: float, bins: int = 128) -> None:
         if not hi > lo:
@@ -151,6 +157,12 @@ class RangeHistogram:
         self.counts = torch.zeros(self.bins, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().flatten()
-        x = x[torch.isfinite(x)].clamp(self.lo, self.hi)
-        self.counts += torch.histc(x, bins=self.bins, min=self.lo, max=self.hi).double().cpu()
+        x, weight = sampled(x.detach(), limit=self.sample)
+        x = x.float()
+        if not torch.isfinite(
+            x.sum()
+        ):  # a finite sum proves every value finite (the elementwise test is slow)
+            x = x[torch.isfinite(x)]
+        # one bincount (torch.histc is single-threaded and 3x slower): bin floor((x - lo) / width), clamped
+        index = (x - self.lo).mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).long()
+        self.counts += torch.bincount(index, minlength=self.bins).double().cpu() * weight

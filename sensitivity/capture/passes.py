@@ -31,7 +31,7 @@ from sensitivity.capture.outputs import (
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
 from sensitivity.graph import eager_modules
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
-from sensitivity.methods.base import Candidate
+from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.metrics import ErrorStats, reference_sums
 from sensitivity.prepare import LayerInfo
@@ -107,7 +107,8 @@ class PassResult:
     #: predicted relative output MSE per (layer, candidate) from the probes, weighted as `out_rel`
     pred: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     pred_weight: float = 0.0
-    #: largest |probe gradient| seen at each layer's output (0 or absent: no gradient reached it)
+    #: largest |probe gradient| at each layer's output on the first piece where one reached it (0 or
+    #: absent: no gradient reached it; later pieces are not looked at)
     grad_max: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     #: why the probes' backward failed on some batch ("" when it never did)
     probe_failed: str = ""
@@ -232,8 +233,9 @@ class _Compare:
             if x is not None and self.histograms is not None:
                 self.histograms[name].update(x)
         g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
-        if g_out is not None:
-            self.res.grad_max[name] = max(self.res.grad_max[name], float(g_out.abs().max()))
+        if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind
+            top = max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(g) for g in g_out))
+            self.res.grad_max[name] = max(self.res.grad_max[name], top)
         cands = self.candidates.get(name, {})
         sums = reference_sums(y) if cands else None
         naive: list[torch.Tensor] = []
@@ -242,7 +244,9 @@ class _Compare:
             if yc is None:  # the candidate's output is ours: its memory holds the difference
                 continue
             on_diff = None
-            if g_out is not None:
+            if g_out is not None and deployable(
+                cname
+            ):  # scored at the outputs only where a policy may pick it
                 on_diff = functools.partial(self._probe_diff, name, cname, g_out, y.shape, naive)
             self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True, on_diff=on_diff)
         variants = self.variants.get(name)
@@ -256,7 +260,7 @@ class _Compare:
         self.stored[name].append(y.detach().clone())
 
     def _probe_diff(
-        self, name: str, cname: str, g: torch.Tensor, shape: torch.Size, naive: list[torch.Tensor],
+        self, name: str, cname: str, g: tuple[torch.Tensor, ...], shape: torch.Size, naive: list[torch.Tensor],
         diff: torch.Tensor,
     ) -> None:  # fmt: skip
         assert self.grads is not None

@@ -48,29 +48,31 @@ log = logging.getLogger(__name__)
 @dataclass
 class ProbeGrads:
     """One batch's probe gradients: per target layer and call, at the output and at the op's input
-    ([K, *shape] each, K probes; None where no gradient reached)."""
+    (K tensors each, one per probe; None where no gradient reached)."""
 
     probes: int
     samples: int | None
-    out: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
-    inp: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
+    out: dict[str, deque[tuple[Tensor, ...] | None]] = field(default_factory=lambda: defaultdict(deque))
+    inp: dict[str, deque[tuple[Tensor, ...] | None]] = field(default_factory=lambda: defaultdict(deque))
     #: why no gradient was computed for the whole batch (backward failed), or ""
     failed: str = ""
 
-    def take(self, name: str) -> tuple[Tensor | None, Tensor | None]:
+    def take(self, name: str) -> tuple[tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
         """The next call's (output gradient, input gradient) of `name`, in call order."""
         out, inp = self.out.get(name), self.inp.get(name)
         return (out.popleft() if out else None), (inp.popleft() if inp else None)
 
 
-def sample_dots(g: Tensor, d: Tensor, samples: int | None) -> Tensor:
-    """[K, G] dot products of each probe's gradient `g` [K, *shape] with `d` [*shape], per sample where
-    dim 0 is the batch (G = samples), else over the whole tensor (G = 1); float64 accumulation."""
-    k = g.shape[0]
+def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) -> Tensor:
+    """[K, G] dot products of each probe's gradient (`g`: K tensors shaped like `d`, or one [K, *shape])
+    with `d`, per sample where dim 0 is the batch (G = samples), else over the whole tensor (G = 1); one
+    batched matrix product per probe (the K gradients are never stacked: that copy cost as much as the
+    dots), results in float64."""
+    grads = g.unbind(0) if isinstance(g, Tensor) else g
     groups = samples if samples and d.dim() > 0 and d.shape[0] == samples else 1
-    gg = g.reshape(k, groups, -1)
-    dd = d.reshape(groups, -1).to(gg.dtype)
-    return torch.einsum("kgn,gn->kg", gg, dd).double()
+    dd = d.reshape(groups, -1, 1)
+    rows = [torch.bmm(gk.reshape(groups, 1, -1), dd.to(gk.dtype)).reshape(groups) for gk in grads]
+    return torch.stack(rows).double()
 
 
 class _Recorder:
@@ -217,6 +219,6 @@ def probe_gradients(
         grads = [[] for _ in tensors]
     n_out = len(rec.outs)
     for i, ((name, _), slot) in enumerate(zip(rec.outs + rec.ins, grads, strict=True)):
-        stacked = torch.stack(slot) if slot and all(g is not None for g in slot) else None  # type: ignore[misc]
-        (result.out if i < n_out else result.inp)[name].append(stacked)
+        kept = tuple(slot) if slot and all(g is not None for g in slot) else None
+        (result.out if i < n_out else result.inp)[name].append(kept)  # type: ignore[arg-type]
     return result

@@ -19,7 +19,7 @@ from sensitivity.errors import ConfigError
 from sensitivity.quant.build import LayerQuant
 from sensitivity.quant.modules import QuantMixin
 
-__all__ = ["FP", "NAIVE", "Candidate", "LayerStats", "Method", "sq_key"]
+__all__ = ["FP", "NAIVE", "Candidate", "LayerStats", "Method", "deployable", "sq_key"]
 
 #: A scan-time candidate: given a layer's FP call args, the candidate's output for them.
 Candidate = Callable[[tuple], Any]
@@ -42,6 +42,13 @@ class LayerStats(Protocol):
 def sq_key(granularity: str, alpha: float) -> str:
     """Candidate name, e.g. `sq_channel_0.5` / `sq_im2col_0.75`."""
     return f"sq_{granularity}_{alpha:g}"
+
+
+def deployable(key: str) -> bool:
+    """Can a deployable policy pick this candidate? Naive (any range) and SmoothQuant per channel; not
+    im2col SmoothQuant (research) nor the other activation sign (under --act-sign auto a non-negative
+    input is unsigned already). Only these are scored at the model's outputs."""
+    return key == "naive" or key.startswith("naive_") or key.startswith("sq_channel_")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from sensitivity.pipeline.sensitivity import OutputSensitivity
 from sensitivity.pipeline.verify import Verifier, isolated_badness, repair_reason
 from sensitivity.policy import ExcludeEntry, Rule, Thresholds, exclude_by_thresholds
 from sensitivity.policy.output import NEGLIGIBLE_ERROR, LayerOption, best_options, choose_fp, negligible
-from sensitivity.quant.build import LayerQuant
+from sensitivity.quant.build import LayerQuant, same_configs
 
 __all__ = ["CurvePoint", "decide_by_outputs"]
 
@@ -220,7 +220,10 @@ def decide_by_outputs(
     pol_check, rules = _naive_if_better(meas, sens, rules, configs, pol_check, verifier)
     ex_rules = _rules(names, exc, {**net, **exc.blown()}, budget, opts.sq_mode, note)
     ex_configs = {n: LayerQuant("fp") if ex_rules[n].method == "fp" else sens.fit_configs[n] for n in names}
-    ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
+    if same_configs(ex_configs, configs):  # the policy chose nothing but naive and the same FP layers
+        ex_check, ex_moved = pol_check, {}
+    else:
+        ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
     excluded = {
         n: ExcludeEntry(n, r.reason, dict(r.metrics)) for n, r in ex_rules.items() if r.method == "fp"
     }
@@ -264,11 +267,12 @@ def _curve(meas, sens, options, fp_ranked, configs, measured_policy) -> list[Cur
     no_fp = dict(configs)
     for n in fp_ranked:
         no_fp[n] = sens.fit_configs[n]
-    start = (
-        sens.reference.measure(meas.qmodel, no_fp)
-        if sens.reference is not None and fp_ranked
-        else measured_policy
-    )
+    if not fp_ranked or sens.reference is None:
+        start = measured_policy
+    elif same_configs(no_fp, sens.fit_configs):  # all naive: the scan's quantized pass measured it
+        start = meas.result.out_rel_mse()
+    else:
+        start = sens.reference.measure(meas.qmodel, no_fp)
     points = [CurvePoint(0, "", total, start)]
     for k, n in enumerate(fp_ranked, 1):
         total -= max(_err(options[n]), 0.0)

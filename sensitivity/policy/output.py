@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from sensitivity.methods.base import deployable
+
 __all__ = [
     "FP_FLOOR",
     "NEGLIGIBLE_ERROR",
@@ -59,10 +61,9 @@ class LayerOption:
 
 
 def selectable(key: str, sq_mode: str) -> bool:
-    """Candidates a deployable policy may pick: naive (any range), SmoothQuant per channel (static, or the
-    scan's dynamic mode when asked for). Not im2col (research) nor the other activation sign: under
-    --act-sign auto a non-negative input is already unsigned (twice the resolution)."""
-    return key == "naive" or key.startswith("naive_") or key.startswith("sq_channel_")
+    """Candidates a deployable policy may pick (`deployable`): naive (any range), SmoothQuant per channel
+    (static, or the scan's dynamic mode when asked for)."""
+    return deployable(key)
 
 
 def best_options(

@@ -18,6 +18,7 @@ __all__ = [
     "build_quant_model",
     "configure_layers",
     "quant_layers",
+    "same_configs",
 ]
 
 
@@ -71,6 +72,14 @@ class LayerQuant:
     input_unsigned: bool = False
     smooth_scale: torch.Tensor | None = None  # static SmoothQuant factors (per input channel)
     dynamic_alpha: float | None = None  # dynamic SmoothQuant (research): factors per batch
+
+
+def same_configs(a: dict[str, LayerQuant], b: dict[str, LayerQuant]) -> bool:
+    """Do `a` and `b` run every layer the same way? Settings count as equal when they are the same object
+    (amax tensors are not compared by value) or both FP; a pass measured for one holds for the other."""
+    return a.keys() == b.keys() and all(
+        a[n] is b[n] or (a[n].method == "fp" and b[n].method == "fp") for n in a
+    )
 
 
 def configure_layers(model: nn.Module, configs: dict[str, LayerQuant]) -> None:

@@ -19,6 +19,7 @@ from sensitivity.errors import FPModelError
 from sensitivity.quant.calibrators.base import NothingCollectedError
 from sensitivity.quant.calibrators.mse import compute_amax_mse
 from sensitivity.quant.calibrators.percentile import compute_amax_percentile
+from sensitivity.quant.calibrators.sample import sampled
 
 __all__ = ["DyadicHistogram"]
 
@@ -55,7 +56,8 @@ class DyadicHistogram:
         """One signed bincount per batch: the index trunc(x · n / 2^k) (toward zero) puts x and -x in the
         same |x| bin; the negative side is also kept apart (`neg`, for the unsigned range). Negative values
         in bin 0 count as positives there: for the unsigned range they saturate to 0 either way. `bounds`:
-        x's (min, max) where the caller has them already (saves a pass over x)."""
+        x's (min, max) where the caller has them already (saves a pass over x). Large tensors are binned
+        from a strided subsample (`sampled`); their max and the top always come from every value."""
         if x.numel() == 0:
             return
         with torch.no_grad():
@@ -72,8 +74,11 @@ class DyadicHistogram:
             self.grow_to(math.frexp(top)[1])  # top < 2^e
             n = self.num_bins
             scale = math.ldexp(1.0, int(math.log2(n)) - self.exp)  # n / 2^k, a power of two: exact
-            index = (x * scale).long().add_(n - 1).clamp_(0, 2 * n - 2)
+            values, weight = sampled(x)
+            index = (values * scale).long().add_(n - 1).clamp_(0, 2 * n - 2)
             counts = torch.bincount(index, minlength=2 * n - 1).double().cpu()
+            if weight != 1.0:
+                counts *= weight
             negative = counts[: n - 1].flip(0)  # |x| bins 1 .. n-1 of the negative values
             self.hist += counts[n - 1 :]
             self.hist[1:] += negative
