@@ -19,17 +19,16 @@ import torch
 from torch import nn
 
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
+from sensitivity.capture.nonfinite import NonfiniteWatch, leaf_names
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import (
     OutputEnergy,
     OutputSelector,
-    all_finite,
     as_tensor,
     check_fp_outputs,
     relative_sq_error,
 )
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
-from sensitivity.graph import eager_modules
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
@@ -38,7 +37,7 @@ from sensitivity.prepare import LayerInfo
 from sensitivity.quant.registry import layer_macs
 from sensitivity.spec import QuantSpec
 
-__all__ = ["PassResult", "calibrate", "compare_pass", "held_pieces"]
+__all__ = ["PassResult", "Progress", "calibrate", "compare_pass", "held_pieces", "quantized_pass"]
 
 Progress = Callable[[], None]
 
@@ -156,53 +155,6 @@ def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) ->
     return 0 if fits >= n else max(1, fits)
 
 
-def _inside(name: str, targets: set[str]) -> bool:
-    """Is `name` a submodule of one of `targets`? (its ancestors looked up in the set: linear in depth)"""
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in targets for i in range(1, len(parts)))
-
-
-def _leaf_names(model: nn.Module, targets: set[str]) -> list[str]:
-    """Modules to watch for NaN/Inf: target layers and childless modules outside them (not quantizers)."""
-    out = []
-    for name, mod in eager_modules(model):
-        if not name:
-            continue
-        if name in targets or (next(mod.children(), None) is None and not _inside(name, targets)):
-            out.append(name)
-    return out
-
-
-class _NonfiniteWatch:
-    """Where, in the quantized pass, the first NaN/Inf appears: the first leaf module (in call order) whose
-    output is not finite, and the target layers that ran before it (where the cause must be)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.counter = 0
-        self.first: tuple[int, str] | None = None
-        self.called: list[str] = []
-        self.upstream: list[str] = []
-
-    def leaf_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        self.counter += 1
-        y = as_tensor(out)
-        if y is not None and y.is_floating_point() and self.first is None and not all_finite(y):
-            self.first = (self.counter, name)
-            self.upstream = list(dict.fromkeys(self.called))
-
-    def found(self, q_flat: dict[str, torch.Tensor]) -> tuple[float, str, list[str]] | None:
-        """(rank, where, upstream layers) of this piece's first non-finite value, or None."""
-        if self.first is not None:
-            return float(self.first[0]), self.first[1], self.upstream
-        bad_outputs = [k for k, t in q_flat.items() if not all_finite(t)]
-        if bad_outputs:
-            return math.inf, f"output:{bad_outputs[0]}", list(dict.fromkeys(self.called))
-        return None
-
-
 class _Compare:
     """One comparison pass's hooks and accumulators (see `compare_pass`)."""
 
@@ -215,7 +167,7 @@ class _Compare:
         self.observers, self.histograms, self.variants = observers, histograms, variants
         self.stored: dict[str, deque[torch.Tensor]] = defaultdict(deque)
         self.inputs = LayerInputs({})
-        self.watch = _NonfiniteWatch()
+        self.watch = NonfiniteWatch()
         #: this piece's probe gradients, and the probe dot products summed over each layer's calls
         self.grads: ProbeGrads | None = None
         self.dots: dict[tuple[str, str], torch.Tensor] = {}
@@ -296,9 +248,10 @@ class _Compare:
         self.res.calls[name] += 1
         self.watch.called.append(name)
 
-    def outputs(self, fp_out: Any, q_out: Any, select: OutputSelector, weight: float) -> None:
-        """Model-output errors per named output, and the first non-finite value of the piece."""
-        ref_flat, q_flat = select(fp_out), select(q_out)
+    def outputs(
+        self, ref_flat: dict[str, torch.Tensor], q_flat: dict[str, torch.Tensor], weight: float
+    ) -> None:
+        """Model-output errors per named output (selected), and the first non-finite value of the piece."""
         rel = 0.0
         for key, ref in ref_flat.items():
             if key in q_flat:
@@ -362,9 +315,9 @@ def compare_pass(
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
     run.energy, res.energy_normalised = energy, energy is not None
     select = outputs or OutputSelector()
-    leaves = _leaf_names(q_model, set(names))
-    # probes keep 2 gradients per probe per layer, and autograd the activations of one forward
-    copies = 1 + (2 * probes + 2 if probes else 0)
+    leaves = leaf_names(q_model, set(names))
+    # probes keep 2 gradients per probe per layer (bfloat16: half a copy each), autograd the activations
+    copies = 1 + (probes + 2 if probes else 0)
     with torch.no_grad():
         last_index = first_index - 1
         for index, batch in held_pieces(layers, batches, stored_budget_mb, first_index, copies):
@@ -384,7 +337,43 @@ def compare_pass(
                 forward_hooks(q_model, leaves, run.watch.leaf_hook),
             ):
                 q_out = run_checked(q_model, batch, index)
-            run.outputs(fp_out, q_out, select, weight)
+            run.outputs(select(fp_out), select(q_out), weight)
+            if index != last_index:
+                last_index = index
+                progress()
+    return res
+
+
+def quantized_pass(
+    q_model: nn.Module,
+    layers: Sequence[LayerInfo],
+    pieces: Sequence[tuple[int, Batch, dict[str, torch.Tensor], float]],
+    select: OutputSelector,
+    energy: OutputEnergy | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress = _noop,
+) -> PassResult:
+    """The quantized model alone against FP outputs kept from an earlier pass ((batch index, piece, selected
+    FP outputs, weight) per piece): the model-output errors and where it first turns non-finite, without
+    the FP forward or the per-layer cumulative errors (a configuration that only needs checking)."""
+    res = PassResult()
+    names = [layer.name for layer in layers]
+    run = _Compare(res, names, {}, None, None, {})
+    run.energy, res.energy_normalised = energy, energy is not None
+
+    def called(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        run.watch.called.append(name)
+
+    last_index = None
+    with (
+        torch.no_grad(),
+        forward_hooks(q_model, names, called),
+        forward_hooks(q_model, leaf_names(q_model, set(names)), run.watch.leaf_hook),
+    ):
+        for index, piece, ref_flat, weight in pieces:
+            batch = batch_to(piece, device) if device is not None else piece
+            run.watch.reset()
+            run.outputs(ref_flat, select(run_checked(q_model, batch, index)), weight)
             if index != last_index:
                 last_index = index
                 progress()

@@ -62,9 +62,23 @@ class ProbeGrads:
     failed: str = ""
 
     def take(self, name: str) -> tuple[tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
-        """The next call's (output gradient, input gradient) of `name`, in call order."""
+        """The next call's (output gradient, input gradient) of `name`, in call order, in float32 again."""
         out, inp = self.out.get(name), self.inp.get(name)
-        return (out.popleft() if out else None), (inp.popleft() if inp else None)
+        return _expanded(out.popleft() if out else None), _expanded(inp.popleft() if inp else None)
+
+
+def _compact(g: Tensor) -> Tensor:
+    """A float32 gradient kept in bfloat16 until its layer's hook dots it: the K probes' gradients at every
+    layer's output and input are the scan's largest tensors (2K activation copies of a piece), and their
+    rounding (2^-9 relative per value, random) moves a dot product by far less than the probes' own
+    sampling error (tens of percent per probe). Other dtypes are kept as they are."""
+    return g.to(torch.bfloat16) if g.dtype == torch.float32 else g
+
+
+def _expanded(grads: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+    if grads is None:
+        return None
+    return tuple(g.float() if g.dtype == torch.bfloat16 else g for g in grads)
 
 
 def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) -> Tensor:
@@ -222,7 +236,7 @@ def probe_gradients(
                 break
             got = torch.autograd.grad(loss, tensors, retain_graph=k < probes - 1, allow_unused=True)
             for slot, g in zip(grads, got, strict=True):
-                slot.append(None if g is None else g.detach())
+                slot.append(None if g is None else _compact(g.detach()))
     except Exception as exc:  # a custom op without a working backward: every layer is measured exactly
         result.failed = (
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"

@@ -198,7 +198,9 @@ def decide_by_outputs(
     t = time.perf_counter()
     names, table = cal.names, meas.table
     energy = meas.reference.energy if meas.reference is not None else None
-    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy)
+    verifier = Verifier(
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy, meas.reference
+    )
     net = _safety_net(cal, meas, sens, opts)
     free = [n for n in names if n not in net]
     exact = _Exact(cal, meas, sens, opts)
@@ -223,7 +225,7 @@ def decide_by_outputs(
     if same_configs(ex_configs, configs):  # the policy chose nothing but naive and the same FP layers
         ex_check, ex_moved = pol_check, {}
     else:
-        ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
+        ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair, outputs_only=True)
     excluded = {
         n: ExcludeEntry(n, r.reason, dict(r.metrics)) for n, r in ex_rules.items() if r.method == "fp"
     }

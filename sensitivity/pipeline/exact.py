@@ -17,7 +17,7 @@ from torch import nn
 
 from sensitivity import distributed as D
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, sq_norm
-from sensitivity.capture.passes import held_pieces
+from sensitivity.capture.passes import PassResult, Progress, held_pieces, quantized_pass
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.build import LayerQuant, configure_layers
@@ -72,3 +72,19 @@ class OutputReference:
         configs = {n: LayerQuant("fp") for n in names}
         configs[layer] = setting
         return self.measure(qmodel, configs)
+
+    def check(
+        self, qmodel: nn.Module, layers: Sequence[LayerInfo], configs: dict[str, LayerQuant],
+        progress: Progress | None = None,
+    ) -> PassResult:  # fmt: skip
+        """`qmodel` configured with `configs` against the kept FP outputs: the model-output errors and
+        where it first turns non-finite (no per-layer errors: one quantized forward, no FP forward)."""
+        configure_layers(qmodel, configs)
+        pieces = [
+            (index, piece, ref, w)
+            for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True)
+        ]
+        kwargs = {"progress": progress} if progress is not None else {}
+        result = quantized_pass(qmodel, layers, pieces, self.select, self.energy, self.device, **kwargs)
+        self.runs += 1
+        return result

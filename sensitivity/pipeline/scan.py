@@ -160,7 +160,7 @@ def _after_budget(
     decision = Decision(rules, excluded, decision.ex_check, decision.pol_check)
     state = _state(cal, meas, decision, opts)
     decision.pol_check = verifier.run(state.configs("policy"), "policy")
-    decision.ex_check = verifier.run(state.configs("exclusion", excluded), "exclusion")
+    decision.ex_check = verifier.run(state.configs("exclusion", excluded), "exclusion", outputs_only=True)
     return decision, state
 
 

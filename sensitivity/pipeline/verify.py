@@ -13,6 +13,7 @@ from sensitivity import distributed as D
 from sensitivity.capture.outputs import OutputEnergy
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.io.batches import Batch
+from sensitivity.pipeline.exact import OutputReference
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.policy import ExcludeEntry
 from sensitivity.prepare import LayerInfo
@@ -44,13 +45,23 @@ class Verifier:
     """Runs `qmodel` configured one way against `fp` on the held-out batches (this rank's shard)."""
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
-                 opts: ScanOptions, progress: PhaseProgress, energy: OutputEnergy | None = None) -> None:  # fmt: skip
+                 opts: ScanOptions, progress: PhaseProgress, energy: OutputEnergy | None = None,
+                 reference: OutputReference | None = None) -> None:  # fmt: skip
         self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
         self.energy = energy
+        self.reference = reference
         self.opts, self.progress = opts, progress
         self.names = [layer.name for layer in layers]
 
-    def run(self, configs: dict[str, LayerQuant], label: str) -> PassResult:
+    def run(self, configs: dict[str, LayerQuant], label: str, outputs_only: bool = False) -> PassResult:
+        """A quantized pass for `configs`: against the FP pass (per-layer cumulative errors too), or with
+        `outputs_only` and kept FP outputs, the quantized forward alone (what a check of the model's outputs
+        and the non-finite repair need)."""
+        if outputs_only and self.reference is not None:
+            with self.progress.phase(f"verify {label}", len(self.held)) as advance:
+                result = self.reference.check(self.qmodel, self.layers, configs, advance)
+            D.reduce_pass_(result)
+            return result
         configure_layers(self.qmodel, configs)
         with self.progress.phase(f"verify {label}", len(self.held)) as advance:
             result = compare_pass(
@@ -67,11 +78,12 @@ class Verifier:
         label: str,
         badness: Callable[[str], float],
         reason: Callable[[str, str], ExcludeEntry],
+        outputs_only: bool = False,
     ) -> tuple[PassResult, dict[str, ExcludeEntry]]:
         """Verify; while the model turns non-finite, put the worst layer (by `badness`) upstream of the
         first non-finite value in FP and retry. Bounded (a few steps, one quantized pass each). Returns the
         final check and the layers it moved, with `reason(layer, where)`. `configs` is updated in place."""
-        check = self.run(configs, label)
+        check = self.run(configs, label, outputs_only)
         moved: dict[str, ExcludeEntry] = {}
         for _ in range(self.opts.max_nonfinite_repairs):
             if check.first_nonfinite is None:
@@ -83,5 +95,5 @@ class Verifier:
             worst = max(upstream, key=badness)
             moved[worst] = reason(worst, check.first_nonfinite)
             configs[worst] = LayerQuant("fp")
-            check = self.run(configs, label)
+            check = self.run(configs, label, outputs_only)
         return check, moved
