@@ -43,7 +43,9 @@ def decide_stage(
     fit_configs = {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in cal.acts().items()}
     user_fp = opts.user_fp(names)
     energy = meas.reference.energy if meas.reference is not None else None
-    verifier = Verifier(cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy)
+    verifier = Verifier(
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy, meas.reference
+    )
 
     def badness(name: str) -> float:
         return isolated_badness(table, name)
@@ -58,7 +60,7 @@ def decide_stage(
     ex_configs = {n: (LayerQuant("fp") if n in excluded else fit_configs[n]) for n in names}
     ex_check = result
     if excluded or result.first_nonfinite is not None:
-        ex_check, moved = verifier.repaired(ex_configs, "exclusion", badness, repair)
+        ex_check, moved = verifier.repaired(ex_configs, "exclusion", badness, repair, outputs_only=True)
         excluded.update(moved)
     excluded = {n: excluded[n] for n in names if n in excluded}
 
