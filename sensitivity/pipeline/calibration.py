@@ -24,7 +24,7 @@ from sensitivity.io.batches import Batch, split_holdout
 from sensitivity.methods.im2col import im2col_refusal
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.prepare import Prepared, prepare
-from sensitivity.quant.build import ActQuant
+from sensitivity.quant.build import ActQuant, LayerQuant
 from sensitivity.resume import fingerprint, load_calibration_checkpoint, save_calibration_checkpoint
 from sensitivity.spec import QuantSpec
 
@@ -60,6 +60,10 @@ class Calibration:
             n: ActQuant(self.fixed[n], False) if n in self.fixed else ActQuant(o.amax(), o.unsigned())
             for n, o in self.observers.items()
         }
+
+    def fit_configs(self) -> dict[str, LayerQuant]:
+        """Every layer naive with its fitting-batch quantizer (what the held-out scoring measured)."""
+        return {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in self.acts().items()}
 
 
 def observers_for(

@@ -40,11 +40,10 @@ def decide_stage(
 ) -> tuple[Decision, Verifier]:
     names, table, result = cal.names, meas.table, meas.result
     # fit-batch statistics (what the held-out scoring measured) for the verification passes
-    fit_configs = {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in cal.acts().items()}
+    fit_configs = cal.fit_configs()
     user_fp = opts.user_fp(names)
-    energy = meas.reference.energy if meas.reference is not None else None
     verifier = Verifier(
-        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy, meas.reference
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference
     )
 
     def badness(name: str) -> float:

@@ -197,9 +197,8 @@ def decide_by_outputs(
     the FP budget spent where it removes the most output error, both verified."""
     t = time.perf_counter()
     names, table = cal.names, meas.table
-    energy = meas.reference.energy if meas.reference is not None else None
     verifier = Verifier(
-        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, energy, meas.reference
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference
     )
     net = _safety_net(cal, meas, sens, opts)
     free = [n for n in names if n not in net]

@@ -67,7 +67,7 @@ def output_stage(
     """`out_*_err` and `out_err_source` into `meas.table`; exact measurement where the probes saw nothing."""
     t = time.perf_counter()
     names, result, table = cal.names, meas.result, meas.table
-    fit_configs = {n: LayerQuant("naive", a.amax, a.unsigned) for n, a in cal.acts().items()}
+    fit_configs = cal.fit_configs()
     samples = sum(batch_len(b) or 1 for b in cal.held)  # all ranks'
     probes = meas.probes
     errors: dict[str, dict[str, float]] = {n: {} for n in names}

@@ -10,7 +10,6 @@ import pandas as pd
 from torch import nn
 
 from sensitivity import distributed as D
-from sensitivity.capture.outputs import OutputEnergy
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.io.batches import Batch
 from sensitivity.pipeline.exact import OutputReference
@@ -45,10 +44,10 @@ class Verifier:
     """Runs `qmodel` configured one way against `fp` on the held-out batches (this rank's shard)."""
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
-                 opts: ScanOptions, progress: PhaseProgress, energy: OutputEnergy | None = None,
+                 opts: ScanOptions, progress: PhaseProgress,
                  reference: OutputReference | None = None) -> None:  # fmt: skip
         self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
-        self.energy = energy
+        #: the kept FP outputs (with their energies: every pass is normalised by them), or None
         self.reference = reference
         self.opts, self.progress = opts, progress
         self.names = [layer.name for layer in layers]
@@ -67,7 +66,7 @@ class Verifier:
             result = compare_pass(
                 self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
                 progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
-                energy=self.energy,
+                energy=self.reference.energy if self.reference is not None else None,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result
