@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sensitivity.capture.outputs import all_finite
 from sensitivity.quant.calibrators import Calibrator, DyadicHistogram, make_calibrator
 from sensitivity.quant.calibrators.sample import sampled
 from sensitivity.quant.registry import input_channel_axis
@@ -159,9 +160,7 @@ class RangeHistogram:
     def update(self, x: torch.Tensor) -> None:
         x, weight = sampled(x.detach(), limit=self.sample)
         x = x.float()
-        if not torch.isfinite(
-            x.sum()
-        ):  # a finite sum proves every value finite (the elementwise test is slow)
+        if not all_finite(x):
             x = x[torch.isfinite(x)]
         # one bincount (torch.histc is single-threaded and 3x slower): bin floor((x - lo) / width), clamped
         index = (x - self.lo).mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).long()

@@ -196,9 +196,8 @@ class _Compare:
             if yc is None:  # the candidate's output is ours: its memory holds the difference
                 continue
             on_diff = None
-            if g_out is not None and deployable(
-                cname
-            ):  # scored at the outputs only where a policy may pick it
+            # scored at the outputs only where a policy may pick it
+            if g_out is not None and deployable(cname):
                 on_diff = functools.partial(self._probe_diff, name, cname, g_out, y.shape, naive)
             self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True, on_diff=on_diff)
         variants = self.variants.get(name)
