@@ -35,18 +35,58 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
-from sensitivity.io.batches import Batch, batch_len, batch_tensors, run_checked
+from sensitivity.io.batches import Batch, batch_len, batch_map, batch_tensors, run_checked
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
-__all__ = ["ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
+__all__ = ["ProbeGrads", "RecordedCall", "RecordedForward", "piece_generator", "probe_gradients", "sample_dots"]
 
 log = logging.getLogger(__name__)
 
 
 #: rows at least this long are dotted one by one (BLAS), shorter ones by one vectorised `vecdot`
 _LONG_ROW = 1 << 15
+
+
+def _versions(*values: Any) -> tuple[int, ...]:
+    """In-place write counters of the tensors (a SparseConvTensor: its features) among `values`."""
+    out = []
+    for v in values:
+        t = as_tensor(v)
+        if t is not None:
+            out.append(t._version)
+    return tuple(out)
+
+
+@dataclass
+class RecordedCall:
+    """One target layer call of the probes' forward, kept so the FP pass's per-layer work can run on it
+    afterwards instead of in a second forward: the module, its arguments, its output (a tensor the rest of
+    the model never saw: it got a clone) and the tensor its op received, all cut from autograd."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    out: Any
+    x: Tensor | None
+    versions: tuple[int, ...]
+
+    def intact(self) -> bool:
+        """Nothing wrote into the arguments or the output since the call (an in-place op later in the
+        model would make a replayed candidate see other values than the layer did)."""
+        return _versions(*self.args, self.x, self.out) == self.versions
+
+
+@dataclass
+class RecordedForward:
+    """The probes' FP forward, call by call, and the model's output (detached)."""
+
+    calls: list[RecordedCall]
+    output: Any
+
+    def intact(self) -> bool:
+        return all(c.intact() for c in self.calls)
 
 
 @dataclass
@@ -60,6 +100,8 @@ class ProbeGrads:
     inp: dict[str, deque[tuple[Tensor, ...] | None]] = field(default_factory=lambda: defaultdict(deque))
     #: why no gradient was computed for the whole batch (backward failed), or ""
     failed: str = ""
+    #: the forward the gradients came from, call by call (`probe_gradients(record=True)`), else None
+    forward: RecordedForward | None = None
 
     def take(self, name: str) -> tuple[tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
         """The next call's (output gradient, input gradient) of `name`, in call order, in float32 again."""
@@ -103,16 +145,31 @@ def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) ->
 class _Recorder:
     """Hooks that make each layer's output (and op input) a tensor of its own that requires grad."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         self.outs: list[tuple[str, Tensor]] = []
         self.ins: list[tuple[str, Tensor]] = []
+        self.record = record
+        self.calls: list[RecordedCall] = []
+        self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
 
     def input_clone(self, name: str, x: Tensor) -> Tensor:
         if not x.is_floating_point():
+            self.op_input[name] = x
             return x
         xc = x.detach().clone().requires_grad_() if not x.requires_grad else x.clone()
         self.ins.append((name, xc))
+        self.op_input[name] = xc
         return xc
+
+    def _keep(self, name: str, module: nn.Module, args: tuple, out: Any, y: Tensor) -> None:
+        """The call, for the FP pass to replay: tensors detached (no graph kept alive through them)."""
+        if not self.record:
+            return
+        x = self.op_input.pop(name, None) if is_wrapped_kind(module) else as_tensor(args[0]) if args else None
+        args = tuple(_detached(a) for a in args)
+        x = x.detach() if x is not None else None
+        kept = _detached(out) if not isinstance(out, Tensor) else y.detach()
+        self.calls.append(RecordedCall(name, module, args, kept, x, _versions(*args, x, kept)))
 
     def pre_hook(self, name: str) -> Callable[[nn.Module, tuple], Any]:
         def hook(module: nn.Module, args: tuple) -> Any:
@@ -125,10 +182,14 @@ class _Recorder:
     def out_hook(self, name: str) -> Callable[[nn.Module, tuple, Any], Any]:
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             y = as_tensor(out)
-            if y is None or not y.is_floating_point():
+            if y is None:
+                return None
+            if not y.is_floating_point():
+                self._keep(name, module, args, out, y)
                 return None
             if not y.requires_grad:
                 y = y.detach().requires_grad_()
+            self._keep(name, module, args, out, y)
             self.outs.append((name, y))
             clone = y.clone()  # what the rest of the model sees (and may modify in place)
             if isinstance(out, Tensor):
@@ -159,8 +220,8 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 
 
 @contextmanager
-def _recording(model: nn.Module, names: Sequence[str]) -> Iterator[_Recorder]:
-    rec = _Recorder()
+def _recording(model: nn.Module, names: Sequence[str], record: bool = False) -> Iterator[_Recorder]:
+    rec = _Recorder(record)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -217,14 +278,18 @@ def probe_gradients(
     gen: torch.Generator,
     index: int = 0,
     energy: OutputEnergy | None = None,
+    record: bool = False,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
-    CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients)."""
+    CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients).
+    `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again."""
     result = ProbeGrads(probes, batch_len(batch))
-    with torch.enable_grad(), _recording(model, names) as rec:
+    with torch.enable_grad(), _recording(model, names, record) as rec:
         out = run_checked(model, batch, index)
         flat = select(out)
+    if record:
+        result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
     tensors = [t for _, t in rec.outs] + [t for _, t in rec.ins]
     grads: list[list[Tensor | None]] = [[] for _ in tensors]
     try:

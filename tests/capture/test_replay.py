@@ -1,0 +1,124 @@
+"""The FP pass replayed from the probes' recorded forward against a second FP forward (what the scan did
+before): the same isolated, cumulative and predicted errors, observers and histograms; and a model that
+writes into a layer's input after the call falls back to the second forward."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from sensitivity.capture import passes
+from sensitivity.capture.observe import RangeHistogram
+from sensitivity.capture.passes import PassResult, calibrate, compare_pass
+from sensitivity.capture.probes import RecordedForward
+from sensitivity.methods.candidates import build_candidates
+from sensitivity.methods.ranges import InputVariants
+from sensitivity.prepare import prepare
+from sensitivity.quant.build import ActQuant, build_quant_model, quant_layers
+from sensitivity.spec import QuantSpec
+from tests.subclass_models import Conv2dSame, build_subclass_net
+
+
+class Residual(nn.Module):
+    """Conv, in-place ReLU, a depthwise conv and a residual add: the layer outputs are modified in place
+    by the model after the call (what the recorded outputs must not see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        h = h + self.act(self.dw(h))
+        return self.b(h)
+
+
+class WritesIntoInput(nn.Module):
+    """A padded conv subclass (its op input is intercepted, its module argument is the model's own tensor)
+    whose argument the model then changes in place: a replayed candidate would see other values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(3, 4, 1)
+        self.same = Conv2dSame(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        y = self.same(h)
+        h.mul_(3.0)
+        return y + h
+
+
+def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[PassResult, dict, Any]:
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 3, 8, 8, generator=g) for _ in range(3)]
+    prep = prepare(model, batches[0])
+    spec = QuantSpec()
+    obs = calibrate(prep.model, prep.layers, batches[:2], spec)
+    qmodel = build_quant_model(prep.model, {n: ActQuant(o.amax(), False) for n, o in obs.items()}, spec)
+    qlayers = quant_layers(qmodel)
+    fixed = {layer.name for layer in prep.layers if layer.weight_transformed}
+    cands, _ = build_candidates(qlayers, obs, spec, (0.5,), ("channel",), "static", no_smoothing=fixed)
+    variants = {n: InputVariants(q.input_quantizer, {"half": obs[n].amax() * 0.5}) for n, q in qlayers.items()}
+    hists = {n: RangeHistogram(min(o.min_value, 0.0), o.max_abs) for n, o in obs.items()}
+    if not replay:
+        monkeypatch.setattr(RecordedForward, "intact", lambda self: False)
+    res = compare_pass(
+        prep.model, qmodel, prep.layers, batches[2:], candidates=cands, variants=variants, observers=obs,
+        histograms=hists, probes=2, stored_budget_mb=0.0,
+    )  # fmt: skip
+    monkeypatch.undo()
+    return res, {n: o.amax() for n, o in obs.items()}, {n: h.counts for n, h in hists.items()}
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("make", [Residual, build_subclass_net], ids=["residual-inplace", "conv-subclasses"])
+def test_replayed_fp_pass_equals_a_second_forward(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    calls: list[int] = []
+    real = passes._Compare.replay
+    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    fast, amax_fast, hist_fast = _run(model, True, monkeypatch)
+    assert calls, "the recorded forward was not replayed"
+    slow, amax_slow, hist_slow = _run(model, False, monkeypatch)
+    assert fast.iso.keys() == slow.iso.keys() and len(fast.iso) > 0
+    for key in slow.iso:
+        for m, v in slow.iso[key].metrics().items():
+            assert _same(fast.iso[key].metrics()[m], v), (key, m)
+    for name in slow.cum:
+        for m, v in slow.cum[name].metrics().items():
+            assert _same(fast.cum[name].metrics()[m], v), (name, m)
+    assert fast.pred.keys() == slow.pred.keys() and any(k[1] == "naive_half" for k in fast.pred)
+    for key in slow.pred:
+        assert fast.predicted(*key) == pytest.approx(slow.predicted(*key), rel=1e-6)
+    for name in amax_slow:
+        assert float(amax_fast[name]) == float(amax_slow[name])
+        assert torch.equal(hist_fast[name], hist_slow[name])
+
+
+def test_a_layer_input_written_after_the_call_falls_back_to_a_second_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = WritesIntoInput().eval()
+    calls: list[int] = []
+    real = passes._Compare.replay
+    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    fast, _, _ = _run(model, True, monkeypatch)
+    assert not calls, "replayed although the model wrote into a layer's argument"
+    slow, _, _ = _run(model, False, monkeypatch)
+    for key in slow.iso:
+        assert fast.iso[key].metrics() == pytest.approx(slow.iso[key].metrics(), rel=1e-6, nan_ok=True)
+    # the second forward's candidates saw the argument as the layer did: the naive error is small
+    assert slow.iso[("same", "naive")].metrics()["rel_l1"] < 0.05
