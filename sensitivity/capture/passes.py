@@ -28,6 +28,7 @@ from sensitivity.capture.outputs import (
     check_fp_outputs,
     relative_sq_error,
 )
+from sensitivity.capture.pieces import held_pieces
 from sensitivity.capture.probes import (
     ProbeGrads,
     RecordedForward,
@@ -35,7 +36,7 @@ from sensitivity.capture.probes import (
     probe_gradients,
     sample_dots,
 )
-from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked, split_batch
+from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.metrics import ErrorStats, reference_sums
@@ -43,7 +44,7 @@ from sensitivity.prepare import LayerInfo
 from sensitivity.quant.registry import layer_macs
 from sensitivity.spec import QuantSpec
 
-__all__ = ["PassResult", "Progress", "calibrate", "compare_pass", "held_pieces", "quantized_pass"]
+__all__ = ["PassResult", "Progress", "calibrate", "compare_pass", "quantized_pass"]
 
 Progress = Callable[[], None]
 
@@ -142,23 +143,6 @@ class PassResult:
             return math.nan
         value = self.pred[(layer, candidate)]
         return value if self.energy_normalised else value / self.pred_weight
-
-
-def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
-    """Samples per piece so that one piece's stored FP outputs (every target layer's, kept until the
-    quantized pass of the same piece) stay within `budget_mb`; 0 = do not split. Uses the output shapes the
-    calibration pass recorded (per sample: dim 0 is the batch)."""
-    n = batch_len(batch)
-    if not n or budget_mb <= 0 or not layers or not all(li.out_shape for li in layers):
-        return 0
-    per_sample = 0.0
-    for li in layers:
-        numel = 1
-        for d in li.out_shape[1:]:
-            numel *= d
-        per_sample += 4.0 * numel * max(li.calls, 1)
-    fits = int(budget_mb * 2**20 // max(per_sample, 1.0))
-    return 0 if fits >= n else max(1, fits)
 
 
 class _Compare:
@@ -289,21 +273,6 @@ class _Compare:
             self.res.first_nonfinite_rank, self.res.first_nonfinite = found[0], found[1]
             self.res.nonfinite_upstream = list(found[2])
         self.stored.clear()
-
-
-def held_pieces(
-    layers: Sequence[LayerInfo],
-    batches: Sequence[Batch],
-    budget_mb: float,
-    first_index: int = 0,
-    copies: int = 1,
-) -> list[tuple[int, Batch]]:
-    """(batch index, piece) for the held-out batches cut so that one piece's stored tensors (`copies` per
-    layer output: FP outputs, probe gradients) fit `budget_mb` (0: whole batches)."""
-    if not batches:
-        return []
-    micro = _micro_batch(layers, batches[0], budget_mb / max(copies, 1) if budget_mb > 0 else 0.0)
-    return [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
 
 
 def compare_pass(

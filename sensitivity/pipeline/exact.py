@@ -17,7 +17,8 @@ from torch import nn
 
 from sensitivity import distributed as D
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, sq_norm
-from sensitivity.capture.passes import PassResult, Progress, held_pieces, quantized_pass
+from sensitivity.capture.passes import PassResult, Progress, quantized_pass
+from sensitivity.capture.pieces import held_pieces
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.build import LayerQuant, configure_layers

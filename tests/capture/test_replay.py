@@ -66,7 +66,9 @@ def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tup
     qlayers = quant_layers(qmodel)
     fixed = {layer.name for layer in prep.layers if layer.weight_transformed}
     cands, _ = build_candidates(qlayers, obs, spec, (0.5,), ("channel",), "static", no_smoothing=fixed)
-    variants = {n: InputVariants(q.input_quantizer, {"half": obs[n].amax() * 0.5}) for n, q in qlayers.items()}
+    variants = {
+        n: InputVariants(q.input_quantizer, {"half": obs[n].amax() * 0.5}) for n, q in qlayers.items()
+    }
     hists = {n: RangeHistogram(min(o.min_value, 0.0), o.max_abs) for n, o in obs.items()}
     if not replay:
         monkeypatch.setattr(RecordedForward, "intact", lambda self: False)
