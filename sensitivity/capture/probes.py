@@ -120,8 +120,8 @@ def _compact(g: Tensor) -> Tensor:
     """A float32 gradient kept in bfloat16 until its layer's hook dots it: the K probes' gradients at every
     layer's output and input are the scan's largest tensors (2K activation copies of a piece), and their
     rounding (2^-9 relative per value, random) moves a dot product by far less than the probes' own
-    sampling error (tens of percent per probe). Other dtypes are kept as they are."""
-    return g.to(torch.bfloat16) if g.dtype == torch.float32 else g
+    sampling error (tens of percent per probe). Other dtypes are copied as they are."""
+    return g.to(torch.bfloat16) if g.dtype == torch.float32 else g.detach().clone()
 
 
 def _expanded(grads: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
@@ -149,22 +149,44 @@ def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) ->
     return torch.stack(rows).double()
 
 
+class _Tap(torch.autograd.Function):
+    """Identity with a side effect: each backward pass through it appends the gradient to `slot`, kept
+    compact (`_compact`) at once. The backward only asks for the gradient of `anchor` (a scalar every tap
+    depends on), so autograd holds no full-precision gradient of any layer beyond the moment it passes."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: list) -> Tensor:  # type: ignore[override]
+        ctx.slot = slot
+        return t.clone()  # the rest of the model gets its own tensor (and may modify it in place)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        ctx.slot.append(_compact(g))
+        return g, None, None
+
+
 class _Recorder:
-    """Hooks that make each layer's output (and op input) a tensor of its own that requires grad."""
+    """Hooks that tap each layer's output (and op input) for the probes' gradients, and keep the calls."""
 
     def __init__(self, record: bool = False) -> None:
-        self.outs: list[tuple[str, Tensor]] = []
-        self.ins: list[tuple[str, Tensor]] = []
+        self.anchor = torch.zeros((), requires_grad=True)
+        #: (layer, gradients of each probe) per call, in call order: at the output and at the op's input
+        self.outs: list[tuple[str, list[Tensor]]] = []
+        self.ins: list[tuple[str, list[Tensor]]] = []
         self.record = record
         self.calls: list[RecordedCall] = []
         self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
+
+    def _tap(self, t: Tensor, where: list[tuple[str, list[Tensor]]], name: str) -> Tensor:
+        slot: list[Tensor] = []
+        where.append((name, slot))
+        return _Tap.apply(t, self.anchor, slot)
 
     def input_clone(self, name: str, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             self.op_input[name] = x
             return x
-        xc = x.detach().clone().requires_grad_() if not x.requires_grad else x.clone()
-        self.ins.append((name, xc))
+        xc = self._tap(x, self.ins, name)
         self.op_input[name] = xc
         return xc
 
@@ -191,18 +213,14 @@ class _Recorder:
             y = as_tensor(out)
             if y is None:
                 return None
-            if not y.is_floating_point():
-                self._keep(name, module, args, out, y)
-                return None
-            if not y.requires_grad:
-                y = y.detach().requires_grad_()
             self._keep(name, module, args, out, y)
-            self.outs.append((name, y))
-            clone = y.clone()  # what the rest of the model sees (and may modify in place)
+            if not y.is_floating_point():
+                return None
+            seen = self._tap(y, self.outs, name)  # what the rest of the model sees
             if isinstance(out, Tensor):
-                return clone
+                return seen
             replace = getattr(out, "replace_feature", None)
-            return replace(clone) if callable(replace) else None
+            return replace(seen) if callable(replace) else None
 
         return hook
 
@@ -297,25 +315,21 @@ def probe_gradients(
         flat = select(out)
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
-    tensors = [t for _, t in rec.outs] + [t for _, t in rec.ins]
-    grads: list[list[Tensor | None]] = [[] for _ in tensors]
+    taps = rec.outs + rec.ins
     try:
         for k in range(probes):
             with torch.enable_grad():
                 loss = _probe_loss(flat, gen, energy)
-            if loss is None or not tensors:
+            if loss is None or not taps or not loss.requires_grad:
                 break
-            got = torch.autograd.grad(loss, tensors, retain_graph=k < probes - 1, allow_unused=True)
-            for slot, g in zip(grads, got, strict=True):
-                slot.append(None if g is None else _compact(g.detach()))
+            torch.autograd.grad(loss, [rec.anchor], retain_graph=k < probes - 1, allow_unused=True)
     except Exception as exc:  # a custom op without a working backward: every layer is measured exactly
         result.failed = (
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
         )
         log.info("output probes failed (%s); layers are measured exactly", result.failed)
-        grads = [[] for _ in tensors]
     n_out = len(rec.outs)
-    for i, ((name, _), slot) in enumerate(zip(rec.outs + rec.ins, grads, strict=True)):
-        kept = tuple(slot) if slot and all(g is not None for g in slot) else None
-        (result.out if i < n_out else result.inp)[name].append(kept)  # type: ignore[arg-type]
+    for i, (name, slot) in enumerate(taps):
+        kept = tuple(slot) if slot and len(slot) == probes and not result.failed else None
+        (result.out if i < n_out else result.inp)[name].append(kept)
     return result
