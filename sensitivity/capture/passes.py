@@ -178,7 +178,8 @@ class _Compare:
                 self.histograms[name].update(x)
         g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
         if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind
-            top = max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(g) for g in g_out))
+            lo, hi = torch.aminmax(g_out)
+            top = max(-float(lo), float(hi))
             self.res.grad_max[name] = max(self.res.grad_max[name], top)
         cands = self.candidates.get(name, {})
         sums = reference_sums(y) if cands else None
@@ -215,7 +216,7 @@ class _Compare:
         return forward.output
 
     def _probe_diff(
-        self, name: str, cname: str, g: tuple[torch.Tensor, ...], shape: torch.Size, naive: list[torch.Tensor],
+        self, name: str, cname: str, g: torch.Tensor, shape: torch.Size, naive: list[torch.Tensor],
         diff: torch.Tensor,
     ) -> None:  # fmt: skip
         assert self.grads is not None

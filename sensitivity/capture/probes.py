@@ -99,86 +99,102 @@ class RecordedForward:
 @dataclass
 class ProbeGrads:
     """One batch's probe gradients: per target layer and call, at the output and at the op's input
-    (K tensors each, one per probe; None where no gradient reached)."""
+    (one [K, *shape] tensor each, probe k at index k; None where no gradient reached)."""
 
     probes: int
     samples: int | None
-    out: dict[str, deque[tuple[Tensor, ...] | None]] = field(default_factory=lambda: defaultdict(deque))
-    inp: dict[str, deque[tuple[Tensor, ...] | None]] = field(default_factory=lambda: defaultdict(deque))
+    out: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
+    inp: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
     #: why no gradient was computed for the whole batch (backward failed), or ""
     failed: str = ""
     #: the forward the gradients came from, call by call (`probe_gradients(record=True)`), else None
     forward: RecordedForward | None = None
 
-    def take(self, name: str) -> tuple[tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
-        """The next call's (output gradient, input gradient) of `name`, in call order, in float32 again."""
+    def take(self, name: str) -> tuple[Tensor | None, Tensor | None]:
+        """The next call's (output gradients, input gradients) of `name`, in call order, in float32 again."""
         out, inp = self.out.get(name), self.inp.get(name)
         return _expanded(out.popleft() if out else None), _expanded(inp.popleft() if inp else None)
 
 
-def _compact(g: Tensor) -> Tensor:
-    """A float32 gradient kept in bfloat16 until its layer's hook dots it: the K probes' gradients at every
-    layer's output and input are the scan's largest tensors (2K activation copies of a piece), and their
-    rounding (2^-9 relative per value, random) moves a dot product by far less than the probes' own
-    sampling error (tens of percent per probe). Other dtypes are copied as they are."""
-    return g.to(torch.bfloat16) if g.dtype == torch.float32 else g.detach().clone()
+class _Slot:
+    """One tap's gradients, probe after probe, in one [K, *shape] buffer. float32 gradients are kept in
+    bfloat16 until their layer's hook dots them: the K probes' gradients at every layer's output and input
+    are the scan's largest tensors (about K activation copies of a piece), and their rounding (2^-9
+    relative per value, random) moves a dot product by far less than the probes' own sampling error (tens
+    of percent per probe). Other dtypes are kept as they are. One buffer, not K tensors: the hook then
+    widens it in one op and dots all K probes with one matrix-vector product per sample."""
+
+    __slots__ = ("buf", "count", "probes")
+
+    def __init__(self, probes: int) -> None:
+        self.probes, self.count = probes, 0
+        self.buf: Tensor | None = None
+
+    def add(self, g: Tensor) -> None:
+        if self.buf is None:
+            dtype = torch.bfloat16 if g.dtype == torch.float32 else g.dtype
+            self.buf = torch.empty((self.probes, *g.shape), dtype=dtype, device=g.device)
+        if self.count < self.probes and self.buf.shape[1:] == g.shape:
+            self.buf[self.count].copy_(g)
+            self.count += 1
+
+    def kept(self) -> Tensor | None:
+        """All K gradients, or None where some probe's did not reach the tap."""
+        return self.buf if self.count == self.probes else None
 
 
-def _expanded(grads: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
+def _expanded(grads: Tensor | None) -> Tensor | None:
     if grads is None:
         return None
-    return tuple(g.float() if g.dtype == torch.bfloat16 else g for g in grads)
+    return grads.float() if grads.dtype == torch.bfloat16 else grads
 
 
 def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) -> Tensor:
-    """[K, G] dot products of each probe's gradient (`g`: K tensors shaped like `d`, or one [K, *shape])
-    with `d`, per sample where dim 0 is the batch (G = samples), else over the whole tensor (G = 1); one
-    batched matrix product per probe (the K gradients are never stacked: that copy cost as much as the
-    dots), results in float64. Long rows are one BLAS dot each: torch's batched forms (bmm, einsum) of
-    these G row-by-row products ran 6x slower on CPU than G dots."""
-    grads = g.unbind(0) if isinstance(g, Tensor) else g
+    """[K, G] dot products of each probe's gradient (`g`: one [K, *shape] tensor, or K tensors shaped like
+    `d`) with `d`, per sample where dim 0 is the batch (G = samples), else over the whole tensor (G = 1),
+    in float64. Long rows: one BLAS matrix-vector product [K, n] x [n] per sample (torch's batched forms,
+    bmm and einsum, of these row-by-row products ran 6x slower on CPU); short rows: one vectorised op."""
+    gk = g if isinstance(g, Tensor) else torch.stack(list(g))
+    k = gk.shape[0]
     groups = samples if samples and d.dim() > 0 and d.shape[0] == samples else 1
-    dk = d.reshape(groups, -1).to(grads[0].dtype if len(grads) else d.dtype)
-    rows = []
-    for gk in grads:
-        gg = gk.reshape(groups, -1)
-        if gg.shape[1] >= _LONG_ROW:
-            rows.append(torch.stack([torch.dot(a, b) for a, b in zip(gg, dk, strict=True)]))
-        else:
-            rows.append(torch.linalg.vecdot(gg, dk))
-    return torch.stack(rows).double()
+    gg = gk.reshape(k, groups, -1)
+    dk = d.reshape(groups, -1).to(gk.dtype)
+    if gg.shape[2] < _LONG_ROW:
+        return torch.linalg.vecdot(gg, dk.unsqueeze(0)).double()
+    return torch.stack([torch.mv(gg[:, i], dk[i]) for i in range(groups)], dim=1).double()
 
 
 class _Tap(torch.autograd.Function):
     """Identity with a side effect: each backward pass through it appends the gradient to `slot`, kept
-    compact (`_compact`) at once. The backward only asks for the gradient of `anchor` (a scalar every tap
+    compact (`_Slot`) at once. The backward only asks for the gradient of `anchor` (a scalar every tap
     depends on), so autograd holds no full-precision gradient of any layer beyond the moment it passes."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: list) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: _Slot) -> Tensor:  # type: ignore[override]
         ctx.slot = slot
         return t.clone()  # the rest of the model gets its own tensor (and may modify it in place)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        ctx.slot.append(_compact(g))
+        ctx.slot.add(g)
         return g, None, None
 
 
 class _Recorder:
     """Hooks that tap each layer's output (and op input) for the probes' gradients, and keep the calls."""
 
-    def __init__(self, record: bool = False) -> None:
+    def __init__(self, probes: int, record: bool = False) -> None:
         self.anchor = torch.zeros((), requires_grad=True)
-        #: (layer, gradients of each probe) per call, in call order: at the output and at the op's input
-        self.outs: list[tuple[str, list[Tensor]]] = []
-        self.ins: list[tuple[str, list[Tensor]]] = []
+        self.probes = probes
+        #: (layer, its tap's gradients) per call, in call order: at the output and at the op's input
+        self.outs: list[tuple[str, _Slot]] = []
+        self.ins: list[tuple[str, _Slot]] = []
         self.record = record
         self.calls: list[RecordedCall] = []
         self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
 
-    def _tap(self, t: Tensor, where: list[tuple[str, list[Tensor]]], name: str) -> Tensor:
-        slot: list[Tensor] = []
+    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str) -> Tensor:
+        slot = _Slot(self.probes)
         where.append((name, slot))
         return _Tap.apply(t, self.anchor, slot)
 
@@ -245,8 +261,10 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 
 
 @contextmanager
-def _recording(model: nn.Module, names: Sequence[str], record: bool = False) -> Iterator[_Recorder]:
-    rec = _Recorder(record)
+def _recording(
+    model: nn.Module, names: Sequence[str], probes: int, record: bool = False
+) -> Iterator[_Recorder]:
+    rec = _Recorder(probes, record)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -310,7 +328,7 @@ def probe_gradients(
     CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients).
     `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again."""
     result = ProbeGrads(probes, batch_len(batch))
-    with torch.enable_grad(), _recording(model, names, record) as rec:
+    with torch.enable_grad(), _recording(model, names, probes, record) as rec:
         out = run_checked(model, batch, index)
         flat = select(out)
     if record:
@@ -330,6 +348,5 @@ def probe_gradients(
         log.info("output probes failed (%s); layers are measured exactly", result.failed)
     n_out = len(rec.outs)
     for i, (name, slot) in enumerate(taps):
-        kept = tuple(slot) if slot and len(slot) == probes and not result.failed else None
-        (result.out if i < n_out else result.inp)[name].append(kept)
+        (result.out if i < n_out else result.inp)[name].append(None if result.failed else slot.kept())
     return result
