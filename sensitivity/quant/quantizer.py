@@ -31,14 +31,35 @@ class TensorQuantizer(nn.Module):
         self.unsigned = bool(unsigned)
         self.enabled = True
         self.register_buffer("amax", None)
+        #: (amax tensor, its version, bits, unsigned, scale): the scale of the amax last seen, so that the
+        #: scan's many calls on small batch pieces do not recompute it (the cache holds the amax tensor
+        #: itself, so a new amax is never mistaken for the old one)
+        self._scale_cache: tuple | None = None
 
     def set_amax(self, amax: torch.Tensor | float) -> None:
         self.amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
 
     def scale(self) -> torch.Tensor:
-        if self.amax is None:
+        """amax / qmax (read-only: shared between calls while amax, bits and sign stay the same)."""
+        amax = self.amax
+        if amax is None:
             raise NotCalibratedError("quantizer used before calibration")
-        return amax_to_scale(self.amax, self.num_bits, self.unsigned)
+        cache = getattr(self, "_scale_cache", None)  # modules unpickled from before the cache existed
+        if (
+            cache is None
+            or cache[0] is not amax
+            or cache[1] != amax._version
+            or cache[2:4] != (self.num_bits, self.unsigned)
+        ):
+            cache = (
+                amax,
+                amax._version,
+                self.num_bits,
+                self.unsigned,
+                amax_to_scale(amax, self.num_bits, self.unsigned),
+            )
+            self.__dict__["_scale_cache"] = cache
+        return cache[4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sensitivity.quant.fake import amax_to_scale, fake_quant, quantize_codes
+from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.spec import qrange
 
 AMAX = [1.0, 3.7, 0.0123, 4.0]  # 4.0: scale = 4/127 is no power of two; with unsigned 4/255
@@ -224,3 +225,28 @@ def test_matches_torch_fake_quantize_per_channel_except_ties(unsigned: bool) -> 
     ours = fake_quant(x, scale, 8, unsigned, axis=1)
     s = scale[None, :].expand_as(x)
     assert _assert_only_ties_differ(torch.round(ours / s), torch.round(theirs / s), x, s) > 0
+
+
+def test_quantizer_scale_follows_every_change_of_amax_bits_and_sign() -> None:
+    """The cached scale is the formula's for whatever the quantizer holds now: a new amax (even one that
+    reuses the old tensor's memory), an amax written in place, other bits, the other sign."""
+    q = TensorQuantizer(8)
+    x = torch.linspace(-3.0, 3.0, 101)
+
+    def check() -> None:
+        assert q.amax is not None
+        assert torch.equal(q.scale(), amax_to_scale(q.amax, q.num_bits, q.unsigned))
+        assert torch.equal(
+            q(x), fake_quant(x, amax_to_scale(q.amax, q.num_bits, q.unsigned), q.num_bits, q.unsigned)
+        )
+
+    for amax in (2.0, 1.0, 2.0, 0.5):  # set_amax makes a new tensor each time (freed ones may be reused)
+        q.set_amax(amax)
+        check()
+    assert q.amax is not None
+    q.amax.mul_(3.0)
+    check()
+    q.num_bits = 4
+    check()
+    q.unsigned = True
+    check()
