@@ -32,6 +32,7 @@ from sensitivity.capture.pieces import held_pieces
 from sensitivity.capture.probes import (
     ProbeGrads,
     RecordedForward,
+    holds_graph,
     piece_generator,
     probe_gradients,
     sample_dots,
@@ -319,9 +320,9 @@ def compare_pass(
                     fp_model, batch, names, select, probes, gen, index, energy, record=True
                 )
                 recorded, run.grads.forward = run.grads.forward, None
-            if recorded is not None and recorded.intact():
+            if recorded is not None and recorded.intact() and not holds_graph(fp_model):
                 fp_out = run.replay(recorded)
-            else:  # no probes, or the model wrote into a layer's input or output after the call
+            else:  # no probes, the model wrote into a layer's input or output, or kept autograd tensors
                 with layer_inputs(fp_model, names) as inputs, forward_hooks(fp_model, names, run.fp_hook):
                     run.inputs = inputs
                     fp_out = run_checked(fp_model, batch, index)

@@ -44,6 +44,7 @@ __all__ = [
     "ProbeGrads",
     "RecordedCall",
     "RecordedForward",
+    "holds_graph",
     "piece_generator",
     "probe_gradients",
     "sample_dots",
@@ -94,6 +95,33 @@ class RecordedForward:
 
     def intact(self) -> bool:
         return all(c.intact() for c in self.calls)
+
+
+def _graph_tensor(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, Tensor):
+        return value.grad_fn is not None
+    if depth >= 4:
+        return False
+    if isinstance(value, dict):
+        return any(_graph_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_graph_tensor(v, depth + 1) for v in value)
+    feats = getattr(value, "features", None)  # a SparseConvTensor
+    return isinstance(feats, Tensor) and feats.grad_fn is not None
+
+
+def holds_graph(model: nn.Module) -> bool:
+    """Some module kept a tensor of the autograd forward as an attribute (OpenPCDet's heads store their
+    `forward_ret_dict`): it would keep that forward's graph alive and make the model impossible to
+    deep-copy, so the FP pass then runs its own no-grad forward, which overwrites it as a plain forward
+    would."""
+    skip = {"_parameters", "_buffers", "_modules"}
+    return any(
+        _graph_tensor(v)
+        for m in model.modules()
+        for k, v in vars(m).items()
+        if k not in skip and not k.startswith("_")
+    )
 
 
 @dataclass

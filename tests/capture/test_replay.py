@@ -124,3 +124,42 @@ def test_a_layer_input_written_after_the_call_falls_back_to_a_second_forward(
         assert fast.iso[key].metrics() == pytest.approx(slow.iso[key].metrics(), rel=1e-6, nan_ok=True)
     # the second forward's candidates saw the argument as the layer did: the naive error is small
     assert slow.iso[("same", "naive")].metrics()["rel_l1"] < 0.05
+
+
+class KeepsOutputs(nn.Module):
+    """Stores what its forward computed on itself, as OpenPCDet's heads do (`forward_ret_dict`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 1)
+        self.forward_ret_dict: dict[str, list[torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        self.forward_ret_dict = {"pred": [y]}
+        return y
+
+
+def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copyable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the scan the model holds what a plain forward leaves (no graph): it deep-copies, as
+    `ScanResult.quantized_model` does, and the probes' forward was not replayed."""
+    import copy
+
+    from sensitivity import ScanOptions, scan
+
+    torch.manual_seed(0)
+    model = KeepsOutputs().eval()
+    calls: list[int] = []
+    real = passes._Compare.replay
+    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    result = scan(model, batches, ScanOptions(probes=2))
+    assert not calls
+    assert result.fp_model is not None
+    kept = [m.forward_ret_dict["pred"][0] for m in result.fp_model.modules() if isinstance(m, KeepsOutputs)]
+    assert kept and all(t.grad_fn is None for t in kept)
+    copy.deepcopy(result.fp_model)
+    result.quantized_model("policy")(batches[0])
