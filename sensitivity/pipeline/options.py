@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Default SmoothQuant alpha: the notes' stable 0.5, one candidate per layer. Measured against a 3-alpha
 #: grid on seven real trained models (benchmarks/alpha_grid.py): the grid's verified policy had the lower
-#: test output error on three, the higher on three (RNet 2.9x higher), and cost up to 1.17x more scan
-#: time; each extra alpha is one more layer call per layer on the held-out batches.
+#: test output error on three, the higher on four (RNet 2.9x higher), for up to 1.25x the scan time; each
+#: extra alpha is one more layer call per layer on the held-out batches.
 #: `--alpha-grid 0.25,0.5,0.75` or `0.1:0.9:0.1` sweep.
 DEFAULT_ALPHAS = (0.5,)
 #: Output probes: one probe on one sample is one estimate of a layer's output error (relative spread about
