@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Any
 
 import torch
 from output_models import MODELS, Case
+from output_sensitivity import measure_on_test
 
 from sensitivity import ScanOptions, scan
-from sensitivity.pipeline.exact import OutputReference
 from sensitivity.quant.registry import run_context
 
 GRIDS: dict[str, tuple[float, ...]] = {
@@ -28,15 +27,6 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "0.5 (default)": (0.5,),
     "0.25,0.5,0.75": (0.25, 0.5, 0.75),
 }
-
-
-def _test_error(result: Any, case: Case) -> tuple[float, float]:
-    """(relative output MSE on the test batches, task metric) of the scan's verified policy."""
-    q = result.quantized_model("policy")
-    ref = OutputReference(result.fp_model, result.layers, case.test, result.options.output_selector)
-    err = ref.measure(q, result.layer_configs("policy"))
-    metric = case.metric(q) if case.metric is not None else math.nan
-    return err, metric
 
 
 def run_case(case: Case) -> list[tuple[str, float, int, float, float]]:
@@ -48,7 +38,8 @@ def run_case(case: Case) -> list[tuple[str, float, int, float, float]]:
             result = scan(case.model, case.calib, ScanOptions(**{**case.options, "alphas": alphas}))
             seconds = time.perf_counter() - t
             sq = sum(1 for d in result.table["decision"] if d == "smoothquant")
-            err, metric = _test_error(result, case)
+            configs = result.layer_configs("policy")
+            err, metric = measure_on_test(result, configs, case, result.options.output_selector)
             rows.append((label, seconds, sq, err, metric))
     return rows
 

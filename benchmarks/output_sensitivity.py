@@ -55,7 +55,7 @@ def _exact_alone(result: Any, fit: list[Any], held: list[Any], select: OutputSel
     }
 
 
-def _measure(
+def measure_on_test(
     result: Any, configs: dict[str, LayerQuant], case: Case, select: OutputSelector
 ) -> tuple[float, float]:
     """(relative output MSE on the test batches, task metric) of the scan's model configured `configs`."""
@@ -96,7 +96,7 @@ def run_case(case: Case, spec: str, probes: int | None = None) -> dict[str, Any]
             "oracle": oracle,
         }
         fp_metric = case.metric(v2.fp_model) if case.metric is not None else math.nan
-        rows = {label: _measure(v2, cfg, case, select) for label, cfg in configs.items()}
+        rows = {label: measure_on_test(v2, cfg, case, select) for label, cfg in configs.items()}
     fp_counts = {
         "all-naive": 0,
         "policy v1": sum(1 for r in v1.table["decision"] if r == "fp"),

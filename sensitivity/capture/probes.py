@@ -98,16 +98,16 @@ class RecordedForward:
 
 
 def _graph_tensor(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, Tensor):
-        return value.grad_fn is not None
+    t = as_tensor(value)  # a tensor, or a SparseConvTensor's features
+    if t is not None:
+        return t.grad_fn is not None
     if depth >= 4:
         return False
     if isinstance(value, dict):
         return any(_graph_tensor(v, depth + 1) for v in value.values())
     if isinstance(value, (list, tuple)):
         return any(_graph_tensor(v, depth + 1) for v in value)
-    feats = getattr(value, "features", None)  # a SparseConvTensor
-    return isinstance(feats, Tensor) and feats.grad_fn is not None
+    return False
 
 
 def holds_graph(model: nn.Module) -> bool:

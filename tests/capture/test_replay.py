@@ -80,6 +80,14 @@ def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tup
     return res, {n: o.amax() for n, o in obs.items()}, {n: h.counts for n, h in hists.items()}
 
 
+def _count_replays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per piece whose FP pass replayed the probes' forward (instead of a second forward)."""
+    calls: list[int] = []
+    real = passes._Compare.replay
+    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    return calls
+
+
 def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-12)
 
@@ -88,9 +96,7 @@ def _same(a: float, b: float) -> bool:
 def test_replayed_fp_pass_equals_a_second_forward(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = make().eval()
-    calls: list[int] = []
-    real = passes._Compare.replay
-    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    calls = _count_replays(monkeypatch)
     fast, amax_fast, hist_fast = _run(model, True, monkeypatch)
     assert calls, "the recorded forward was not replayed"
     slow, amax_slow, hist_slow = _run(model, False, monkeypatch)
@@ -114,9 +120,7 @@ def test_a_layer_input_written_after_the_call_falls_back_to_a_second_forward(
 ) -> None:
     torch.manual_seed(0)
     model = WritesIntoInput().eval()
-    calls: list[int] = []
-    real = passes._Compare.replay
-    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    calls = _count_replays(monkeypatch)
     fast, _, _ = _run(model, True, monkeypatch)
     assert not calls, "replayed although the model wrote into a layer's argument"
     slow, _, _ = _run(model, False, monkeypatch)
@@ -152,9 +156,7 @@ def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copy
 
     torch.manual_seed(0)
     model = KeepsOutputs().eval()
-    calls: list[int] = []
-    real = passes._Compare.replay
-    monkeypatch.setattr(passes._Compare, "replay", lambda self, f: calls.append(1) or real(self, f))
+    calls = _count_replays(monkeypatch)
     batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     result = scan(model, batches, ScanOptions(probes=2))
     assert not calls
