@@ -131,22 +131,29 @@ def test_a_layer_input_written_after_the_call_falls_back_to_a_second_forward(
 
 
 class KeepsOutputs(nn.Module):
-    """Stores what its forward computed on itself, as OpenPCDet's heads do (`forward_ret_dict`)."""
+    """Stores what its forward computed on itself, as OpenPCDet's heads do (`forward_ret_dict`), under the
+    attribute `attr` (a public name, a private one, or kept inside a list)."""
 
-    def __init__(self) -> None:
+    def __init__(self, attr: str = "forward_ret_dict") -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3, padding=1)
         self.b = nn.Conv2d(4, 2, 1)
-        self.forward_ret_dict: dict[str, list[torch.Tensor]] = {}
+        self.attr = attr
+        setattr(self, attr, {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.b(torch.relu(self.a(x)))
-        self.forward_ret_dict = {"pred": [y]}
+        setattr(self, self.attr, {"pred": [y]} if self.attr != "_history" else [[y]])
         return y
 
+    def kept(self) -> torch.Tensor:
+        value = getattr(self, self.attr)
+        return value["pred"][0] if isinstance(value, dict) else value[0][0]
 
+
+@pytest.mark.parametrize("attr", ["forward_ret_dict", "_last", "_history"])
 def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copyable(
-    monkeypatch: pytest.MonkeyPatch,
+    attr: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the scan the model holds what a plain forward leaves (no graph): it deep-copies, as
     `ScanResult.quantized_model` does, and the probes' forward was not replayed."""
@@ -155,13 +162,13 @@ def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copy
     from sensitivity import ScanOptions, scan
 
     torch.manual_seed(0)
-    model = KeepsOutputs().eval()
+    model = KeepsOutputs(attr).eval()
     calls = _count_replays(monkeypatch)
     batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     result = scan(model, batches, ScanOptions(probes=2))
     assert not calls
     assert result.fp_model is not None
-    kept = [m.forward_ret_dict["pred"][0] for m in result.fp_model.modules() if isinstance(m, KeepsOutputs)]
+    kept = [m.kept() for m in result.fp_model.modules() if isinstance(m, KeepsOutputs)]
     assert kept and all(t.grad_fn is None for t in kept)
     copy.deepcopy(result.fp_model)
     result.quantized_model("policy")(batches[0])
