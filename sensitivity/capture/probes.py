@@ -110,14 +110,17 @@ def _graph_tensor(value: Any, depth: int = 0) -> bool:
     return False
 
 
+#: what every nn.Module carries (its registries of parameters, buffers, submodules and hooks): no graph there
+_TORCH_OWN = frozenset(vars(nn.Module()))
+
+
 def holds_graph(model: nn.Module) -> bool:
     """Some module kept a tensor of the autograd forward as an attribute (OpenPCDet's heads store their
     `forward_ret_dict`): it would keep that forward's graph alive and make the model impossible to
     deep-copy, so the FP pass then runs its own no-grad forward, which overwrites it as a plain forward
-    would. Every attribute counts, private ones too (`self._last = y`), except torch's own registries
-    (parameters and buffers are leaves; submodules are visited themselves)."""
-    skip = {"_parameters", "_buffers", "_modules"}
-    return any(_graph_tensor(v) for m in model.modules() for k, v in vars(m).items() if k not in skip)
+    would. Every attribute a model adds counts, private ones too (`self._last = y`); torch's own (the
+    registries of parameters, buffers, submodules, hooks) are skipped."""
+    return any(_graph_tensor(v) for m in model.modules() for k, v in vars(m).items() if k not in _TORCH_OWN)
 
 
 @dataclass
