@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity.quant.packed import PackedWeight, pack_weight
 from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.quant.smoothing import Smoother, channel_absmax, smoothed_input_amax, smoothing_factors
 from sensitivity.quant.wrapped import OP_NAMES, OpIntercept, overrides_forward
@@ -69,7 +70,8 @@ class QuantMixin:
         self.smoother = None
         self.dynamic_alpha: float | None = None
         self.weight_quantizer.set_amax(per_channel_amax(self.weight, axis))
-        self._wq_cache: tuple[tuple, torch.Tensor] | None = None
+        #: (key, the fake-quantized weight: as codes and scale where they fit a byte) for `quantized_weight`
+        self._wq_cache: tuple[tuple, PackedWeight | torch.Tensor] | None = None
 
     @classmethod
     def float_class(cls) -> type[nn.Module]:
@@ -142,7 +144,8 @@ class QuantMixin:
         self._wq_cache = None
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized (smoothed) weight, recomputed only when the weight, amax or factors changed."""
+        """The fake-quantized (smoothed) weight, recomputed only when the weight, amax or factors changed;
+        cached as 8-bit codes and widened on each call (a new tensor: callers may keep or change it)."""
         wq = self.weight_quantizer
         if not wq.enabled:
             return self.smoothed_weight()
@@ -160,8 +163,9 @@ class QuantMixin:
         )
         if self._wq_cache is None or self._wq_cache[0] != key:
             with torch.no_grad():
-                self._wq_cache = (key, wq(self.smoothed_weight()))
-        return self._wq_cache[1]
+                self._wq_cache = (key, pack_weight(wq, self.smoothed_weight()))
+        cached = self._wq_cache[1]
+        return cached.widened() if isinstance(cached, PackedWeight) else cached
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.smoother is not None:
