@@ -308,6 +308,7 @@ def compare_pass(
     leaves = leaf_names(q_model, set(names))
     # probes keep 2 gradients per probe per layer (bfloat16: half a copy each), autograd the activations
     copies = 1 + (probes + 2 if probes else 0)
+    written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
     with torch.no_grad():
         last_index = first_index - 1
         for index, batch in held_pieces(layers, batches, stored_budget_mb, first_index, copies):
@@ -317,7 +318,7 @@ def compare_pass(
             if probes:
                 gen = piece_generator(seed, batch)
                 run.grads = probe_gradients(
-                    fp_model, batch, names, select, probes, gen, index, energy, record=True
+                    fp_model, batch, names, select, probes, gen, index, energy, record=True, written=written
                 )
                 recorded, run.grads.forward = run.grads.forward, None
             if recorded is not None and recorded.intact() and not holds_graph(fp_model):

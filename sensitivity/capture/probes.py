@@ -197,20 +197,22 @@ class _Tap(torch.autograd.Function):
     depends on), so autograd holds no full-precision gradient of any layer beyond the moment it passes."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: _Slot) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: _Slot, share: bool) -> Tensor:  # type: ignore[override]
         ctx.slot = slot
-        return t.clone()  # the rest of the model gets its own tensor (and may modify it in place)
+        # a clone: the rest of the model gets its own tensor (and may modify it in place); a view where
+        # nothing writes into `t` afterwards (a layer's op input): no copy, the same gradient
+        return t.view_as(t) if share else t.clone()
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         ctx.slot.add(g)
-        return g, None, None
+        return g, None, None, None
 
 
 class _Recorder:
     """Hooks that tap each layer's output (and op input) for the probes' gradients, and keep the calls."""
 
-    def __init__(self, probes: int, record: bool = False) -> None:
+    def __init__(self, probes: int, record: bool = False, written: set[str] | None = None) -> None:
         self.anchor = torch.zeros((), requires_grad=True)
         self.probes = probes
         #: (layer, its tap's gradients) per call, in call order: at the output and at the op's input
@@ -219,19 +221,33 @@ class _Recorder:
         self.record = record
         self.calls: list[RecordedCall] = []
         self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
+        #: layers whose op input the model writes into after the call: their input tap copies it
+        self.written = written if written is not None else set()
+        #: (layer, op input, its write count) of the input taps that share their tensor, to check after
+        self.shared: list[tuple[str, Tensor, int]] = []
 
-    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str) -> Tensor:
+    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str, share: bool = False) -> Tensor:
         slot = _Slot(self.probes)
         where.append((name, slot))
-        return _Tap.apply(t, self.anchor, slot)
+        return _Tap.apply(t, self.anchor, slot, share)
 
     def input_clone(self, name: str, x: Tensor) -> Tensor:
+        """The op's input, tapped: a view of `x` (no copy), or a copy for a layer whose input the model
+        was seen writing into after the call (the op saved it for the backward, and the recorded call
+        must keep what the op received)."""
         if not x.is_floating_point():
             self.op_input[name] = x
             return x
-        xc = self._tap(x, self.ins, name)
+        share = name not in self.written
+        xc = self._tap(x, self.ins, name, share)
+        if share:
+            self.shared.append((name, x, x._version))
         self.op_input[name] = xc
         return xc
+
+    def written_inputs(self) -> set[str]:
+        """After the forward: the layers whose shared op input the model wrote into after the call."""
+        return {name for name, x, version in self.shared if x._version != version}
 
     def _keep(self, name: str, module: nn.Module, args: tuple, out: Any, y: Tensor) -> None:
         """The call, for the FP pass to replay: tensors detached (no graph kept alive through them)."""
@@ -289,9 +305,9 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 
 @contextmanager
 def _recording(
-    model: nn.Module, names: Sequence[str], probes: int, record: bool = False
+    model: nn.Module, names: Sequence[str], probes: int, record: bool = False, written: set[str] | None = None
 ) -> Iterator[_Recorder]:
-    rec = _Recorder(probes, record)
+    rec = _Recorder(probes, record, written)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -349,15 +365,24 @@ def probe_gradients(
     index: int = 0,
     energy: OutputEnergy | None = None,
     record: bool = False,
+    written: set[str] | None = None,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
     CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients).
-    `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again."""
+    `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again.
+    `written`: the layers whose op input the model writes into after the call, learned here (a forward
+    that finds a new one runs again, with those inputs copied) and kept by the caller for later pieces."""
+    written = written if written is not None else set()
     result = ProbeGrads(probes, batch_len(batch))
-    with torch.enable_grad(), _recording(model, names, probes, record) as rec:
+    with torch.enable_grad(), _recording(model, names, probes, record, written) as rec:
         out = run_checked(model, batch, index)
         flat = select(out)
+    new_writes = rec.written_inputs()
+    if new_writes:  # the op saved a tensor the model then changed: that backward would fail
+        written.update(new_writes)
+        del out, flat, rec
+        return probe_gradients(model, batch, names, select, probes, gen, index, energy, record, written)
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
     taps = rec.outs + rec.ins

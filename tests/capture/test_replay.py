@@ -172,3 +172,59 @@ def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copy
     assert kept and all(t.grad_fn is None for t in kept)
     copy.deepcopy(result.fp_model)
     result.quantized_model("policy")(batches[0])
+
+
+class WritesPlainInput(nn.Module):
+    """A plain conv whose input the model scales in place after the call (the op saved that tensor for
+    its backward: tapped without a copy, the backward would fail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        y = self.conv(h)
+        h.mul_(3.0)
+        return y + h
+
+
+def _grads(model: nn.Module, written: set[str]) -> tuple[Any, list[int]]:
+    from sensitivity.capture.outputs import OutputSelector
+    from sensitivity.capture.probes import probe_gradients
+
+    runs: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a: runs.append(1))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    grads = probe_gradients(
+        model, x, names, OutputSelector(), 2, torch.Generator().manual_seed(5), written=written
+    )
+    handle.remove()
+    return grads, runs
+
+
+@pytest.mark.parametrize("make", [Residual, build_subclass_net, WritesPlainInput])
+def test_input_taps_without_a_copy_give_the_same_gradients(make: Any) -> None:
+    """Op inputs are tapped as views (no copy) unless the model writes into them after the call, which the
+    first forward finds (then it runs again with those inputs copied): the same gradients as copying all."""
+    torch.manual_seed(0)
+    model = make().eval()
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    learned: set[str] = set()
+    shared, runs = _grads(model, learned)
+    copied, _ = _grads(model, set(names))
+    assert not shared.failed and not copied.failed
+    assert learned == ({"conv"} if make is WritesPlainInput else set())
+    assert len(runs) == (2 if make is WritesPlainInput else 1)
+    for name in names:
+        for kind in ("out", "inp"):
+            a, b = getattr(shared, kind)[name], getattr(copied, kind)[name]
+            assert len(a) == len(b)
+            for ga, gb in zip(a, b, strict=True):
+                assert (ga is None) == (gb is None)
+                if ga is not None:
+                    assert torch.equal(ga, gb), (name, kind)
+    _, again = _grads(model, learned)  # what was learned holds for the next piece: one forward
+    assert len(again) == 1
