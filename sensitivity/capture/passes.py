@@ -29,14 +29,8 @@ from sensitivity.capture.outputs import (
     relative_sq_error,
 )
 from sensitivity.capture.pieces import held_pieces
-from sensitivity.capture.probes import (
-    ProbeGrads,
-    RecordedForward,
-    holds_graph,
-    piece_generator,
-    probe_gradients,
-    sample_dots,
-)
+from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
+from sensitivity.capture.recorded import RecordedForward, holds_graph
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants

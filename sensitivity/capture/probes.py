@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
+from sensitivity.capture.recorded import RecordedCall, RecordedForward, versions
 from sensitivity.io.batches import Batch, batch_len, batch_map, batch_tensors, run_checked
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
@@ -42,9 +43,6 @@ from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
 __all__ = [
     "ProbeGrads",
-    "RecordedCall",
-    "RecordedForward",
-    "holds_graph",
     "piece_generator",
     "probe_gradients",
     "sample_dots",
@@ -55,72 +53,6 @@ log = logging.getLogger(__name__)
 
 #: rows at least this long are dotted one by one (BLAS), shorter ones by one vectorised `vecdot`
 _LONG_ROW = 1 << 15
-
-
-def _versions(*values: Any) -> tuple[int, ...]:
-    """In-place write counters of the tensors (a SparseConvTensor: its features) among `values`."""
-    out = []
-    for v in values:
-        t = as_tensor(v)
-        if t is not None:
-            out.append(t._version)
-    return tuple(out)
-
-
-@dataclass
-class RecordedCall:
-    """One target layer call of the probes' forward, kept so the FP pass's per-layer work can run on it
-    afterwards instead of in a second forward: the module, its arguments, its output (a tensor the rest of
-    the model never saw: it got a clone) and the tensor its op received, all cut from autograd."""
-
-    name: str
-    module: nn.Module
-    args: tuple
-    out: Any
-    x: Tensor | None
-    versions: tuple[int, ...]
-
-    def intact(self) -> bool:
-        """Nothing wrote into the arguments or the output since the call (an in-place op later in the
-        model would make a replayed candidate see other values than the layer did)."""
-        return _versions(*self.args, self.x, self.out) == self.versions
-
-
-@dataclass
-class RecordedForward:
-    """The probes' FP forward, call by call, and the model's output (detached)."""
-
-    calls: list[RecordedCall]
-    output: Any
-
-    def intact(self) -> bool:
-        return all(c.intact() for c in self.calls)
-
-
-def _graph_tensor(value: Any, depth: int = 0) -> bool:
-    t = as_tensor(value)  # a tensor, or a SparseConvTensor's features
-    if t is not None:
-        return t.grad_fn is not None
-    if depth >= 4:
-        return False
-    if isinstance(value, dict):
-        return any(_graph_tensor(v, depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_graph_tensor(v, depth + 1) for v in value)
-    return False
-
-
-#: what every nn.Module carries (its registries of parameters, buffers, submodules and hooks): no graph there
-_TORCH_OWN = frozenset(vars(nn.Module()))
-
-
-def holds_graph(model: nn.Module) -> bool:
-    """Some module kept a tensor of the autograd forward as an attribute (OpenPCDet's heads store their
-    `forward_ret_dict`): it would keep that forward's graph alive and make the model impossible to
-    deep-copy, so the FP pass then runs its own no-grad forward, which overwrites it as a plain forward
-    would. Every attribute a model adds counts, private ones too (`self._last = y`); torch's own (the
-    registries of parameters, buffers, submodules, hooks) are skipped."""
-    return any(_graph_tensor(v) for m in model.modules() for k, v in vars(m).items() if k not in _TORCH_OWN)
 
 
 @dataclass
@@ -257,7 +189,7 @@ class _Recorder:
         args = tuple(_detached(a) for a in args)
         x = x.detach() if x is not None else None
         kept = _detached(out) if not isinstance(out, Tensor) else y.detach()
-        self.calls.append(RecordedCall(name, module, args, kept, x, _versions(*args, x, kept)))
+        self.calls.append(RecordedCall(name, module, args, kept, x, versions(*args, x, kept)))
 
     def pre_hook(self, name: str) -> Callable[[nn.Module, tuple], Any]:
         def hook(module: nn.Module, args: tuple) -> Any:

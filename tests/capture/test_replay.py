@@ -14,7 +14,7 @@ from torch import nn
 from sensitivity.capture import passes
 from sensitivity.capture.observe import RangeHistogram
 from sensitivity.capture.passes import PassResult, calibrate, compare_pass
-from sensitivity.capture.probes import RecordedForward
+from sensitivity.capture.recorded import RecordedForward
 from sensitivity.methods.candidates import build_candidates
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.prepare import prepare

@@ -1,0 +1,80 @@
+"""The probes' forward kept call by call, so the FP pass can replay it instead of running a second forward;
+and the checks that say when it cannot: a tensor written after the call (version counters), a model that
+keeps tensors of the autograd forward on its modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from sensitivity.capture.outputs import as_tensor
+
+__all__ = ["RecordedCall", "RecordedForward", "holds_graph", "versions"]
+
+
+def versions(*values: Any) -> tuple[int, ...]:
+    """In-place write counters of the tensors (a SparseConvTensor: its features) among `values`."""
+    out = []
+    for v in values:
+        t = as_tensor(v)
+        if t is not None:
+            out.append(t._version)
+    return tuple(out)
+
+
+@dataclass
+class RecordedCall:
+    """One target layer call of the probes' forward, kept so the FP pass's per-layer work can run on it
+    afterwards instead of in a second forward: the module, its arguments, its output (a tensor the rest of
+    the model never saw: it got a clone) and the tensor its op received, all cut from autograd."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    out: Any
+    x: Tensor | None
+    versions: tuple[int, ...]
+
+    def intact(self) -> bool:
+        """Nothing wrote into the arguments or the output since the call (an in-place op later in the
+        model would make a replayed candidate see other values than the layer did)."""
+        return versions(*self.args, self.x, self.out) == self.versions
+
+
+@dataclass
+class RecordedForward:
+    """The probes' FP forward, call by call, and the model's output (detached)."""
+
+    calls: list[RecordedCall]
+    output: Any
+
+    def intact(self) -> bool:
+        return all(c.intact() for c in self.calls)
+
+
+def _graph_tensor(value: Any, depth: int = 0) -> bool:
+    t = as_tensor(value)  # a tensor, or a SparseConvTensor's features
+    if t is not None:
+        return t.grad_fn is not None
+    if depth >= 4:
+        return False
+    if isinstance(value, dict):
+        return any(_graph_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_graph_tensor(v, depth + 1) for v in value)
+    return False
+
+
+#: what every nn.Module carries (its registries of parameters, buffers, submodules and hooks): no graph there
+_TORCH_OWN = frozenset(vars(nn.Module()))
+
+
+def holds_graph(model: nn.Module) -> bool:
+    """Some module kept a tensor of the autograd forward as an attribute (OpenPCDet's heads store their
+    `forward_ret_dict`): it would keep that forward's graph alive and make the model impossible to
+    deep-copy, so the FP pass then runs its own no-grad forward, which overwrites it as a plain forward
+    would. Every attribute a model adds counts, private ones too (`self._last = y`); torch's own (the
+    registries of parameters, buffers, submodules, hooks) are skipped."""
+    return any(_graph_tensor(v) for m in model.modules() for k, v in vars(m).items() if k not in _TORCH_OWN)
