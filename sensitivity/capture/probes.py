@@ -41,12 +41,7 @@ from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
-__all__ = [
-    "ProbeGrads",
-    "piece_generator",
-    "probe_gradients",
-    "sample_dots",
-]
+__all__ = ["ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
 
 log = logging.getLogger(__name__)
 

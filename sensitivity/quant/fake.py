@@ -12,7 +12,7 @@ import torch
 
 from sensitivity.spec import qrange
 
-__all__ = ["amax_to_scale", "fake_quant", "quantize_codes"]
+__all__ = ["amax_to_scale", "broadcast_scale", "fake_quant", "quantize_codes"]
 
 
 def amax_to_scale(amax: torch.Tensor, num_bits: int, unsigned: bool) -> torch.Tensor:
@@ -22,7 +22,8 @@ def amax_to_scale(amax: torch.Tensor, num_bits: int, unsigned: bool) -> torch.Te
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
-def _broadcast(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """A per-channel `scale` shaped to broadcast against `x` along `axis` (a per-tensor one as it is)."""
     if axis is None or scale.dim() == 0:
         return scale
     shape = [1] * x.dim()
@@ -35,7 +36,7 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes (as float) of ONNX QuantizeLinear: saturate(round_half_even(x / scale))."""
     qmin, qmax = qrange(num_bits, unsigned)
-    return torch.clamp(torch.round(x / _broadcast(scale, x, axis)), qmin, qmax)
+    return torch.clamp(torch.round(x / broadcast_scale(scale, x, axis)), qmin, qmax)
 
 
 def fake_quant(
@@ -43,7 +44,7 @@ def fake_quant(
 ) -> torch.Tensor:
     """Dequantized codes: what a Q/DQ pair outputs. NaN stays NaN, +-inf saturates like ONNX."""
     qmin, qmax = qrange(num_bits, unsigned)
-    s = _broadcast(scale.to(x.dtype), x, axis)
+    s = broadcast_scale(scale.to(x.dtype), x, axis)
     y = x / s
     if y.requires_grad:
         return torch.clamp(torch.round(y), qmin, qmax) * s

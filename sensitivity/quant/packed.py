@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sensitivity.quant.fake import quantize_codes
+from sensitivity.quant.fake import broadcast_scale, quantize_codes
 from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.spec import qrange
 
@@ -46,12 +46,6 @@ def pack_weight(quantizer: TensorQuantizer, w: torch.Tensor) -> PackedWeight | t
     code_dtype = _code_dtype(quantizer.num_bits, quantizer.unsigned)
     if code_dtype is None or not w.is_floating_point() or not bool(torch.isfinite(w).all()):
         return quantizer(w)
-    scale = quantizer.scale().to(device=w.device, dtype=w.dtype)
-    axis = quantizer.axis
-    if axis is not None and scale.dim() > 0:
-        shape = [1] * w.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
+    scale = broadcast_scale(quantizer.scale().to(device=w.device, dtype=w.dtype), w, quantizer.axis)
     codes = quantize_codes(w, scale, quantizer.num_bits, quantizer.unsigned)
-    packed = PackedWeight(codes.to(code_dtype), scale, w.dtype)
-    return packed
+    return PackedWeight(codes.to(code_dtype), scale, w.dtype)
