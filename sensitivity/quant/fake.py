@@ -8,11 +8,20 @@ errors it reports are the errors TensorRT / ORT will show (tests check this agai
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from sensitivity.spec import qrange
 
-__all__ = ["amax_to_scale", "broadcast_scale", "fake_quant", "quantize_codes"]
+__all__ = ["amax_to_scale", "broadcast_scale", "exporting_onnx", "fake_quant", "quantize_codes"]
+
+
+def exporting_onnx() -> bool:
+    """Whether an ONNX export is tracing. `torch.onnx` is imported lazily by torch (0.1-0.2 s); a process
+    that never imported it cannot be exporting, so the check costs nothing on the scan's hot path."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
 def amax_to_scale(amax: torch.Tensor, num_bits: int, unsigned: bool) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensitivity.quant.fake import exporting_onnx
 from sensitivity.quant.packed import PackedWeight, pack_weight
 from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.quant.smoothing import Smoother, channel_absmax, smoothed_input_amax, smoothing_factors
@@ -149,7 +150,7 @@ class QuantMixin:
         wq = self.weight_quantizer
         if not wq.enabled:
             return self.smoothed_weight()
-        if torch.onnx.is_in_onnx_export():
+        if exporting_onnx():
             return wq(self.smoothed_weight())  # Q/DQ nodes on the weight, as TensorRT expects
         amax = wq.amax
         sm = self.smoother

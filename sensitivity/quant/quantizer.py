@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sensitivity.quant.fake import amax_to_scale, fake_quant
+from sensitivity.quant.fake import amax_to_scale, exporting_onnx, fake_quant
 from sensitivity.spec import qrange
 
 __all__ = ["NotCalibratedError", "TensorQuantizer"]
@@ -65,7 +65,7 @@ class TensorQuantizer(nn.Module):
         if not self.enabled:
             return x
         scale = self.scale().to(x.device)
-        if torch.onnx.is_in_onnx_export():
+        if exporting_onnx():
             return self._export_op(x, scale)
         return fake_quant(x, scale, self.num_bits, self.unsigned, self.axis)
 

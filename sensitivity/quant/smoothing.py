@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sensitivity.quant.fake import exporting_onnx
+
 __all__ = [
     "MAX_EPS",
     "S_MAX",
@@ -74,7 +76,7 @@ class Smoother(nn.Module):
         shape = [1] * x.dim()
         shape[self.channel_axis] = -1
         inv = 1.0 / self.scale
-        if torch.onnx.is_in_onnx_export():  # one Mul by a constant in the graph
+        if exporting_onnx():  # one Mul by a constant in the graph
             inv = torch.tensor(inv.tolist(), dtype=torch.float32, device=x.device)
         return x * inv.to(x.dtype).reshape(shape)
 
