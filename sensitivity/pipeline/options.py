@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 #: `--alpha-grid 0.25,0.5,0.75` or `0.1:0.9:0.1` sweep.
 DEFAULT_ALPHAS = (0.5,)
 #: Output probes: one probe on one sample is one estimate of a layer's output error (relative spread about
-#: 1.4); by default a scan uses enough probes for this many per layer, at most `MAX_AUTO_PROBES` per piece
-#: (each costs one backward pass over the held-out batches). Measured in benchmarks/output_sensitivity.py.
-PROBE_SAMPLES = 64
+#: 1.4); by default a scan uses enough probes for this many per layer, at least one and at most
+#: `MAX_AUTO_PROBES` per piece (each costs one backward pass over the held-out batches). Measured in
+#: benchmarks/output_sensitivity.py: 8 probe-samples ranked the layers against the exact one-at-a-time answer
+#: with Spearman 0.91-1.0 on seven real models (YOLOv8n 0.91 at 1 x 8, against 0.95 / 0.97 at 2 / 4 x 8),
+#: and the verified policy's test error stayed within 10% of the oracle's or better on all of them, because
+#: the exact checks at the budget's edge correct the ranking; 32 probe-samples cost YOLOv8n's scan 1.8x.
+PROBE_SAMPLES = 8
 MAX_AUTO_PROBES = 4
 POLICIES = ("output", "thresholds")
 
