@@ -212,8 +212,9 @@ def test_smoothquant_assigned_exactly_where_outliers_are(seed: int) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_policy_v2_smooths_the_layer_that_dominates_the_outputs(seed: int) -> None:
     """Policy v2 without FP slots: `fc1` (compensated outlier channels feeding the logits) dominates the
-    output error and gets SmoothQuant, and the whole model measures far better than all-naive on the held-out batch."""
-    opts = ScanOptions(alphas=(0.25, 0.5, 0.75), max_fp_layers=0)
+    output error and gets SmoothQuant, and the whole model measures far better than all-naive on the held-out batch.
+    4 probes on the 8 held-out samples (the default takes 1): the predicted gain is compared within 5x."""
+    opts = ScanOptions(alphas=(0.25, 0.5, 0.75), max_fp_layers=0, probes=4)
     result = scan(OutlierChannelsNet(seed=seed), _batches(seed), opts)
     t = result.table
     assert t.loc["fc1", "decision"] == "smoothquant"

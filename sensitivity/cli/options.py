@@ -151,7 +151,10 @@ MaxFpMacsOpt = Annotated[
 ]
 ProbesOpt = Annotated[
     int | None,
-    Opt("--probes", help="Output probes per held-out batch (default: about 8 probe-samples, 1 to 4 per batch; 0: off)."),
+    Opt(
+        "--probes",
+        help="Output probes per held-out batch (default: about 8 probe-samples, 1-4 a batch; 0: off).",
+    ),
 ]
 CalChoiceOpt = Annotated[
     bool,
