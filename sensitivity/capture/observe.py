@@ -162,6 +162,7 @@ class RangeHistogram:
         x = x.float()
         if not all_finite(x):
             x = x[torch.isfinite(x)]
-        # one bincount (torch.histc is single-threaded and 3x slower): bin floor((x - lo) / width), clamped
-        index = (x - self.lo).mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).long()
+        # one bincount (torch.histc is single-threaded and 3x slower): bin floor((x - lo) / width), clamped;
+        # int32 indices (the bins fit): half the memory traffic of int64, the same counts
+        index = (x - self.lo).mul_(self.bins / (self.hi - self.lo)).clamp_(0, self.bins - 1).to(torch.int32)
         self.counts += torch.bincount(index, minlength=self.bins).double().cpu() * weight

@@ -49,6 +49,25 @@ def test_bins_are_floor_of_x_over_the_bin_width() -> None:
     assert h.neg.sum() == 1 and h.neg[int(2.0 / width)] == 1
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 37.0])
+def test_random_values_land_in_floor_bins(scale: float) -> None:
+    """200k values against numpy's floor(|x| / width) in float64, with every bin edge and the float just
+    below it, on both signs: the integer index the histogram computes (int32) truncates like the formula."""
+    gen = torch.Generator().manual_seed(int(scale * 1000))
+    x = torch.randn(200_000, generator=gen) * scale
+    top = 2.0 ** math.frexp(float(x.abs().max()))[1]
+    edges = torch.arange(256, dtype=torch.float32) * (top / 256)  # _filled's 256 bins: exact multiples
+    below = torch.nextafter(edges, torch.zeros_like(edges))
+    x[: 4 * 256] = torch.cat((edges, -edges, below, -below))
+    h = _filled([x])
+    assert h.top == top
+    index = np.floor(np.abs(x.numpy().astype(np.float64)) / (top / 256)).astype(int)
+    assert np.array_equal(h.hist.numpy(), np.bincount(index, minlength=256))
+    expected_neg = np.bincount(index[x.numpy() < 0], minlength=256).astype(float)
+    expected_neg[0] = 0.0  # negatives in bin 0 count as zeros (the unsigned range saturates them)
+    assert np.array_equal(h.neg.numpy(), expected_neg)
+
+
 def test_zeros_first_then_values() -> None:
     h = _filled([torch.zeros(10), torch.tensor([1.5, -0.25])])
     assert h.hist[0] == 10 and h.hist.sum() == 12 and h.top == 2.0
