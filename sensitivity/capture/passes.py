@@ -30,7 +30,7 @@ from sensitivity.capture.outputs import (
 )
 from sensitivity.capture.pieces import held_pieces
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
-from sensitivity.capture.recorded import RecordedForward, holds_graph
+from sensitivity.capture.recorded import RecordedForward, release_graph_
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
@@ -315,9 +315,10 @@ def compare_pass(
                     fp_model, batch, names, select, probes, gen, index, energy, record=True, written=written
                 )
                 recorded, run.grads.forward = run.grads.forward, None
-            if recorded is not None and recorded.intact() and not holds_graph(fp_model):
+            if recorded is not None and recorded.intact() and release_graph_(fp_model):
                 fp_out = run.replay(recorded)
             else:  # no probes, the model wrote into a layer's input or output, or kept autograd tensors
+                # in a container that could not be changed
                 with layer_inputs(fp_model, names) as inputs, forward_hooks(fp_model, names, run.fp_hook):
                     run.inputs = inputs
                     fp_out = run_checked(fp_model, batch, index)

@@ -1,6 +1,6 @@
 """The probes' forward kept call by call, so the FP pass can replay it instead of running a second forward;
-and the checks that say when it cannot: a tensor written after the call (version counters), a model that
-keeps tensors of the autograd forward on its modules."""
+the check that says when it cannot (a tensor written after the call: version counters); and what a model
+kept of the autograd forward on its modules, found and detached (`holds_graph`, `release_graph_`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sensitivity.capture.outputs import as_tensor
 
-__all__ = ["RecordedCall", "RecordedForward", "holds_graph", "versions"]
+__all__ = ["RecordedCall", "RecordedForward", "holds_graph", "release_graph_", "versions"]
 
 
 def versions(*values: Any) -> tuple[int, ...]:
@@ -74,7 +74,43 @@ _TORCH_OWN = frozenset(vars(nn.Module()))
 def holds_graph(model: nn.Module) -> bool:
     """Some module kept a tensor of the autograd forward as an attribute (OpenPCDet's heads store their
     `forward_ret_dict`): it would keep that forward's graph alive and make the model impossible to
-    deep-copy, so the FP pass then runs its own no-grad forward, which overwrites it as a plain forward
-    would. Every attribute a model adds counts, private ones too (`self._last = y`); torch's own (the
-    registries of parameters, buffers, submodules, hooks) are skipped."""
+    deep-copy (`release_graph_` detaches it). Every attribute a model adds counts, private ones too
+    (`self._last = y`); torch's own (the registries of parameters, buffers, submodules, hooks) are
+    skipped."""
     return any(_graph_tensor(v) for m in model.modules() for k, v in vars(m).items() if k not in _TORCH_OWN)
+
+
+def _released(value: Any, depth: int = 0) -> Any:
+    """`value` with every autograd tensor in it detached: tensors and a SparseConvTensor's features
+    replaced, lists and dicts changed in place (they are the forward's own), tuples rebuilt."""
+    if isinstance(value, Tensor):
+        return value.detach() if value.grad_fn is not None else value
+    t = as_tensor(value)
+    if t is not None:  # a SparseConvTensor: keep its indices and rule books, detach its features
+        replace = getattr(value, "replace_feature", None)
+        return replace(t.detach()) if callable(replace) and t.grad_fn is not None else value
+    if depth >= 4:
+        return value
+    if isinstance(value, dict):
+        for k, v in list(value.items()):
+            value[k] = _released(v, depth + 1)
+    elif isinstance(value, list):
+        value[:] = [_released(v, depth + 1) for v in value]
+    elif type(value) is tuple:
+        return tuple(_released(v, depth + 1) for v in value)
+    return value
+
+
+def release_graph_(model: nn.Module) -> bool:
+    """Detach what `holds_graph` finds, in place: the values are those a no-grad forward of the same batch
+    would have left (the probes' forward computed them; its taps change no value), without the graph.
+    True when the model holds no graph afterwards; False where some container could not be changed (the
+    caller then runs a no-grad forward, which overwrites it)."""
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if k not in _TORCH_OWN and _graph_tensor(v):
+                try:
+                    setattr(m, k, _released(v))
+                except (TypeError, AttributeError, RuntimeError):
+                    return False
+    return not holds_graph(model)

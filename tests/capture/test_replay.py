@@ -4,6 +4,7 @@ writes into a layer's input after the call falls back to the second forward."""
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -92,7 +93,11 @@ def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("make", [Residual, build_subclass_net], ids=["residual-inplace", "conv-subclasses"])
+@pytest.mark.parametrize(
+    "make",
+    [Residual, build_subclass_net, lambda: KeepsOutputs("forward_ret_dict")],
+    ids=["residual-inplace", "conv-subclasses", "keeps-autograd-outputs"],
+)
 def test_replayed_fp_pass_equals_a_second_forward(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = make().eval()
@@ -151,22 +156,48 @@ class KeepsOutputs(nn.Module):
         return value["pred"][0] if isinstance(value, dict) else value[0][0]
 
 
-@pytest.mark.parametrize("attr", ["forward_ret_dict", "_last", "_history"])
-def test_a_model_that_keeps_autograd_tensors_gets_a_plain_forward_and_stays_copyable(
-    attr: str, monkeypatch: pytest.MonkeyPatch
+_Kept = collections.namedtuple("_Kept", "pred")
+
+
+class KeepsFrozen(KeepsOutputs):
+    """Keeps its output in a named tuple: a container `release_graph_` does not rebuild."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(torch.relu(self.a(x)))
+        self.forward_ret_dict = _Kept([y])
+        return y
+
+    def kept(self) -> torch.Tensor:
+        return self.forward_ret_dict.pred[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "replayed"),
+    [
+        (lambda: KeepsOutputs("forward_ret_dict"), True),
+        (lambda: KeepsOutputs("_last"), True),
+        (lambda: KeepsOutputs("_history"), True),
+        (KeepsFrozen, False),
+    ],
+    ids=["public", "private", "nested-list", "unchangeable-container"],
+)
+def test_a_model_that_keeps_autograd_tensors_is_released_and_stays_copyable(
+    make: Any, replayed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After the scan the model holds what a plain forward leaves (no graph): it deep-copies, as
-    `ScanResult.quantized_model` does, and the probes' forward was not replayed."""
+    """The tensors a model kept from the probes' forward are detached in place and the forward replayed;
+    where a container refuses the change, a no-grad forward overwrites it instead. Either way the model
+    then holds what a plain forward leaves (no graph): it deep-copies, as `ScanResult.quantized_model`
+    does."""
     import copy
 
     from sensitivity import ScanOptions, scan
 
     torch.manual_seed(0)
-    model = KeepsOutputs(attr).eval()
+    model = make().eval()
     calls = _count_replays(monkeypatch)
     batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     result = scan(model, batches, ScanOptions(probes=2))
-    assert not calls
+    assert bool(calls) == replayed
     assert result.fp_model is not None
     kept = [m.kept() for m in result.fp_model.modules() if isinstance(m, KeepsOutputs)]
     assert kept and all(t.grad_fn is None for t in kept)
