@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
-from sensitivity.capture.recorded import RecordedCall, RecordedForward, versions
+from sensitivity.capture.recorded import RecordedCall, RecordedForward, detached, versions
 from sensitivity.io.batches import Batch, batch_len, batch_map, batch_tensors, run_checked
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
@@ -181,9 +181,9 @@ class _Recorder:
         if not self.record:
             return
         x = self.op_input.pop(name, None) if is_wrapped_kind(module) else as_tensor(args[0]) if args else None
-        args = tuple(_detached(a) for a in args)
+        args = tuple(detached(a) for a in args)
         x = x.detach() if x is not None else None
-        kept = _detached(out) if not isinstance(out, Tensor) else y.detach()
+        kept = detached(out) if not isinstance(out, Tensor) else y.detach()
         self.calls.append(RecordedCall(name, module, args, kept, x, versions(*args, x, kept)))
 
     def pre_hook(self, name: str) -> Callable[[nn.Module, tuple], Any]:
@@ -211,22 +211,11 @@ class _Recorder:
         return hook
 
 
-def _detached(value: Any) -> Any:
-    """`value` cut from autograd: tensors detached, a SparseConvTensor through `replace_feature` (which
-    keeps its `indice_dict`: later layers read the rule books stored there)."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    replace, feats = getattr(value, "replace_feature", None), getattr(value, "features", None)
-    if callable(replace) and isinstance(feats, Tensor):
-        return replace(feats.detach())
-    return value
-
-
 def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
     """Pre-hook: a module with no backward for this input (e.g. spconv on a CPU-only torch outside the scan's
     run context) gets its inputs detached."""
     if args and lacks_backward(module, args[0]):
-        return tuple(_detached(a) for a in args)
+        return tuple(detached(a) for a in args)
     return None
 
 

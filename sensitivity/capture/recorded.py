@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sensitivity.capture.outputs import as_tensor
 
-__all__ = ["RecordedCall", "RecordedForward", "holds_graph", "release_graph_", "versions"]
+__all__ = ["RecordedCall", "RecordedForward", "detached", "holds_graph", "release_graph_", "versions"]
 
 
 def versions(*values: Any) -> tuple[int, ...]:
@@ -22,6 +22,17 @@ def versions(*values: Any) -> tuple[int, ...]:
         if t is not None:
             out.append(t._version)
     return tuple(out)
+
+
+def detached(value: Any) -> Any:
+    """`value` cut from autograd: tensors detached, a SparseConvTensor through `replace_feature` (which
+    keeps its `indice_dict`: later layers read the rule books stored there)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    replace, feats = getattr(value, "replace_feature", None), getattr(value, "features", None)
+    if callable(replace) and isinstance(feats, Tensor):
+        return replace(feats.detach())
+    return value
 
 
 @dataclass
@@ -81,14 +92,11 @@ def holds_graph(model: nn.Module) -> bool:
 
 
 def _released(value: Any, depth: int = 0) -> Any:
-    """`value` with every autograd tensor in it detached: tensors and a SparseConvTensor's features
-    replaced, lists and dicts changed in place (they are the forward's own), tuples rebuilt."""
-    if isinstance(value, Tensor):
-        return value.detach() if value.grad_fn is not None else value
-    t = as_tensor(value)
-    if t is not None:  # a SparseConvTensor: keep its indices and rule books, detach its features
-        replace = getattr(value, "replace_feature", None)
-        return replace(t.detach()) if callable(replace) and t.grad_fn is not None else value
+    """`value` with every autograd tensor in it `detached` (a SparseConvTensor keeps its rule books), lists
+    and dicts changed in place (they are the forward's own), tuples rebuilt."""
+    t = as_tensor(value)  # a tensor, or a SparseConvTensor's features
+    if t is not None:
+        return detached(value) if t.grad_fn is not None else value
     if depth >= 4:
         return value
     if isinstance(value, dict):
@@ -113,4 +121,6 @@ def release_graph_(model: nn.Module) -> bool:
                     setattr(m, k, _released(v))
                 except (TypeError, AttributeError, RuntimeError):
                     return False
-    return not holds_graph(model)
+                if _graph_tensor(getattr(m, k)):  # a container `_released` does not rebuild
+                    return False
+    return True
