@@ -28,7 +28,7 @@ from sensitivity.capture.outputs import (
     check_fp_outputs,
     relative_sq_error,
 )
-from sensitivity.capture.pieces import held_pieces
+from sensitivity.capture.pieces import held_pieces, probe_copies
 from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
 from sensitivity.capture.recorded import RecordedForward, release_graph_
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
@@ -300,8 +300,7 @@ def compare_pass(
     run.energy, res.energy_normalised = energy, energy is not None
     select = outputs or OutputSelector()
     leaves = leaf_names(q_model, set(names))
-    # probes keep 2 gradients per probe per layer (bfloat16: half a copy each), autograd the activations
-    copies = 1 + (probes + 2 if probes else 0)
+    copies = probe_copies(probes)
     written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
     with torch.no_grad():
         last_index = first_index - 1

@@ -9,23 +9,42 @@ from collections.abc import Sequence
 from sensitivity.io.batches import Batch, batch_len, split_batch
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["held_pieces"]
+__all__ = ["held_pieces", "sample_mb"]
+
+#: what a piece stores per layer output beside the FP outputs when the output probes run: their
+#: gradients (two bfloat16 copies per probe, at each layer's output and input: one float32 copy) and the
+#: autograd forward's saved activations (about two copies)
+PROBE_COPIES_EXTRA = 2
 
 
-def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
-    """Samples per piece so that one piece's stored FP outputs (every target layer's, kept until the
-    quantized pass of the same piece) stay within `budget_mb`; 0 = do not split. Uses the output shapes the
-    calibration pass recorded (per sample: dim 0 is the batch)."""
-    n = batch_len(batch)
-    if not n or budget_mb <= 0 or not layers or not all(li.out_shape for li in layers):
-        return 0
+def probe_copies(probes: int) -> int:
+    """Copies of every layer output one piece holds: the FP outputs, and with `probes` > 0 the probes'
+    gradients and autograd's saved activations."""
+    return 1 + (probes + PROBE_COPIES_EXTRA if probes else 0)
+
+
+def sample_mb(layers: Sequence[LayerInfo]) -> float:
+    """MiB of every target layer's float32 output for one sample (all its calls), from the shapes the
+    calibration pass recorded (dim 0 is the batch); 0 when a shape is unknown."""
+    if not layers or not all(li.out_shape for li in layers):
+        return 0.0
     per_sample = 0.0
     for li in layers:
         numel = 1
         for d in li.out_shape[1:]:
             numel *= d
         per_sample += 4.0 * numel * max(li.calls, 1)
-    fits = int(budget_mb * 2**20 // max(per_sample, 1.0))
+    return per_sample / 2**20
+
+
+def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:
+    """Samples per piece so that one piece's stored FP outputs (every target layer's, kept until the
+    quantized pass of the same piece) stay within `budget_mb`; 0 = do not split."""
+    n = batch_len(batch)
+    per_sample = sample_mb(layers)
+    if not n or budget_mb <= 0 or per_sample <= 0:
+        return 0
+    fits = int(budget_mb // per_sample)
     return 0 if fits >= n else max(1, fits)
 
 

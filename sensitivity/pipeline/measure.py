@@ -20,6 +20,7 @@ from torch import nn
 from sensitivity import distributed as D
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, compare_pass
+from sensitivity.capture.pieces import sample_mb
 from sensitivity.fold import FoldSite, find_fold_site
 from sensitivity.io.batches import batch_len
 from sensitivity.methods.base import sq_key
@@ -74,7 +75,8 @@ def measure_stage(
     )  # fmt: skip
     alt_names = sorted({c for cands in candidates.values() for c in cands if c in ("signed", "unsigned")})
     variants = _input_variants(qlayers, observers, opts)
-    probes = opts.probe_count(sum(batch_len(b) or 1 for b in cal.held))  # all ranks' held-out samples
+    # all ranks' held-out samples
+    probes = opts.probe_count(sum(batch_len(b) or 1 for b in cal.held), sample_mb(layers))
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
     t = time.perf_counter()
     refit = _refit_observers(cal, opts)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.pieces import PROBE_COPIES_EXTRA
 from sensitivity.errors import SpecError
 from sensitivity.policy import DEFAULT_SQ_MARGIN, Thresholds, glob_match
 from sensitivity.prepare import Selection
@@ -112,11 +113,19 @@ class ScanOptions:
         if self.max_fp_macs is not None and not 0.0 <= self.max_fp_macs <= 1.0:
             raise SpecError(f"--max-fp-macs must be a fraction in [0, 1], got {self.max_fp_macs!r}")
 
-    def probe_count(self, samples: int) -> int:
-        """Probes per piece for `samples` held-out samples (this rank's): `probes`, or the automatic count."""
+    def probe_count(self, samples: int, sample_mb: float = 0.0) -> int:
+        """Probes per piece for `samples` held-out samples (all ranks'): `probes`, or the automatic count.
+        The automatic count also keeps a piece within `stored_activation_mb` (`sample_mb`: one sample's
+        layer outputs): a piece is never cut below one sample, and each probe holds another copy of its
+        activations, so a sample too large for several copies (a LiDAR frame: 0.5 GiB on OpenPCDet's
+        CenterPoint, where 4 probes took the scan's peak from 4.0 to 6.1 GiB) gets one probe."""
         if self.probes is not None:
             return self.probes
-        return max(1, min(MAX_AUTO_PROBES, math.ceil(PROBE_SAMPLES / max(samples, 1))))
+        count = min(MAX_AUTO_PROBES, math.ceil(PROBE_SAMPLES / max(samples, 1)))
+        if sample_mb > 0 and self.stored_activation_mb > 0:
+            copies = int(self.stored_activation_mb // sample_mb)  # what one sample can hold
+            count = min(count, copies - 1 - PROBE_COPIES_EXTRA)  # less its FP outputs and autograd's
+        return max(1, count)
 
     def fp_layer_budget(self, n_layers: int) -> int:
         """At most how many layers policy v2 keeps in FP (the NaN/Inf safety net's not counted)."""

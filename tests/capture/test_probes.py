@@ -117,3 +117,33 @@ def test_blocked_layers_get_no_or_zero_gradient() -> None:
     assert grads.take("c")[0] is None
     g_d = grads.take("d")[0]
     assert g_d is not None and sum(g.abs().sum() for g in g_d) > 0
+
+
+def test_automatic_probe_count_follows_the_samples_and_the_memory_budget() -> None:
+    from sensitivity import ScanOptions
+
+    auto = ScanOptions()
+    assert [auto.probe_count(n) for n in (1, 2, 3, 8, 100)] == [4, 4, 3, 1, 1]
+    budget = auto.stored_activation_mb
+    # one sample's layer outputs: each probe holds one more copy, beside the FP outputs and autograd's 2
+    assert auto.probe_count(1, budget / 6.5) == 3
+    assert auto.probe_count(1, budget / 5.5) == 2
+    assert auto.probe_count(1, budget / 4.5) == 1
+    assert auto.probe_count(1, 4 * budget) == 1  # never below one (0 would turn the scores off)
+    assert auto.probe_count(2, budget / 100) == 4  # small samples: the sample count decides
+    assert ScanOptions(probes=4).probe_count(1, 4 * budget) == 4  # asked for: as asked
+
+
+def test_a_sample_too_large_for_the_budget_gets_one_probe() -> None:
+    """Pieces are never cut below one sample; a LiDAR frame's probes once took the real OpenPCDet scan's
+    peak from 4.0 to 6.1 GiB at 4 probes."""
+    from sensitivity import ScanOptions, scan
+    from tests.models import TinyConvNet
+
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 3, 16, 16) for _ in range(2)]  # one held-out sample: 4 probes by default
+    sources = {}
+    for budget in (64.0, 0.01):  # TinyConvNet's layer outputs: about 0.03 MiB a sample
+        result = scan(TinyConvNet().eval(), batches, ScanOptions(stored_activation_mb=budget))
+        sources[budget] = set(result.table["out_err_source"])
+    assert sources == {64.0: {"probe (4 x 1 samples)"}, 0.01: {"probe (1 x 1 samples)"}}
