@@ -153,7 +153,10 @@ ProbesOpt = Annotated[
     int | None,
     Opt(
         "--probes",
-        help="Output probes per held-out batch (default: about 8 probe-samples, 1-4 a batch; 0: off).",
+        help=(
+            "Output probes per held-out batch (default: about 8 probe-samples, 1-4 a batch, 1 where a "
+            "sample is too large for more; 0: off)."
+        ),
     ),
 ]
 CalChoiceOpt = Annotated[
