@@ -154,7 +154,7 @@ ProbesOpt = Annotated[
     Opt(
         "--probes",
         help=(
-            "Output probes per held-out batch (default: about 8 probe-samples, 1-4 a batch, 1 where a "
+            "Output probes per held-out batch (default: about 4 probe-samples, 1-4 a batch, 1 where a "
             "sample is too large for more; 0: off)."
         ),
     ),
