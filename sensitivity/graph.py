@@ -11,11 +11,10 @@ a whole forward's activations at once: 4x the memory and time of a plain forward
 
 from __future__ import annotations
 
-import functools
 import itertools
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,16 +106,13 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
         yield obj.features  # spconv SparseConvTensor
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 class _Recorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.nodes: list[Node] = []
-        #: id(tensor) -> (reference, serial); a dead weak reference means the id was reused
-        self.serials: dict[int, tuple[Callable[[], Any], int]] = {}
+        #: id(tensor) -> (weak reference, serial); a dead reference means the id was reused (every torch
+        #: tensor, subclasses and Parameters too, takes weak references)
+        self.serials: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self.count = itertools.count()
         self.depth = 0
         self.internal = False
@@ -124,11 +120,7 @@ class _Recorder(TorchFunctionMode):
     def key(self, t: torch.Tensor) -> ValueKey:
         entry = self.serials.get(id(t))
         if entry is None or entry[0]() is not t:
-            try:
-                ref: Callable[[], Any] = weakref.ref(t)
-            except TypeError:  # an object without weak references is kept alive (its id stays its own)
-                ref = functools.partial(_same, t)
-            entry = (ref, next(self.count))
+            entry = (weakref.ref(t), next(self.count))
             self.serials[id(t)] = entry
         return (entry[1], t._version)
 

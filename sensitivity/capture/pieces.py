@@ -9,18 +9,24 @@ from collections.abc import Sequence
 from sensitivity.io.batches import Batch, batch_len, split_batch
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["held_pieces", "sample_mb"]
+__all__ = ["held_pieces", "probe_copies", "probes_that_fit", "sample_mb"]
 
 #: what a piece stores per layer output beside the FP outputs when the output probes run: their
 #: gradients (two bfloat16 copies per probe, at each layer's output and input: one float32 copy) and the
 #: autograd forward's saved activations (about two copies)
-PROBE_COPIES_EXTRA = 2
+_PROBE_COPIES_EXTRA = 2
 
 
 def probe_copies(probes: int) -> int:
     """Copies of every layer output one piece holds: the FP outputs, and with `probes` > 0 the probes'
     gradients and autograd's saved activations."""
-    return 1 + (probes + PROBE_COPIES_EXTRA if probes else 0)
+    return 1 + (probes + _PROBE_COPIES_EXTRA if probes else 0)
+
+
+def probes_that_fit(budget_mb: float, sample_mb: float) -> int:
+    """The most probes whose `probe_copies` of one sample's layer outputs (`sample_mb`) fit `budget_mb`
+    (below 1 where not even one does)."""
+    return int(budget_mb // sample_mb) - probe_copies(1) + 1
 
 
 def sample_mb(layers: Sequence[LayerInfo]) -> float:

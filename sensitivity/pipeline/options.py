@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.pieces import PROBE_COPIES_EXTRA
+from sensitivity.capture.pieces import probes_that_fit
 from sensitivity.errors import SpecError
 from sensitivity.policy import DEFAULT_SQ_MARGIN, Thresholds, glob_match
 from sensitivity.prepare import Selection
@@ -126,8 +126,7 @@ class ScanOptions:
             return self.probes
         count = min(MAX_AUTO_PROBES, math.ceil(PROBE_SAMPLES / max(samples, 1)))
         if sample_mb > 0 and self.stored_activation_mb > 0:
-            copies = int(self.stored_activation_mb // sample_mb)  # what one sample can hold
-            count = min(count, copies - 1 - PROBE_COPIES_EXTRA)  # less its FP outputs and autograd's
+            count = min(count, probes_that_fit(self.stored_activation_mb, sample_mb))
         return max(1, count)
 
     def fp_layer_budget(self, n_layers: int) -> int:
