@@ -82,7 +82,7 @@ def save_calibration_checkpoint(
     path: Path, fingerprint: str, observers: dict[str, LayerObserver], infos: Sequence[Any] = ()
 ) -> None:
     """Write the calibrated statistics (and the layer shapes the calibration pass recorded) atomically."""
-    shapes = {li.name: [list(li.in_shape), list(li.out_shape), int(li.macs)] for li in infos}
+    shapes = {li.name: [list(li.in_shape), list(li.out_shape), int(li.macs), int(li.calls)] for li in infos}
     layers = {}
     for name, obs in observers.items():
         layers[name] = {
@@ -179,4 +179,5 @@ def load_calibration_checkpoint(
         shapes = payload["layers"].get(li.name, {}).get("shapes")
         if shapes:
             li.in_shape, li.out_shape, li.macs = tuple(shapes[0]), tuple(shapes[1]), int(shapes[2])
+            li.calls = int(shapes[3]) if len(shapes) > 3 else 0
     return observers

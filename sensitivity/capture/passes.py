@@ -66,6 +66,8 @@ def calibrate(
             layer.name: LayerObserver(spec, channel_dim(model.get_submodule(layer.name))) for layer in layers
         }
     info = {layer.name: layer for layer in layers}
+    calls: dict[str, int] = defaultdict(int)  # per forward, counted on the first batch
+    first = [True]
 
     def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         x = inputs(name, args)
@@ -77,6 +79,8 @@ def calibrate(
         if not li.in_shape:
             li.in_shape, li.out_shape = tuple(x.shape), tuple(y.shape)
             li.macs = layer_macs(mod, li.in_shape, li.out_shape, out)
+        if first[0]:
+            calls[name] += 1
 
     names = [layer.name for layer in layers]
     with torch.no_grad(), layer_inputs(model, names) as inputs, forward_hooks(model, names, hook):
@@ -84,6 +88,10 @@ def calibrate(
             if device is not None:
                 batch = batch_to(batch, device)
             out = run_checked(model, batch, first_index + i)
+            if first[0]:
+                first[0] = False
+                for name, count in calls.items():
+                    info[name].calls = count
             check_fp_outputs(out, first_index + i)
             if i == 0 and outputs is not None:
                 outputs(out)
