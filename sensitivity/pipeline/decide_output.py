@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
+from sensitivity.capture.pieces import probe_copies, sample_mb
 from sensitivity.methods.base import Method
 from sensitivity.pipeline.calibration import Calibration
 from sensitivity.pipeline.decide import USER_LISTED, Decision
@@ -83,6 +84,20 @@ class _Exact:
     ) -> None:
         self.cal, self.meas, self.sens, self.opts = cal, meas, sens, opts
         self.values: dict[tuple[str, str], float] = {}
+        #: what the exact checks may keep of the FP layer outputs: the stored-activation budget, or what
+        #: the probe pass held for one sample where that was more (memory the scan has needed already)
+        self.keep_mb = max(opts.stored_activation_mb, sample_mb(cal.prep.layers) * probe_copies(meas.probes))
+
+    def expect(self, wanted: list[tuple[str, str]]) -> None:
+        """Before measuring `wanted`: from two new measurements on, keep the FP layer outputs (one FP
+        forward) so that each one skips the FP layers its quantized layer does not reach."""
+        new = [k for k in wanted if k not in self.values]
+        if len(new) >= 2 and self.sens.reference is not None:
+            self.sens.reference.keep_layer_outputs(self.cal.prep.model, self.keep_mb)
+
+    def done(self) -> None:
+        if self.sens.reference is not None:
+            self.sens.reference.drop_layer_outputs()
 
     def __call__(self, layer: str, key: str) -> float:
         if (layer, key) not in self.values:
@@ -128,6 +143,7 @@ def _select(
     blind = {n for n in free if exact.sens.source.get(n, "").startswith("exact")}
     window = [n for n in window if n not in blind or options[n].key != "naive"]
     measured: dict[str, float] = {}
+    exact.expect([(n, options[n].key) for n in window])
     with progress.phase(f"exact check ({label})", len(window)) as advance:
         for n in window:
             measured[n] = exact(n, options[n].key)
@@ -207,6 +223,7 @@ def decide_by_outputs(
     naive = {n: replace(o, key="naive", error=o.naive_error) for n, o in best.items()}
     pol = _select(best, free, budget, exact, progress, "policy")
     exc = _select(naive, free, budget, exact, progress, "exclusion")
+    exact.done()
     rules = _rules(names, pol, {**net, **pol.blown()}, budget, opts.sq_mode, note)
     table["out_best"] = [best[n].key for n in names]
     table["out_exact_err"] = [exact.values.get((n, best[n].key), math.nan) for n in names]

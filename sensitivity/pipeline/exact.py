@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sensitivity import distributed as D
+from sensitivity.capture.kept import KeptOutputs
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, sq_norm
 from sensitivity.capture.passes import PassResult, Progress, quantized_pass
 from sensitivity.capture.pieces import held_pieces
@@ -40,8 +41,10 @@ class OutputReference:
         device: str | torch.device | None = None,
         budget_mb: float = 128.0,
     ) -> None:
-        self.select, self.device = select, device
+        self.select, self.device, self.layers = select, device, list(layers)
         self.pieces = held_pieces(layers, held, budget_mb, first_index)
+        #: FP layer outputs an exact check may reuse (`keep_layer_outputs`), else None
+        self.kept: KeptOutputs | None = None
         self.refs: list[dict[str, torch.Tensor]] = []
         self.weights: list[float] = []
         with torch.no_grad():
@@ -59,14 +62,29 @@ class OutputReference:
         `qmodel` configured with `configs`; inf where it turns non-finite. All ranks take part."""
         configure_layers(qmodel, configs)
         total, weight = 0.0, 0.0
-        with torch.no_grad():
-            for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True):
+        kept = self.kept if self.kept is not None else KeptOutputs([])
+        fp_names = {n for n, c in configs.items() if c.method == "fp"}
+        with torch.no_grad(), kept.serving(qmodel, fp_names) as serving:
+            for i, ((index, piece), ref, w) in enumerate(
+                zip(self.pieces, self.refs, self.weights, strict=True)
+            ):
                 batch = batch_to(piece, self.device) if self.device is not None else piece
+                serving.piece(i)
                 total += self.energy.share(ref, self.select(run_checked(qmodel, batch, index)))
                 weight += w
         self.runs += 1
         total, weight = D.sum_floats(total, weight)
         return total if weight > 0 else math.nan
+
+    def keep_layer_outputs(self, fp: nn.Module, budget_mb: float) -> None:
+        """Keep the FP outputs of the layers worth it (within `budget_mb`) for the measurements that follow:
+        one FP forward now, then each measurement skips the FP layers whose input is the FP one."""
+        if self.kept is None:
+            samples = int(sum(self.weights)) or 1  # every piece's outputs are kept
+            self.kept = KeptOutputs.record(fp, self.layers, self.pieces, samples, budget_mb, self.device)
+
+    def drop_layer_outputs(self) -> None:
+        self.kept = None
 
     def alone(self, qmodel: nn.Module, names: Sequence[str], layer: str, setting: LayerQuant) -> float:
         """`layer` quantized with `setting`, every other layer in FP."""

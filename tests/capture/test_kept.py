@@ -1,0 +1,105 @@
+"""Kept FP layer outputs: an exact check that reuses them gives the same value to the last bit as one that
+recomputes every layer, skips the layers its quantized layer does not reach, and recomputes any layer whose
+input differs even in one bit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sensitivity.capture.kept import MIN_MACS_PER_VALUE, KeptOutputs
+from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.passes import calibrate
+from sensitivity.pipeline.exact import OutputReference
+from sensitivity.prepare import prepare
+from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model
+from sensitivity.spec import QuantSpec
+
+C = 16  # a 3x3 conv over 16 channels does 144 multiply-adds per output value: worth keeping
+assert 9 * C >= MIN_MACS_PER_VALUE
+
+
+class TwoHeads(nn.Module):
+    """A trunk (one conv called twice: a shared module), then two heads the other's layers never reach;
+    every activation is in place, so a kept output handed out without a copy would be overwritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 3, padding=1)
+        self.shared = nn.Conv2d(C, C, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, 4, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = self.stem(x).relu_()
+        t = self.shared(t).relu_()
+        t = self.shared(t).relu_()
+        return {"a": self.a2(self.a1(t).relu_()), "b": self.b2(self.b1(t).relu_())}
+
+
+def _setup(budget_mb: float = 64.0):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    batches = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    prep = prepare(model, batches[0])
+    spec = QuantSpec()
+    observers = calibrate(prep.model, prep.layers, batches, spec)
+    acts = {n: o.amax() for n, o in observers.items()}
+    qmodel = build_quant_model(prep.model, {n: ActQuant(a, False) for n, a in acts.items()}, spec)
+    names = [layer.name for layer in prep.layers]
+    naive = {n: LayerQuant("naive", acts[n]) for n in names}
+    ref = OutputReference(prep.model, prep.layers, batches[1:], OutputSelector(), budget_mb=0.0)
+    return prep, qmodel, names, naive, ref
+
+
+def test_exact_checks_are_bit_identical_and_skip_what_the_layer_does_not_reach() -> None:
+    prep, qmodel, names, naive, ref = _setup()
+    plain = {n: ref.alone(qmodel, names, n, naive[n]) for n in names}
+    ref.keep_layer_outputs(prep.model, 64.0)
+    # the stem does 27 multiply-adds per output value (3 input channels): not worth keeping
+    assert ref.kept is not None and set(ref.kept.names) == set(names) - {"stem"}
+    for n in names:
+        ref.kept.hits = ref.kept.misses = 0
+        assert ref.alone(qmodel, names, n, naive[n]) == plain[n] > 0.0
+        if n == "a1":  # the trunk (both calls of `shared`) and the other head come from the kept outputs
+            assert ref.kept.hits == 4 * 2 and ref.kept.misses == 1 * 2  # per call, on each of the 2 pieces
+        if n == "stem":  # everything after the stem sees another input: nothing is skipped
+            assert ref.kept.hits == 0 and ref.kept.misses == 6 * 2
+    # a second round gives the same values: no kept output was overwritten by the in-place activations
+    assert {n: ref.alone(qmodel, names, n, naive[n]) for n in names} == plain
+    ref.drop_layer_outputs()
+    assert ref.kept is None
+
+
+def test_a_layer_whose_input_differs_in_one_bit_runs() -> None:
+    prep, qmodel, names, _, ref = _setup()
+    kept = KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 64.0)
+    layer = qmodel.get_submodule("b1")
+    x = kept.pieces[0]["b1"][0].x.clone()
+    with kept.serving(qmodel, set(names)) as serving:
+        serving.piece(0)
+        assert torch.equal(layer(x.clone()), kept.pieces[0]["b1"][0].out)
+        flat = x.view(-1)
+        flat[7] = torch.nextafter(flat[7], torch.tensor(float("inf")))  # one ulp: sums may not see it
+        serving.piece(0)
+        y = layer(x)
+        assert kept.misses == 1 and not torch.equal(y, kept.pieces[0]["b1"][0].out)
+    assert "forward" not in vars(layer)  # the layer is itself again after the block
+
+
+def test_the_budget_keeps_the_most_multiply_adds_per_byte() -> None:
+    prep, _, _, _, ref = _setup()
+    sizes = {li.name: li for li in prep.layers}
+    one = 4.0 * 2 * (C * 12 * 12) * 2 / 2**20  # input + output of one 16-channel call, 2 samples
+    assert sizes["shared"].calls == 2 and sizes["a1"].calls == 1  # the calibration pass counted the calls
+    # multiply-adds per value kept (input and output): shared, a1, b1 72 (in execution order); a2 28.8
+    # (0.625 units of `one`), b2 16 (0.5625 units); shared holds 2 units (2 calls)
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 3.2 * one).names == ["shared", "a1"]
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 1.1 * one).names == ["a1"]
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 4.7 * one).names == [
+        "shared",
+        "a1",
+        "b1",
+        "a2",
+    ]
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 0.0).names == []
