@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
+from sensitivity.capture.kept import KeptOutputs
 from sensitivity.capture.nonfinite import NonfiniteWatch, leaf_names
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import (
@@ -298,10 +299,12 @@ def compare_pass(
     probes: int = 0,
     seed: int = 0,
     energy: OutputEnergy | None = None,
+    kept: KeptOutputs | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
     `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
-    isolated error (and every input variant's) is dotted with them: `PassResult.pred`."""
+    isolated error (and every input variant's) is dotted with them: `PassResult.pred`. `kept`: FP layer
+    outputs kept on the same pieces, which the FP forward returns instead of recomputing them."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
@@ -310,9 +313,13 @@ def compare_pass(
     leaves = leaf_names(q_model, set(names))
     copies = probe_copies(probes)
     written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
-    with torch.no_grad():
+    pure = not (probes or candidates or observers or histograms or variants)  # no per-layer work on inputs
+    kept = kept if kept is not None and pure else KeptOutputs([])
+    with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
         last_index = first_index - 1
-        for index, batch in held_pieces(layers, batches, stored_budget_mb, first_index, copies):
+        pieces = held_pieces(layers, batches, stored_budget_mb, first_index, copies)
+        for position, (index, batch) in enumerate(pieces):
+            serving.piece(position)
             if device is not None:
                 batch = batch_to(batch, device)
             recorded = None
@@ -354,10 +361,13 @@ def quantized_pass(
     energy: OutputEnergy | None = None,
     device: torch.device | str | None = None,
     progress: Progress = _noop,
+    kept: KeptOutputs | None = None,
+    fp_names: set[str] | None = None,
 ) -> PassResult:
     """The quantized model alone against FP outputs kept from an earlier pass ((batch index, piece, selected
     FP outputs, weight) per piece): the model-output errors and where it first turns non-finite, without
-    the FP forward or the per-layer cumulative errors (a configuration that only needs checking)."""
+    the FP forward or the per-layer cumulative errors (a configuration that only needs checking). `kept`:
+    FP layer outputs on the same pieces, for the layers in FP (`fp_names`) whose input is the FP one."""
     res = PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, {}, None, None, {})
@@ -367,13 +377,16 @@ def quantized_pass(
         run.watch.called.append(name)
 
     last_index = None
+    kept = kept if kept is not None else KeptOutputs([])
     with (
         torch.no_grad(),
+        kept.serving(q_model, fp_names or set()) as serving,
         forward_hooks(q_model, names, called),
         forward_hooks(q_model, leaf_names(q_model, set(names)), run.watch.leaf_hook),
     ):
-        for index, piece, ref_flat, weight in pieces:
+        for position, (index, piece, ref_flat, weight) in enumerate(pieces):
             batch = batch_to(piece, device) if device is not None else piece
+            serving.piece(position)
             run.watch.reset()
             run.outputs(ref_flat, select(run_checked(q_model, batch, index)), weight)
             if index != last_index:

@@ -96,6 +96,7 @@ class _Exact:
             self.sens.reference.keep_layer_outputs(self.cal.prep.model, self.keep_mb)
 
     def done(self) -> None:
+        """The verification passes are over: the kept FP outputs go (they also served those passes)."""
         if self.sens.reference is not None:
             self.sens.reference.drop_layer_outputs()
 
@@ -223,7 +224,6 @@ def decide_by_outputs(
     naive = {n: replace(o, key="naive", error=o.naive_error) for n, o in best.items()}
     pol = _select(best, free, budget, exact, progress, "policy")
     exc = _select(naive, free, budget, exact, progress, "exclusion")
-    exact.done()
     rules = _rules(names, pol, {**net, **pol.blown()}, budget, opts.sq_mode, note)
     table["out_best"] = [best[n].key for n in names]
     table["out_exact_err"] = [exact.values.get((n, best[n].key), math.nan) for n in names]
@@ -249,6 +249,7 @@ def decide_by_outputs(
     excluded = {n: excluded[n] for n in names if n in excluded}
     fp_ranked = [n for n in pol.ranked if n in pol.fp]
     curve = _curve(meas, sens, pol.options, fp_ranked, configs, pol_check.out_rel_mse())
+    exact.done()
     timings["verify_s"] = time.perf_counter() - t
     return Decision(rules, excluded, ex_check, pol_check), verifier, curve
 

@@ -104,6 +104,10 @@ class OutputReference:
             for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True)
         ]
         kwargs = {"progress": progress} if progress is not None else {}
-        result = quantized_pass(qmodel, layers, pieces, self.select, self.energy, self.device, **kwargs)
+        fp_names = {n for n, c in configs.items() if c.method == "fp"}
+        result = quantized_pass(
+            qmodel, layers, pieces, self.select, self.energy, self.device, kept=self.kept, fp_names=fp_names,
+            **kwargs,
+        )  # fmt: skip
         self.runs += 1
         return result

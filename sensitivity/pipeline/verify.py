@@ -67,6 +67,7 @@ class Verifier:
                 self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
                 progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
                 energy=self.reference.energy if self.reference is not None else None,
+                kept=self.reference.kept if self.reference is not None else None,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result

@@ -9,10 +9,10 @@ from torch import nn
 
 from sensitivity.capture.kept import MIN_MACS_PER_VALUE, KeptOutputs
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.passes import calibrate
+from sensitivity.capture.passes import calibrate, compare_pass
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.prepare import prepare
-from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model
+from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers
 from sensitivity.spec import QuantSpec
 
 C = 16  # a 3x3 conv over 16 channels does 144 multiply-adds per output value: worth keeping
@@ -103,3 +103,25 @@ def test_the_budget_keeps_the_most_multiply_adds_per_byte() -> None:
         "a2",
     ]
     assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 0.0).names == []
+
+
+def test_verification_passes_give_the_same_results_with_kept_outputs() -> None:
+    """The full pass (its FP forward served from the kept outputs) and the outputs-only check (its FP layers
+    served where their input is the FP one): every error equal to the last bit."""
+    prep, qmodel, _, naive, ref = _setup()
+    held = [piece for _, piece in ref.pieces]
+    configs = {**naive, "a2": LayerQuant("fp"), "b1": LayerQuant("fp")}
+
+    def full() -> tuple[dict, dict, float]:
+        configure_layers(qmodel, configs)
+        res = compare_pass(prep.model, qmodel, prep.layers, held, energy=ref.energy, kept=ref.kept)
+        cum = {n: s.metrics() for n, s in res.cum.items()}
+        return cum, {k: s.metrics() for k, s in res.out.items()}, res.out_rel_mse()
+
+    before, checked = full(), ref.check(qmodel, prep.layers, configs).out_rel_mse()
+    ref.keep_layer_outputs(prep.model, 64.0)
+    assert ref.kept is not None
+    assert full() == before and ref.kept.hits == 6 * 2  # the FP forward: all 6 kept calls, both pieces
+    ref.kept.hits = 0
+    assert ref.check(qmodel, prep.layers, configs).out_rel_mse() == checked > 0.0
+    assert ref.kept.hits == 0  # a2 and b1 are in FP, but their inputs come from quantized layers
