@@ -26,7 +26,7 @@ from sensitivity.errors import CalibrationDataError
 from sensitivity.io.batches import Batch, first_sample, run_checked
 from sensitivity.quant.wrapped import call_as_caller
 
-__all__ = ["Dataflow", "Node", "eager_modules", "record_dataflow"]
+__all__ = ["Dataflow", "Node", "eager_modules", "record_dataflow", "without_folded"]
 
 ValueKey = tuple[int, int]
 
@@ -211,9 +211,15 @@ def record_dataflow(model: nn.Module, batch: Batch, leaves: Collection[str] = ()
     finally:
         for h in handles:
             h.remove()
+    rec.serials.clear()
+    return _indexed(rec.nodes, out_keys)
+
+
+def _indexed(nodes: list[Node], outputs: set[ValueKey]) -> Dataflow:
+    """The dataflow of `nodes`: each value's producer and consumers."""
     producer: dict[ValueKey, int] = {}
     consumers: dict[ValueKey, list[int]] = defaultdict(list)
-    for node in rec.nodes:
+    for node in nodes:
         if node.kind == "module" and node.outputs and set(node.outputs) <= set(node.inputs):
             continue  # returns its input object unchanged (Identity, eval Dropout, folded BN): transparent
         for v in node.inputs:
@@ -222,5 +228,35 @@ def record_dataflow(model: nn.Module, batch: Batch, leaves: Collection[str] = ()
         for v in node.outputs:
             if v not in node.inputs:
                 producer[v] = node.index
-    rec.serials.clear()
-    return Dataflow(rec.nodes, producer, dict(consumers), out_keys)
+    return Dataflow(nodes, producer, dict(consumers), outputs)
+
+
+def without_folded(flow: Dataflow, model: nn.Module, folded: Collection[str]) -> Dataflow:
+    """`flow` as a recording of `model` after the BatchNorms named in `folded` became `nn.Identity`, without
+    running it again: each such call returns its input object, so its output value is the input's, and an
+    in-place op on it later bumps the input's version instead (a recording of the folded model sees exactly
+    that). Folding requires the BN to be called once, on the sole output of its conv."""
+    names = set(folded)
+    renamed: dict[int, tuple[int, int]] = {}  # BN output serial -> (its input serial, version offset)
+    nodes: list[Node] = []
+    for node in flow.nodes:
+        new = Node(node.index, node.kind, node.name, _renamed(node.inputs, renamed), [], node.module)
+        if node.kind == "module" and node.name in names and len(node.inputs) == 1 == len(node.outputs):
+            (src, version), (out, out_version) = new.inputs[0], node.outputs[0]
+            renamed[out] = (src, version - out_version)
+            new.module = model.get_submodule(node.name)
+            new.outputs = [new.inputs[0]]
+        else:
+            new.outputs = _renamed(node.outputs, renamed)
+        nodes.append(new)
+    return _indexed(nodes, set(_renamed(list(flow.outputs), renamed)))
+
+
+def _renamed(keys: list[ValueKey], renamed: dict[int, tuple[int, int]]) -> list[ValueKey]:
+    out = []
+    for serial, version in keys:
+        if serial in renamed:
+            src, offset = renamed[serial]
+            serial, version = src, version + offset
+        out.append((serial, version))
+    return out

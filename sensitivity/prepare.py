@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from sensitivity.errors import NoQuantizableLayersError
-from sensitivity.graph import Dataflow, eager_modules, record_dataflow
+from sensitivity.graph import Dataflow, eager_modules, record_dataflow, without_folded
 from sensitivity.io.batches import Batch, batch_to
 from sensitivity.quant.modules import QuantMixin, is_wrapped_kind
 from sensitivity.quant.registry import check_registered, family_of, is_target, prepare_model_
@@ -230,7 +230,7 @@ def prepare(
     if folded:
         log.info("folded %d BatchNorm layers into their convs", len(folded))
         prepare_model_(fp)  # folding gave biases to layers that had none (idempotent)
-        flow = record_dataflow(fp, batch, leaves=candidates)  # the folded graph, for SmoothQuant folding
+        flow = without_folded(flow, fp, folded.values())  # the folded graph, for SmoothQuant folding
     targets = set(find_targets(fp, select)) - set(problems)
     order = [n for n in flow.module_order() if n in targets]
     unscanned = _unscanned(fp, candidates, set(order), problems, select)

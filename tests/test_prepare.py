@@ -13,6 +13,7 @@ from torch import nn
 from sensitivity import ScanOptions
 from sensitivity.graph import _Recorder, record_dataflow
 from sensitivity.prepare import find_targets, prepare
+from sensitivity.quant.registry import is_target
 from tests.models import TinyConvNet
 
 
@@ -201,3 +202,86 @@ def test_subclassed_layers_are_targets_and_quantized_at_their_op() -> None:
 
     model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
     assert find_targets(model) == ["0", "1"]
+
+
+def _canonical(flow) -> tuple:  # type: ignore[no-untyped-def]
+    """The flow with values numbered by first appearance (serials differ between recordings)."""
+    ids: dict[tuple[int, int], int] = {}
+
+    def c(keys: list[tuple[int, int]]) -> list[int]:
+        return [ids.setdefault(k, len(ids)) for k in keys]
+
+    nodes = [(n.kind, n.name, type(n.module).__name__, c(n.inputs), c(n.outputs)) for n in flow.nodes]
+    producer = sorted((ids[k], i) for k, i in flow.producer.items())
+    consumers = sorted((ids[k], tuple(v)) for k, v in flow.consumers.items() if k in ids)
+    return nodes, producer, consumers, sorted(ids[k] for k in flow.outputs if k in ids)
+
+
+class _BNOutputs(nn.Module):
+    """BN outputs written in place twice, used twice, and returned as a model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.up, self.b3 = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.BatchNorm2d(4)
+        self.fc, self.b4 = nn.Linear(4, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.b1(self.c1(x)).relu_().mul_(0.5)
+        b = self.b2(self.c2(a))
+        u = F.relu(self.b3(self.up(a + b)))
+        return b, self.b4(self.fc(u.mean((2, 3))))
+
+
+class _Blocks(nn.Module):
+    """A ResNet basic block (BN, in-place ReLU, residual add into a BN output) and a MobileNetV2 inverted
+    residual (depthwise conv, in-place ReLU6, a BN whose conv is not folded: its output has two users)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True))
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.expand = nn.Sequential(nn.Conv2d(c, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c), nn.ReLU6(True))
+        self.dw = nn.Sequential(
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c, bias=False),
+            nn.BatchNorm2d(4 * c),
+            nn.ReLU6(True),
+        )
+        self.project, self.bn3 = nn.Conv2d(4 * c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.shared = nn.Conv2d(c, c, 1)
+        self.bn_shared = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+        out += x
+        x = out.relu_()
+        x = x + self.bn3(self.project(self.dw(self.expand(x))))
+        s = self.shared(x)
+        return self.bn_shared(s) + s
+
+
+def test_the_folded_dataflow_is_derived_as_a_recording_would_give_it() -> None:
+    """`without_folded` (no second forward) against a recording of the folded model: the same nodes, values,
+    producers, consumers and model outputs, on a zoo of BN placements and on the CenterPoint-shaped
+    detector (spconv, BatchNorm1d after sparse convs, dict outputs)."""
+    from sensitivity.demo import centerpoint as cp
+    from sensitivity.demo import centerpoint_train as cpt
+
+    torch.manual_seed(0)
+    cases: list[tuple[nn.Module, object]] = [
+        (_BNOutputs().eval(), torch.randn(2, 3, 8, 8)),
+        (_Blocks().eval(), torch.randn(2, 3, 16, 16)),
+        (cp.build_centerpoint().eval(), cpt.lidar_batches(1)[0]),
+    ]
+    for model, batch in cases:
+        _randomize_bn(model)
+        prep = prepare(model, batch)
+        assert prep.folded, type(model).__name__
+        if isinstance(model, _Blocks):
+            assert "shared" not in prep.folded and len(prep.folded) == 6
+        leaves = {n for n, m in prep.model.named_modules() if n and is_target(m)}
+        recorded = record_dataflow(prep.model, batch, leaves=leaves)
+        assert _canonical(prep.flow) == _canonical(recorded), type(model).__name__
