@@ -28,7 +28,7 @@ from torch import nn
 from sensitivity.io.batches import Batch, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["MIN_MACS_PER_VALUE", "KeptOutputs"]
+__all__ = ["MIN_MACS_PER_VALUE", "KeptOutputs", "Serving"]
 
 #: a layer is worth keeping when it does at least this many multiply-adds per output value (a kept output
 #: costs comparing the input and copying the output, a few passes over memory; a depthwise 3x3 conv does 9)
@@ -110,10 +110,10 @@ class KeptOutputs:
         return kept
 
     @contextlib.contextmanager
-    def serving(self, model: nn.Module, fp_names: set[str]) -> Iterator[_Serving]:
+    def serving(self, model: nn.Module, fp_names: set[str]) -> Iterator[Serving]:
         """Within the block, the kept layers of `model` that are in FP (`fp_names`) return the kept output
         wherever their input is the FP one; `serving.piece(i)` before each piece's forward."""
-        serving = _Serving(self)
+        serving = Serving(self)
         mods = [(n, model.get_submodule(n)) for n in self.names if n in fp_names]
         try:
             for name, mod in mods:
@@ -124,15 +124,25 @@ class KeptOutputs:
                 mod.__dict__.pop("forward", None)
 
 
-class _Serving:
+class Serving:
+    """The kept outputs handed out during one `KeptOutputs.serving` block, piece by piece."""
+
     def __init__(self, kept: KeptOutputs) -> None:
         self.kept = kept
         self.calls: dict[str, list[_Call]] = {}
         self.count: dict[str, int] = defaultdict(int)
+        #: layer -> the kept output its last call returned a copy of (None: that call ran)
+        self.served: dict[str, torch.Tensor | None] = {}
 
     def piece(self, position: int) -> None:
         self.calls = self.kept.pieces[position] if position < len(self.kept.pieces) else {}
         self.count.clear()
+        self.served.clear()
+
+    def pristine(self, name: str) -> torch.Tensor | None:
+        """The kept output behind `name`'s last call, never handed to the model (a forward hook of that call
+        may keep it instead of copying the output the model is about to write into); None if it ran."""
+        return self.served.get(name)
 
     def wrap(self, name: str, mod: nn.Module) -> Any:
         run = type(mod).forward.__get__(mod)
@@ -144,8 +154,10 @@ class _Serving:
             x = _input_of(args)
             if i < len(calls) and not kwargs and x is not None and _same(x, calls[i].x):
                 self.kept.hits += 1
+                self.served[name] = calls[i].out
                 return calls[i].out.clone()
             self.kept.misses += 1
+            self.served[name] = None
             return run(*args, **kwargs)
 
         return forward

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
-from sensitivity.capture.kept import KeptOutputs
+from sensitivity.capture.kept import KeptOutputs, Serving
 from sensitivity.capture.nonfinite import NonfiniteWatch, leaf_names
 from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
 from sensitivity.capture.outputs import (
@@ -168,6 +168,8 @@ class _Compare:
         self.grads: ProbeGrads | None = None
         self.dots: dict[tuple[str, str], torch.Tensor] = {}
         self.energy: OutputEnergy | None = None
+        #: the FP forward's kept layer outputs, where it is served from them
+        self.serving: Serving | None = None
 
     def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -205,7 +207,10 @@ class _Compare:
                     dots = naive[0] if err is None else naive[0] + sample_dots(g_in, err, self.grads.samples)
                     for key in keys:
                         self._add_dots(name, key, dots)
-        self.stored[name].append(y.detach() if self.private else y.detach().clone())
+        kept = self.serving.pristine(name) if self.serving is not None else None
+        self.stored[name].append(
+            kept if kept is not None else y.detach() if self.private else y.detach().clone()
+        )
 
     def replay(self, forward: RecordedForward) -> Any:
         """`fp_hook` on every call of the probes' recorded forward, in call order, instead of a second
@@ -318,6 +323,7 @@ def compare_pass(
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
         last_index = first_index - 1
         pieces = held_pieces(layers, batches, stored_budget_mb, first_index, copies)
+        run.serving = serving
         for position, (index, batch) in enumerate(pieces):
             serving.piece(position)
             if device is not None:

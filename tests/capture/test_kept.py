@@ -122,6 +122,7 @@ def test_verification_passes_give_the_same_results_with_kept_outputs() -> None:
     ref.keep_layer_outputs(prep.model, 64.0)
     assert ref.kept is not None
     assert full() == before and ref.kept.hits == 6 * 2  # the FP forward: all 6 kept calls, both pieces
+    assert full() == before  # the pass compared against the kept outputs themselves: still intact
     ref.kept.hits = 0
     assert ref.check(qmodel, prep.layers, configs).out_rel_mse() == checked > 0.0
     assert ref.kept.hits == 0  # a2 and b1 are in FP, but their inputs come from quantized layers
