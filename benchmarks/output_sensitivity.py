@@ -26,8 +26,8 @@ from output_models import MODELS, Case
 from scipy.stats import spearmanr
 
 from sensitivity import ScanOptions, scan
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.passes import calibrate
 from sensitivity.io.batches import split_holdout
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.quant.build import LayerQuant, quant_layers

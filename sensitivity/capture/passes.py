@@ -1,4 +1,4 @@
-"""The scan's passes over calibration batches: calibrate, FP (+ isolated), quantized (cumulative).
+"""The scan's comparison passes over the held-out batches: FP (+ isolated candidates), quantized (cumulative).
 
 Per batch, the FP pass keeps each target layer's output only until the quantized pass of the same batch
 has compared against it, so memory grows with one batch's activations, never with the number of batches.
@@ -21,7 +21,7 @@ from torch import nn
 from sensitivity.capture.hooks import LayerInputs, forward_hooks, layer_inputs
 from sensitivity.capture.kept import KeptOutputs, Serving
 from sensitivity.capture.nonfinite import NonfiniteWatch, leaf_names
-from sensitivity.capture.observe import LayerObserver, RangeHistogram, channel_dim
+from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.outputs import (
     OutputEnergy,
     OutputSelector,
@@ -37,67 +37,14 @@ from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.metrics import ErrorStats, reference_sums
 from sensitivity.prepare import LayerInfo
-from sensitivity.quant.registry import layer_macs
-from sensitivity.spec import QuantSpec
 
-__all__ = ["PassResult", "Progress", "calibrate", "compare_pass", "quantized_pass"]
+__all__ = ["PassResult", "Progress", "compare_pass", "quantized_pass"]
 
 Progress = Callable[[], None]
 
 
 def _noop() -> None:
     return None
-
-
-def calibrate(
-    model: nn.Module,
-    layers: Sequence[LayerInfo],
-    batches: Sequence[Batch],
-    spec: QuantSpec,
-    progress: Progress = _noop,
-    observers: dict[str, LayerObserver] | None = None,
-    first_index: int = 0,
-    device: torch.device | str | None = None,
-    outputs: OutputSelector | None = None,
-) -> dict[str, LayerObserver]:
-    """Observe every target layer's input over `batches`; also fills shapes, calls and MACs of `layers`.
-    `outputs` is tried on the first batch's output, so a selection that fails does so before any work."""
-    if observers is None:
-        observers = {
-            layer.name: LayerObserver(spec, channel_dim(model.get_submodule(layer.name))) for layer in layers
-        }
-    info = {layer.name: layer for layer in layers}
-    calls: dict[str, int] = defaultdict(int)  # per forward, counted on the first batch
-    first = [True]
-
-    def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
-        x = inputs(name, args)
-        y = as_tensor(out)
-        if x is None or y is None:
-            return
-        observers[name].observe(x)
-        li = info[name]
-        if not li.in_shape:
-            li.in_shape, li.out_shape = tuple(x.shape), tuple(y.shape)
-            li.macs = layer_macs(mod, li.in_shape, li.out_shape, out)
-        if first[0]:
-            calls[name] += 1
-
-    names = [layer.name for layer in layers]
-    with torch.no_grad(), layer_inputs(model, names) as inputs, forward_hooks(model, names, hook):
-        for i, batch in enumerate(batches):
-            if device is not None:
-                batch = batch_to(batch, device)
-            out = run_checked(model, batch, first_index + i)
-            if first[0]:
-                first[0] = False
-                for name, count in calls.items():
-                    info[name].calls = count
-            check_fp_outputs(out, first_index + i)
-            if i == 0 and outputs is not None:
-                outputs(out)
-            progress()
-    return observers
 
 
 @dataclass

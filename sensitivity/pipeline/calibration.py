@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from sensitivity import distributed as D
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.observe import LayerObserver, channel_dim
-from sensitivity.capture.passes import calibrate
 from sensitivity.io.batches import Batch, split_holdout
 from sensitivity.methods.im2col import im2col_refusal
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions

@@ -84,9 +84,12 @@ class _Exact:
     ) -> None:
         self.cal, self.meas, self.sens, self.opts = cal, meas, sens, opts
         self.values: dict[tuple[str, str], float] = {}
-        #: what the exact checks may keep of the FP layer outputs: the stored-activation budget, or what
-        #: the probe pass held for one sample where that was more (memory the scan has needed already)
-        self.keep_mb = max(opts.stored_activation_mb, sample_mb(cal.prep.layers) * probe_copies(meas.probes))
+        #: what the checks may keep of the FP layer outputs: what a piece of the probe pass held beyond what
+        #: a verification pass holds itself (a piece is one sample at least), so the scan's peak memory does
+        #: not grow; nothing where the pieces fit the stored-activation budget (edge models: there a kept
+        #: output saves little), most of it for a LiDAR frame whose layer outputs alone exceed the budget
+        one, budget = sample_mb(cal.prep.layers), opts.stored_activation_mb
+        self.keep_mb = max(budget, one * probe_copies(meas.probes)) - max(budget, one)
 
     def expect(self, wanted: list[tuple[str, str]]) -> None:
         """Before measuring `wanted`: from two new measurements on, keep the FP layer outputs (one FP

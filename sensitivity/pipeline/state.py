@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.observe import LayerObserver, channel_dim
-from sensitivity.capture.passes import calibrate
 from sensitivity.errors import CalibrationDataError
 from sensitivity.fold import find_fold_site
 from sensitivity.io.batches import Batch, first_sample

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.kept import MIN_MACS_PER_VALUE, KeptOutputs
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.passes import calibrate, compare_pass
+from sensitivity.capture.passes import compare_pass
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.prepare import prepare
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers
@@ -126,3 +127,28 @@ def test_verification_passes_give_the_same_results_with_kept_outputs() -> None:
     ref.kept.hits = 0
     assert ref.check(qmodel, prep.layers, configs).out_rel_mse() == checked > 0.0
     assert ref.kept.hits == 0  # a2 and b1 are in FP, but their inputs come from quantized layers
+
+
+def test_a_scan_whose_samples_exceed_the_budget_keeps_outputs_and_decides_the_same(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """End to end: where one sample's probe copies exceed the stored-activation budget (a LiDAR frame), the
+    exact checks and verification keep FP outputs; every decision and number is that of the scan without."""
+    from sensitivity import ScanOptions, scan
+    from tests.test_output_policy import LoudBranch, _batches
+
+    batches = _batches(4, (2, 3, 16, 16))
+    opts = ScanOptions(stored_activation_mb=0.01, max_fp_layers=2)  # 0.01 MiB: under one sample's outputs
+    made: list[KeptOutputs] = []
+    record = KeptOutputs.record.__func__  # type: ignore[attr-defined]
+
+    def recording(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(record(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(KeptOutputs, "record", classmethod(recording))
+    with_kept = scan(LoudBranch(), batches, opts)
+    assert len(made) == 1 and set(made[0].names) == {"loud", "mild"} and made[0].hits > 0
+    monkeypatch.setattr(OutputReference, "keep_layer_outputs", lambda self, fp, budget_mb: None)
+    without = scan(LoudBranch(), batches, opts)
+    assert len(made) == 1
+    assert with_kept.policy == without.policy and with_kept.excluded == without.excluded
+    assert with_kept.table.equals(without.table)

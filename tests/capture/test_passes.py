@@ -8,7 +8,8 @@ import copy
 import torch
 from torch import nn
 
-from sensitivity.capture.passes import calibrate, compare_pass
+from sensitivity.capture.calibrate import calibrate
+from sensitivity.capture.passes import compare_pass
 from sensitivity.metrics import ErrorStats
 from sensitivity.prepare import prepare
 from sensitivity.quant.build import ActQuant, build_quant_model

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.passes import calibrate, compare_pass
+from sensitivity.capture.passes import compare_pass
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.prepare import prepare
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers

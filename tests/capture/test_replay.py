@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from sensitivity.capture import passes
+from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.observe import RangeHistogram
-from sensitivity.capture.passes import PassResult, calibrate, compare_pass
+from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.capture.recorded import RecordedForward
 from sensitivity.methods.candidates import build_candidates
 from sensitivity.methods.ranges import InputVariants
