@@ -3,7 +3,9 @@
 Per real model (`output_models.py`), in one run:
 
 1. Cost: the scan without output scores (`--probes 0`, today's v1 scan), with them (same v1 decisions, so
-   only the scores differ), and the default v2 scan; wall time side by side, ratios to the first.
+   only the scores differ), and the default v2 scan; wall time side by side, ratios to the first. The
+   scans take seconds and this machine's timing moves by a fifth run to run, so the two are timed in
+   `--cost-pairs` interleaved pairs (without, with) and the ratio is the median of the pairs' ratios.
 2. Accuracy of the scores: every layer quantized alone (naive) over the scan's own held-out batches,
    exactly (L quantized forwards: the slow answer), against `out_naive_err`: Spearman rank correlation
    over the layers whose `out_err_source` is an estimate, and the overlap of the two top-5s.
@@ -12,12 +14,14 @@ Per real model (`output_models.py`), in one run:
    budget spent greedily on the layers with the largest exact alone errors, the rest naive).
 
     .venv/bin/python benchmarks/output_sensitivity.py [--models digits,mobilenet,yolo] [--spec W8A8]
+        [--cost-pairs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from typing import Any
 
@@ -66,14 +70,19 @@ def measure_on_test(
     return err, metric
 
 
-def run_case(case: Case, spec: str, probes: int | None = None) -> dict[str, Any]:
+def run_case(case: Case, spec: str, probes: int | None = None, pairs: int = 3) -> dict[str, Any]:
     model = case.model
     base: dict[str, Any] = {"spec": QuantSpec.parse(spec)}
     probed = {} if probes is None else {"probes": probes}
     with run_context(model):
         scan(model, case.calib[:2], ScanOptions(**{**case.options, "probes": 0, **base}))  # warm-up, untimed
-        _, t_plain = _timed(model, case, probes=0, **base)
-        v1, t_scores = _timed(model, case, policy="thresholds", **base, **probed)
+        plain, scored = [], []
+        for _ in range(max(pairs, 1)):
+            plain.append(_timed(model, case, probes=0, **base)[1])
+            v1, t = _timed(model, case, policy="thresholds", **base, **probed)
+            scored.append(t)
+        t_plain, t_scores = statistics.median(plain), statistics.median(scored)
+        cost = statistics.median(b / a for a, b in zip(plain, scored, strict=True))
         v2, t_v2 = _timed(model, case, **base, **probed)
         select = v2.options.output_selector
         fit, held = split_holdout(case.calib, v2.options.holdout)
@@ -106,6 +115,7 @@ def run_case(case: Case, spec: str, probes: int | None = None) -> dict[str, Any]
     return {
         "name": case.name, "layers": len(table), "estimated": len(est), "rho": rho,
         "top5": len(top_pred & top_exact), "t_plain": t_plain, "t_scores": t_scores, "t_v2": t_v2,
+        "cost": cost, "pairs": len(plain),
         "t_exact": t_exact, "rows": rows, "fp": fp_counts, "fp_metric": fp_metric, "budget": budget,
         "metric_name": case.metric_name, "probes": v2.table["out_err_source"].iloc[0],
     }  # fmt: skip
@@ -123,9 +133,9 @@ def report(r: dict[str, Any]) -> None:
     print(f"\n## {r['name']}: {r['layers']} layers ({r['estimated']} estimated by probes, {r['probes']})")
     print(f"Spearman out_naive_err vs exact one-at-a-time: {r['rho']:.3f}; top-5 overlap {r['top5']}/5")
     print(
-        f"scan time: v1 {r['t_plain']:.1f} s; with output scores {r['t_scores']:.1f} s "
-        f"({r['t_scores'] / r['t_plain']:.2f}x); v2 {r['t_v2']:.1f} s ({r['t_v2'] / r['t_plain']:.2f}x); "
-        f"exact one-at-a-time on the held-out batches {r['t_exact']:.1f} s"
+        f"scan time (medians of {r['pairs']} interleaved pairs): v1 {r['t_plain']:.1f} s; with output scores "
+        f"{r['t_scores']:.1f} s ({r['cost']:.2f}x, median of the pairs' ratios); v2 {r['t_v2']:.1f} s "
+        f"({r['t_v2'] / r['t_plain']:.2f}x); exact one-at-a-time on the held-out batches {r['t_exact']:.1f} s"
     )
     metric = r["metric_name"]
     print(f"\n| config | FP layers | test rel. output MSE | {metric or 'task metric'} |")
@@ -145,10 +155,11 @@ def main() -> None:
     parser.add_argument("--spec", default="W8A8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--probes", type=int, default=None, help="probes per batch (default: the scan's)")
+    parser.add_argument("--cost-pairs", type=int, default=3, help="interleaved timings without / with scores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
-        report(run_case(MODELS[name](), args.spec, args.probes))
+        report(run_case(MODELS[name](), args.spec, args.probes, args.cost_pairs))
 
 
 if __name__ == "__main__":
