@@ -73,7 +73,7 @@ def _worth(layers: Sequence[LayerInfo], budget_mb: float, samples: int) -> list[
 
 
 class KeptOutputs:
-    """The FP model's outputs of the chosen layers on each piece, with their inputs' fingerprints."""
+    """The FP model's inputs and outputs of the chosen layers on each piece, call by call."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
@@ -115,13 +115,16 @@ class KeptOutputs:
         wherever their input is the FP one; `serving.piece(i)` before each piece's forward."""
         serving = Serving(self)
         mods = [(n, model.get_submodule(n)) for n in self.names if n in fp_names]
+        own = {id(mod): mod.__dict__["forward"] for _, mod in mods if "forward" in mod.__dict__}
         try:
             for name, mod in mods:
                 mod.forward = serving.wrap(name, mod)  # type: ignore[method-assign]
             yield serving
         finally:
-            for _, mod in mods:
+            for _, mod in mods:  # a forward the module had as its own attribute is put back
                 mod.__dict__.pop("forward", None)
+                if id(mod) in own:
+                    mod.forward = own[id(mod)]  # type: ignore[method-assign]
 
 
 class Serving:
@@ -145,7 +148,7 @@ class Serving:
         return self.served.get(name)
 
     def wrap(self, name: str, mod: nn.Module) -> Any:
-        run = type(mod).forward.__get__(mod)
+        run = mod.forward  # the module's own forward attribute where it has one, else its class's
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             calls = self.calls.get(name, ())

@@ -27,6 +27,11 @@ from sensitivity.quant.build import LayerQuant, configure_layers
 __all__ = ["OutputReference"]
 
 
+def _fp_names(configs: dict[str, LayerQuant]) -> set[str]:
+    """The layers a configuration keeps in FP: those a pass may serve from kept FP outputs."""
+    return {n for n, c in configs.items() if c.method == "fp"}
+
+
 class OutputReference:
     """The FP model's selected outputs on the held-out pieces (this rank's shard), detached."""
 
@@ -63,7 +68,7 @@ class OutputReference:
         configure_layers(qmodel, configs)
         total, weight = 0.0, 0.0
         kept = self.kept if self.kept is not None else KeptOutputs([])
-        fp_names = {n for n, c in configs.items() if c.method == "fp"}
+        fp_names = _fp_names(configs)
         with torch.no_grad(), kept.serving(qmodel, fp_names) as serving:
             for i, ((index, piece), ref, w) in enumerate(
                 zip(self.pieces, self.refs, self.weights, strict=True)
@@ -104,7 +109,7 @@ class OutputReference:
             for (index, piece), ref, w in zip(self.pieces, self.refs, self.weights, strict=True)
         ]
         kwargs = {"progress": progress} if progress is not None else {}
-        fp_names = {n for n, c in configs.items() if c.method == "fp"}
+        fp_names = _fp_names(configs)
         result = quantized_pass(
             qmodel, layers, pieces, self.select, self.energy, self.device, kept=self.kept, fp_names=fp_names,
             **kwargs,

@@ -152,3 +152,23 @@ def test_a_scan_whose_samples_exceed_the_budget_keeps_outputs_and_decides_the_sa
     assert len(made) == 1
     assert with_kept.policy == without.policy and with_kept.excluded == without.excluded
     assert with_kept.table.equals(without.table)
+
+
+def test_a_forward_the_module_holds_itself_is_served_around_and_put_back() -> None:
+    prep, qmodel, names, _, ref = _setup()
+    layer = qmodel.get_submodule("b1")
+    calls: list[int] = []
+    own = layer.forward
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return own(x)
+
+    layer.forward = counted  # type: ignore[method-assign]
+    kept = KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 64.0)
+    x = kept.pieces[0]["b1"][0].x
+    with kept.serving(qmodel, set(names)) as serving:
+        serving.piece(0)
+        layer(x.clone())  # served: the module's own forward does not run
+        layer(x + 1.0)  # the second call (none was kept) runs the module's own forward
+    assert calls == [1] and vars(layer)["forward"] is counted
