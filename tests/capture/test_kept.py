@@ -7,14 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.kept import MIN_MACS_PER_VALUE, KeptOutputs
 from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import compare_pass
 from sensitivity.pipeline.exact import OutputReference
-from sensitivity.prepare import prepare
-from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers
-from sensitivity.spec import QuantSpec
+from sensitivity.quant.build import LayerQuant, configure_layers
+from tests.capture.test_quantized_pass import naive_setup
 
 C = 16  # a 3x3 conv over 16 channels does 144 multiply-adds per output value: worth keeping
 assert 9 * C >= MIN_MACS_PER_VALUE
@@ -38,19 +36,13 @@ class TwoHeads(nn.Module):
         return {"a": self.a2(self.a1(t).relu_()), "b": self.b2(self.b1(t).relu_())}
 
 
-def _setup(budget_mb: float = 64.0):  # type: ignore[no-untyped-def]
+def _setup():  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = TwoHeads().eval()
     batches = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    prep = prepare(model, batches[0])
-    spec = QuantSpec()
-    observers = calibrate(prep.model, prep.layers, batches, spec)
-    acts = {n: o.amax() for n, o in observers.items()}
-    qmodel = build_quant_model(prep.model, {n: ActQuant(a, False) for n, a in acts.items()}, spec)
-    names = [layer.name for layer in prep.layers]
-    naive = {n: LayerQuant("naive", acts[n]) for n in names}
+    prep, qmodel, naive = naive_setup(model, batches)
     ref = OutputReference(prep.model, prep.layers, batches[1:], OutputSelector(), budget_mb=0.0)
-    return prep, qmodel, names, naive, ref
+    return prep, qmodel, list(naive), naive, ref
 
 
 def test_exact_checks_are_bit_identical_and_skip_what_the_layer_does_not_reach() -> None:

@@ -7,28 +7,34 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import compare_pass
 from sensitivity.pipeline.exact import OutputReference
-from sensitivity.prepare import prepare
+from sensitivity.prepare import Prepared, prepare
 from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model, configure_layers
 from sensitivity.spec import QuantSpec
 from tests.test_scan import ExpHead
 
 
-@pytest.mark.parametrize("config", ["all naive", "dim in FP", "stem in FP"])
-def test_outputs_only_check_matches_the_full_pass(config: str) -> None:
-    model = ExpHead().eval()
-    batches = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+def naive_setup(
+    model: nn.Module, batches: list[torch.Tensor]
+) -> tuple[Prepared, nn.Module, dict[str, LayerQuant]]:
+    """`model` prepared and calibrated on `batches` (W8A8), its quantized copy, every layer's naive setting."""
     prep = prepare(model, batches[0])
     spec = QuantSpec()
     observers = calibrate(prep.model, prep.layers, batches, spec)
     acts = {n: o.amax() for n, o in observers.items()}
     qmodel = build_quant_model(prep.model, {n: ActQuant(a, False) for n, a in acts.items()}, spec)
-    names = [layer.name for layer in prep.layers]
-    configs = {n: LayerQuant("naive", acts[n]) for n in names}
+    return prep, qmodel, {layer.name: LayerQuant("naive", acts[layer.name]) for layer in prep.layers}
+
+
+@pytest.mark.parametrize("config", ["all naive", "dim in FP", "stem in FP"])
+def test_outputs_only_check_matches_the_full_pass(config: str) -> None:
+    batches = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    prep, qmodel, configs = naive_setup(ExpHead().eval(), batches)
     if config != "all naive":
         configs[config.split()[0]] = LayerQuant("fp")
     select = OutputSelector(("dim", "feat"))
