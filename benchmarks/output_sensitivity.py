@@ -48,7 +48,7 @@ def _timed(model: Any, case: Case, **options: Any) -> tuple[Any, float]:
 def _exact_alone(result: Any, fit: list[Any], held: list[Any], select: OutputSelector) -> dict[str, float]:
     """Each layer quantized alone (naive) over the held-out batches, with the activation ranges of the
     fitting batches only, as the scan's own errors are (the final ranges have seen the held-out batches)."""
-    ref = OutputReference(result.fp_model, result.layers, held, select)
+    ref = OutputReference.run(result.fp_model, result.layers, held, select)
     q = result.quantized_model("naive")
     names = list(result.table.index)
     spec = result.options.spec.with_options(calibrator=result.options.spec.calibrator)
@@ -64,7 +64,7 @@ def measure_on_test(
 ) -> tuple[float, float]:
     """(relative output MSE on the test batches, task metric) of the scan's model configured `configs`."""
     q = result.quantized_model("naive")
-    ref = OutputReference(result.fp_model, result.layers, case.test, select)
+    ref = OutputReference.run(result.fp_model, result.layers, case.test, select)
     err = ref.measure(q, configs)
     metric = case.metric(q) if case.metric is not None else math.nan
     return err, metric

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensitivity.capture.recorded import RecordedCall
 from sensitivity.io.batches import Batch, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 
@@ -107,6 +108,23 @@ class KeptOutputs:
                 run_checked(fp, batch, index)
                 kept.pieces.append(dict(current))
                 current.clear()
+        return kept
+
+    @classmethod
+    def of_calls(
+        cls, layers: Sequence[LayerInfo], calls: Sequence[RecordedCall], samples: int, budget_mb: float
+    ) -> KeptOutputs:
+        """The same from a forward already recorded call by call (the output probes' forward of the only
+        held-out piece): no forward runs, and the kept tensors are that forward's own, not copies (nothing
+        may write into them afterwards: `RecordedForward.intact` says so)."""
+        kept = cls(_worth(layers, budget_mb, samples))
+        chosen = set(kept.names)
+        current: dict[str, list[_Call]] = defaultdict(list)
+        for call in calls:
+            x = _input_of(call.args)
+            if call.name in chosen and x is not None and type(call.out) is torch.Tensor:
+                current[call.name].append(_Call(x, call.out))
+        kept.pieces.append(dict(current))
         return kept
 
     @contextlib.contextmanager

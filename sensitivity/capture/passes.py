@@ -30,7 +30,7 @@ from sensitivity.capture.outputs import (
     relative_sq_error,
 )
 from sensitivity.capture.pieces import held_pieces, probe_copies
-from sensitivity.capture.probes import ProbeGrads, piece_generator, probe_gradients, sample_dots
+from sensitivity.capture.probes import OnForward, ProbeGrads, piece_generator, probe_gradients, sample_dots
 from sensitivity.capture.recorded import RecordedForward, release_graph_
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
@@ -252,11 +252,15 @@ def compare_pass(
     seed: int = 0,
     energy: OutputEnergy | None = None,
     kept: KeptOutputs | None = None,
+    reference_from_probes: OnForward | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
     `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
     isolated error (and every input variant's) is dotted with them: `PassResult.pred`. `kept`: FP layer
-    outputs kept on the same pieces, which the FP forward returns instead of recomputing them."""
+    outputs kept on the same pieces, which the FP forward returns instead of recomputing them.
+    `reference_from_probes` (with probes, where the held-out batches are one piece): gets that piece's
+    selected FP outputs and recorded forward from the probes' forward (so the caller's reference needs no
+    forward of its own) and returns the energies that normalise the probes and the output errors."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
@@ -265,6 +269,13 @@ def compare_pass(
     leaves = leaf_names(q_model, set(names))
     copies = probe_copies(probes)
     written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
+
+    def from_forward(flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy | None:
+        assert reference_from_probes is not None
+        run.energy = reference_from_probes(flat, forward)
+        res.energy_normalised = run.energy is not None
+        return run.energy
+
     pure = not (probes or candidates or observers or histograms or variants)  # no per-layer work on inputs
     kept = kept if kept is not None and pure else KeptOutputs([])
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
@@ -278,9 +289,11 @@ def compare_pass(
             recorded = None
             if probes:
                 gen = piece_generator(seed, batch)
+                first = reference_from_probes is not None and position == 0
                 run.grads = probe_gradients(
-                    fp_model, batch, names, select, probes, gen, index, energy, record=True, written=written
-                )
+                    fp_model, batch, names, select, probes, gen, index, run.energy, record=True,
+                    written=written, on_forward=from_forward if first else None,
+                )  # fmt: skip
                 recorded, run.grads.forward = run.grads.forward, None
             if recorded is not None and recorded.intact() and release_graph_(fp_model):
                 fp_out = run.replay(recorded)

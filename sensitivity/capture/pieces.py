@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from sensitivity.io.batches import Batch, batch_len, split_batch
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["held_pieces", "probe_copies", "probes_that_fit", "sample_mb"]
+__all__ = ["held_pieces", "kept_budget_mb", "probe_copies", "probes_that_fit", "sample_mb"]
 
 #: what a piece stores per layer output beside the FP outputs when the output probes run: their
 #: gradients (two bfloat16 copies per probe, at each layer's output and input: one float32 copy) and the
@@ -27,6 +27,15 @@ def probes_that_fit(budget_mb: float, sample_mb: float) -> int:
     """The most probes whose `probe_copies` of one sample's layer outputs (`sample_mb`) fit `budget_mb`
     (below 1 where not even one does)."""
     return int(budget_mb // sample_mb) - probe_copies(1) + 1
+
+
+def kept_budget_mb(layers: Sequence[LayerInfo], budget_mb: float, probes: int) -> float:
+    """What the exact checks may keep of the FP layer outputs (`KeptOutputs`): what a piece of the probe
+    pass held beyond what a verification pass holds itself (a piece is one sample at least), so the scan's
+    peak memory does not grow. Nothing where the pieces fit `budget_mb` (edge models: there a kept output
+    saves little); most of it for a LiDAR frame whose layer outputs alone exceed the budget."""
+    one = sample_mb(layers)
+    return max(budget_mb, one * probe_copies(probes)) - max(budget_mb, one)
 
 
 def sample_mb(layers: Sequence[LayerInfo]) -> float:

@@ -41,7 +41,7 @@ from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
-__all__ = ["ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
+__all__ = ["OnForward", "ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,10 @@ class _Recorder:
         return hook
 
 
+#: what `probe_gradients` tells its caller once the forward is done (selected outputs, the recorded forward)
+OnForward = Callable[[dict[str, Tensor], RecordedForward | None], OutputEnergy | None]
+
+
 def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
     """Pre-hook: a module with no backward for this input (e.g. spconv on a CPU-only torch outside the scan's
     run context) gets its inputs detached."""
@@ -282,13 +286,16 @@ def probe_gradients(
     energy: OutputEnergy | None = None,
     record: bool = False,
     written: set[str] | None = None,
+    on_forward: OnForward | None = None,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
     CPU) get their inputs detached; parameters keep requires_grad=False (only activation gradients).
     `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again.
     `written`: the layers whose op input the model writes into after the call, learned here (a forward
-    that finds a new one runs again, with those inputs copied) and kept by the caller for later pieces."""
+    that finds a new one runs again, with those inputs copied) and kept by the caller for later pieces.
+    `on_forward`: called once the forward is done, before any backward, with the selected outputs
+    (detached) and the recorded forward; the energies it returns normalise the probes instead of `energy`."""
     written = written if written is not None else set()
     result = ProbeGrads(probes, batch_len(batch))
     with torch.enable_grad(), _recording(model, names, probes, record, written) as rec:
@@ -298,9 +305,13 @@ def probe_gradients(
     if new_writes:  # the op saved a tensor the model then changed: that backward would fail
         written.update(new_writes)
         del out, flat, rec
-        return probe_gradients(model, batch, names, select, probes, gen, index, energy, record, written)
+        return probe_gradients(
+            model, batch, names, select, probes, gen, index, energy, record, written, on_forward
+        )
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
+    if on_forward is not None:
+        energy = on_forward({k: v.detach() for k, v in flat.items()}, result.forward)
     taps = rec.outs + rec.ins
     try:
         for k in range(probes):

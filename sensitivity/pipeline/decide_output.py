@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from sensitivity.capture.pieces import probe_copies, sample_mb
+from sensitivity.capture.pieces import kept_budget_mb
 from sensitivity.methods.base import Method
 from sensitivity.pipeline.calibration import Calibration
 from sensitivity.pipeline.decide import USER_LISTED, Decision
@@ -84,12 +84,7 @@ class _Exact:
     ) -> None:
         self.cal, self.meas, self.sens, self.opts = cal, meas, sens, opts
         self.values: dict[tuple[str, str], float] = {}
-        #: what the checks may keep of the FP layer outputs: what a piece of the probe pass held beyond what
-        #: a verification pass holds itself (a piece is one sample at least), so the scan's peak memory does
-        #: not grow; nothing where the pieces fit the stored-activation budget (edge models: there a kept
-        #: output saves little), most of it for a LiDAR frame whose layer outputs alone exceed the budget
-        one, budget = sample_mb(cal.prep.layers), opts.stored_activation_mb
-        self.keep_mb = max(budget, one * probe_copies(meas.probes)) - max(budget, one)
+        self.keep_mb = kept_budget_mb(cal.prep.layers, opts.stored_activation_mb, meas.probes)
 
     def expect(self, wanted: list[tuple[str, str]]) -> None:
         """Before measuring `wanted`: from two new measurements on, keep the FP layer outputs (one FP

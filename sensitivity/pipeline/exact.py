@@ -20,11 +20,12 @@ from sensitivity.capture.kept import KeptOutputs
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, sq_norm
 from sensitivity.capture.passes import PassResult, Progress, quantized_pass
 from sensitivity.capture.pieces import held_pieces
+from sensitivity.capture.recorded import RecordedForward
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.build import LayerQuant, configure_layers
 
-__all__ = ["OutputReference"]
+__all__ = ["OutputReference", "ReferenceFromProbes"]
 
 
 def _fp_names(configs: dict[str, LayerQuant]) -> set[str]:
@@ -37,6 +38,27 @@ class OutputReference:
 
     def __init__(
         self,
+        layers: Sequence[LayerInfo],
+        pieces: Sequence[tuple[int, Batch]],
+        select: OutputSelector,
+        refs: Sequence[dict[str, torch.Tensor]],
+        device: str | torch.device | None = None,
+    ) -> None:
+        """From the selected FP outputs of each piece (`refs`), computed already (`run` computes them)."""
+        self.select, self.device, self.layers = select, device, list(layers)
+        self.pieces = list(pieces)
+        #: FP layer outputs an exact check may reuse (`keep_layer_outputs`), else None
+        self.kept: KeptOutputs | None = None
+        self.refs = list(refs)
+        self.weights = [float(batch_len(piece) or 1) for _, piece in self.pieces]
+        keys = sorted({k for ref in self.refs for k in ref})
+        local = [sum(sq_norm(r[k]) for r in self.refs if k in r) for k in keys]
+        self.energy = OutputEnergy(dict(zip(keys, D.sum_floats(*local), strict=True)))
+        self.runs = 0
+
+    @classmethod
+    def run(
+        cls,
         fp: nn.Module,
         layers: Sequence[LayerInfo],
         held: Sequence[Batch],
@@ -45,22 +67,15 @@ class OutputReference:
         first_index: int = 0,
         device: str | torch.device | None = None,
         budget_mb: float = 128.0,
-    ) -> None:
-        self.select, self.device, self.layers = select, device, list(layers)
-        self.pieces = held_pieces(layers, held, budget_mb, first_index)
-        #: FP layer outputs an exact check may reuse (`keep_layer_outputs`), else None
-        self.kept: KeptOutputs | None = None
-        self.refs: list[dict[str, torch.Tensor]] = []
-        self.weights: list[float] = []
+    ) -> OutputReference:
+        """One FP forward over the held-out batches, cut into pieces within `budget_mb`."""
+        pieces = held_pieces(layers, held, budget_mb, first_index)
+        refs = []
         with torch.no_grad():
-            for index, piece in self.pieces:
+            for index, piece in pieces:
                 batch = batch_to(piece, device) if device is not None else piece
-                self.refs.append({k: v.detach() for k, v in select(run_checked(fp, batch, index)).items()})
-                self.weights.append(float(batch_len(piece) or 1))
-        keys = sorted({k for ref in self.refs for k in ref})
-        local = [sum(sq_norm(r[k]) for r in self.refs if k in r) for k in keys]
-        self.energy = OutputEnergy(dict(zip(keys, D.sum_floats(*local), strict=True)))
-        self.runs = 0
+                refs.append({k: v.detach() for k, v in select(run_checked(fp, batch, index)).items()})
+        return cls(layers, pieces, select, refs, device)
 
     def measure(self, qmodel: nn.Module, configs: dict[str, LayerQuant]) -> float:
         """Relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖², both summed over the held-out batches) of
@@ -116,3 +131,31 @@ class OutputReference:
         )  # fmt: skip
         self.runs += 1
         return result
+
+
+class ReferenceFromProbes:
+    """The reference of held-out batches that are one piece, taken from the output probes' forward of that
+    piece (`compare_pass(reference_from_probes=...)`): its selected outputs, and the FP layer outputs worth
+    keeping (within `keep_mb`) from its recorded calls. A LiDAR scan with one held-out frame then runs
+    neither the reference's FP forward nor the kept outputs' own (each a forward of the frame)."""
+
+    def __init__(
+        self, layers: Sequence[LayerInfo], pieces: Sequence[tuple[int, Batch]], select: OutputSelector,
+        device: str | torch.device | None, keep_mb: float,
+    ) -> None:  # fmt: skip
+        self.layers, self.pieces, self.select, self.device, self.keep_mb = (
+            layers,
+            pieces,
+            select,
+            device,
+            keep_mb,
+        )
+        self.reference: OutputReference | None = None
+
+    def __call__(self, flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy:
+        ref = OutputReference(self.layers, self.pieces, self.select, [flat], self.device)
+        if forward is not None and self.keep_mb > 0 and forward.intact():
+            samples = int(sum(ref.weights)) or 1
+            ref.kept = KeptOutputs.of_calls(self.layers, forward.calls, samples, self.keep_mb)
+        self.reference = ref
+        return ref.energy

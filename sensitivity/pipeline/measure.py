@@ -20,14 +20,14 @@ from torch import nn
 from sensitivity import distributed as D
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, compare_pass
-from sensitivity.capture.pieces import sample_mb
+from sensitivity.capture.pieces import held_pieces, kept_budget_mb, probe_copies, sample_mb
 from sensitivity.fold import FoldSite, find_fold_site
 from sensitivity.io.batches import batch_len
 from sensitivity.methods.base import sq_key
 from sensitivity.methods.candidates import build_candidates
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.pipeline.calibration import Calibration, observers_for
-from sensitivity.pipeline.exact import OutputReference
+from sensitivity.pipeline.exact import OutputReference, ReferenceFromProbes
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.quant.build import build_quant_model, quant_layers
 from sensitivity.quant.modules import QuantMixin
@@ -80,21 +80,25 @@ def measure_stage(
     histograms = {n: RangeHistogram(min(observers[n].min_value, 0.0), observers[n].max_abs) for n in names}
     t = time.perf_counter()
     refit = _refit_observers(cal, opts)
-    reference = None
-    if probes or opts.policy == "output":  # its energies normalise the probes and every output error
-        reference = OutputReference(
-            fp, layers, cal.held_local, opts.output_selector, first_index=len(cal.batches) - len(cal.held),
-            device=opts.device, budget_mb=opts.stored_activation_mb,
+    reference, first = None, len(cal.batches) - len(cal.held)
+    from_probes = _reference_from_probes(cal, opts, probes)
+    if from_probes is None and (probes or opts.policy == "output"):  # its energies normalise the probes
+        # and every output error
+        reference = OutputReference.run(
+            fp, layers, cal.held_local, opts.output_selector, first_index=first, device=opts.device,
+            budget_mb=opts.stored_activation_mb,
         )  # fmt: skip
     with progress.phase("scan", len(cal.held_local)) as advance:
         result = compare_pass(
             fp, qmodel, layers, cal.held_local, candidates=candidates, observers=refit,
             histograms=histograms, outputs=opts.output_selector, progress=advance,
-            first_index=len(cal.batches) - len(cal.held), device=opts.device,
-            stored_budget_mb=opts.stored_activation_mb, variants=variants, probes=probes, seed=opts.seed,
-            energy=reference.energy if reference is not None else None,
+            first_index=first, device=opts.device, stored_budget_mb=opts.stored_activation_mb,
+            variants=variants, probes=probes, seed=opts.seed,
+            energy=reference.energy if reference is not None else None, reference_from_probes=from_probes,
         )  # fmt: skip
-    del candidates, variants
+    if from_probes is not None:
+        reference = from_probes.reference
+    del candidates, variants, from_probes
     D.reduce_pass_(result)
     D.reduce_histograms_(histograms)
     if refit is not None and refit is not observers:
@@ -111,6 +115,20 @@ def measure_stage(
     table["sq_fold"] = [fold_sites[n].producer or "" for n in names]
     table["sq_fold_reason"] = [fold_sites[n].reason for n in names]
     return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites, reference, probes)
+
+
+def _reference_from_probes(cal: Calibration, opts: ScanOptions, probes: int) -> ReferenceFromProbes | None:
+    """Where the held-out batches are one piece both for the probes and for the reference (one LiDAR frame),
+    the reference comes from the probes' forward of it; None elsewhere (and across ranks: the energies are
+    summed over every rank's pieces before the first probe)."""
+    if not probes or D.is_distributed():
+        return None
+    layers, budget, first = cal.prep.layers, opts.stored_activation_mb, len(cal.batches) - len(cal.held)
+    pieces = held_pieces(layers, cal.held_local, budget, first)
+    if len(pieces) != 1 or len(held_pieces(layers, cal.held_local, budget, first, probe_copies(probes))) != 1:
+        return None
+    keep_mb = kept_budget_mb(layers, budget, probes)
+    return ReferenceFromProbes(layers, pieces, opts.output_selector, opts.device, keep_mb)
 
 
 def _input_variants(

@@ -41,7 +41,7 @@ def _setup():  # type: ignore[no-untyped-def]
     model = TwoHeads().eval()
     batches = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     prep, qmodel, naive = naive_setup(model, batches)
-    ref = OutputReference(prep.model, prep.layers, batches[1:], OutputSelector(), budget_mb=0.0)
+    ref = OutputReference.run(prep.model, prep.layers, batches[1:], OutputSelector(), budget_mb=0.0)
     return prep, qmodel, list(naive), naive, ref
 
 
@@ -144,6 +144,45 @@ def test_a_scan_whose_samples_exceed_the_budget_keeps_outputs_and_decides_the_sa
     assert len(made) == 1
     assert with_kept.policy == without.policy and with_kept.excluded == without.excluded
     assert with_kept.table.equals(without.table)
+
+
+def test_one_held_out_piece_takes_its_reference_and_kept_outputs_from_the_probes_forward(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A held-out set that is one piece (one LiDAR frame): the probes' forward of it gives the FP outputs
+    and the kept layer outputs, so two FP forwards fewer run (the reference's and the kept outputs'), and
+    every decision and number is that of the scan that runs them."""
+    from sensitivity import ScanOptions, scan
+    from sensitivity.pipeline import measure
+    from tests.test_output_policy import LoudBranch, _batches
+
+    batches = _batches(4, (1, 3, 16, 16))  # one sample held out
+    opts = ScanOptions(stored_activation_mb=0.01, max_fp_layers=2)  # one sample's outputs exceed it
+    fp_forwards: list[int] = []
+    forward = LoudBranch.forward
+
+    def counted(self, x):  # type: ignore[no-untyped-def]
+        if type(self.mild) is nn.Conv2d:  # the FP model (the quantized copy has quantized layers)
+            fp_forwards.append(1)
+        return forward(self, x)
+
+    monkeypatch.setattr(LoudBranch, "forward", counted)
+    made: list[KeptOutputs] = []
+    of_calls = KeptOutputs.of_calls.__func__  # type: ignore[attr-defined]
+
+    def keeping(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(of_calls(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(KeptOutputs, "of_calls", classmethod(keeping))
+    fast = scan(LoudBranch(), batches, opts)
+    fast_forwards = len(fp_forwards)
+    assert len(made) == 1 and set(made[0].names) == {"loud", "mild"} and made[0].hits > 0
+    monkeypatch.setattr(measure, "_reference_from_probes", lambda *args: None)
+    fp_forwards.clear()
+    slow = scan(LoudBranch(), batches, opts)
+    assert len(made) == 1
+    assert len(fp_forwards) == fast_forwards + 2
+    assert fast.policy == slow.policy and fast.excluded == slow.excluded
+    assert fast.table.equals(slow.table)
 
 
 def test_a_forward_the_module_holds_itself_is_served_around_and_put_back() -> None:

@@ -38,7 +38,7 @@ def test_outputs_only_check_matches_the_full_pass(config: str) -> None:
     if config != "all naive":
         configs[config.split()[0]] = LayerQuant("fp")
     select = OutputSelector(("dim", "feat"))
-    ref = OutputReference(prep.model, prep.layers, batches, select, budget_mb=0.0)
+    ref = OutputReference.run(prep.model, prep.layers, batches, select, budget_mb=0.0)
     fast = ref.check(qmodel, prep.layers, configs)
     configure_layers(qmodel, configs)
     full = compare_pass(prep.model, qmodel, prep.layers, batches, outputs=select, energy=ref.energy)
