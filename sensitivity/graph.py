@@ -68,6 +68,20 @@ class Dataflow:
                 seen.setdefault(n.name, None)
         return list(seen)
 
+    def written_outputs(self, names: Collection[str]) -> set[str]:
+        """The named modules whose output the model writes into in place after some call (a later version
+        of the same tensor exists: `ReLU(inplace=True)`, `out += identity`)."""
+        latest: dict[int, int] = {}
+        for node in self.nodes:
+            for serial, version in (*node.inputs, *node.outputs):
+                latest[serial] = max(latest.get(serial, version), version)
+        return {
+            name
+            for name in names
+            for node in self.module_calls(name)
+            if any(latest[serial] > version for serial, version in node.outputs)
+        }
+
     def sole_consumer(self, value: ValueKey) -> int | None:
         """The one node consuming `value`, or None if it has several, none, or is a model output."""
         users = self.consumers.get(value, [])

@@ -253,6 +253,7 @@ def compare_pass(
     energy: OutputEnergy | None = None,
     kept: KeptOutputs | None = None,
     reference_from_probes: OnForward | None = None,
+    written_outputs: set[str] | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
     `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
@@ -260,7 +261,10 @@ def compare_pass(
     outputs kept on the same pieces, which the FP forward returns instead of recomputing them.
     `reference_from_probes` (with probes, where the held-out batches are one piece): gets that piece's
     selected FP outputs and recorded forward from the probes' forward (so the caller's reference needs no
-    forward of its own) and returns the energies that normalise the probes and the output errors."""
+    forward of its own) and returns the energies that normalise the probes and the output errors.
+    `written_outputs`: the layers whose output the model writes into after the call (the dataflow says
+    which): the probes' forward copies only their outputs (None: every output), and learns any other it
+    finds written."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
@@ -269,6 +273,7 @@ def compare_pass(
     leaves = leaf_names(q_model, set(names))
     copies = probe_copies(probes)
     written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
+    out_written = set(written_outputs) if written_outputs is not None else None  # the same for outputs
 
     def from_forward(flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy | None:
         assert reference_from_probes is not None
@@ -292,7 +297,7 @@ def compare_pass(
                 first = reference_from_probes is not None and position == 0
                 run.grads = probe_gradients(
                     fp_model, batch, names, select, probes, gen, index, run.energy, record=True,
-                    written=written, on_forward=from_forward if first else None,
+                    written=written, on_forward=from_forward if first else None, out_written=out_written,
                 )  # fmt: skip
                 recorded, run.grads.forward = run.grads.forward, None
             if recorded is not None and recorded.intact() and release_graph_(fp_model):

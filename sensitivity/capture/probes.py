@@ -16,9 +16,10 @@ channel) and at its op's input (candidates that only change the activation quant
 calibrator's amax: g_x · (Q_c(x) - Q(x)) replaces a layer call). Layers of families without a backward here
 (spconv on CPU outside the scan's `cpu_backward` context) get their inputs detached, so no gradient reaches
 them or what feeds only them: those are measured exactly (`out_err_source`), as are layers whose gradient is
-missing or zero (a `.detach()`, `argmax`, `no_grad` in the model's forward). A layer's tensors are cloned on
-the way through, so in-place ops after it (ReLU(inplace=True)) change neither what the gradient refers to nor
-what the hooks compare.
+missing or zero (a `.detach()`, `argmax`, `no_grad` in the model's forward). Where the model writes into a
+layer's output or op input after the call (ReLU(inplace=True), `out += identity`: the dataflow says which, and
+a forward finds any other), that tensor is copied on the way through, so the write changes neither what the
+gradient refers to nor what the hooks compare; every other one is tapped without a copy.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class _Tap(torch.autograd.Function):
 class _Recorder:
     """Hooks that tap each layer's output (and op input) for the probes' gradients, and keep the calls."""
 
-    def __init__(self, probes: int, record: bool = False, written: set[str] | None = None) -> None:
+    def __init__(
+        self, probes: int, record: bool = False, written: set[str] | None = None,
+        out_written: set[str] | None = None,
+    ) -> None:  # fmt: skip
         self.anchor = torch.zeros((), requires_grad=True)
         self.probes = probes
         #: (layer, its tap's gradients) per call, in call order: at the output and at the op's input
@@ -152,6 +156,11 @@ class _Recorder:
         self.written = written if written is not None else set()
         #: (layer, op input, its write count) of the input taps that share their tensor, to check after
         self.shared: list[tuple[str, Tensor, int]] = []
+        #: layers whose output the model writes into after the call: their output tap hands the model a copy
+        #: (None: every output tap does); the others' gradient is taken by a hook on the output itself
+        self.out_written = out_written
+        #: (layer, output, its write count) of the outputs tapped by a hook, to check after the forward
+        self.hooked: list[tuple[str, Tensor, int]] = []
 
     def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str, share: bool = False) -> Tensor:
         slot = _Slot(self.probes)
@@ -175,6 +184,22 @@ class _Recorder:
     def written_inputs(self) -> set[str]:
         """After the forward: the layers whose shared op input the model wrote into after the call."""
         return {name for name, x, version in self.shared if x._version != version}
+
+    def written_outputs(self) -> set[str]:
+        """After the forward: the layers whose output, tapped by a hook, the model wrote into after the call
+        (the recorded output changed with it: that forward must run again with the output copied)."""
+        return {name for name, y, version in self.hooked if y._version != version}
+
+    def _hook_output(self, name: str, y: Tensor) -> bool:
+        """Tap `y`'s gradient with a tensor hook, no copy, where the model is not known to write into it
+        (and `y` is part of the graph); False where the output tap must copy."""
+        if self.out_written is None or name in self.out_written or not y.requires_grad:
+            return False
+        slot = _Slot(self.probes)
+        self.outs.append((name, slot))
+        y.register_hook(slot.add)  # returns None: the gradient passes on unchanged
+        self.hooked.append((name, y, y._version))
+        return True
 
     def _keep(self, name: str, module: nn.Module, args: tuple, out: Any, y: Tensor) -> None:
         """The call, for the FP pass to replay: tensors detached (no graph kept alive through them)."""
@@ -200,9 +225,9 @@ class _Recorder:
             if y is None:
                 return None
             self._keep(name, module, args, out, y)
-            if not y.is_floating_point():
+            if not y.is_floating_point() or self._hook_output(name, y):
                 return None
-            seen = self._tap(y, self.outs, name)  # what the rest of the model sees
+            seen = self._tap(y, self.outs, name)  # what the rest of the model sees: a copy
             if isinstance(out, Tensor):
                 return seen
             replace = getattr(out, "replace_feature", None)
@@ -225,9 +250,10 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 
 @contextmanager
 def _recording(
-    model: nn.Module, names: Sequence[str], probes: int, record: bool = False, written: set[str] | None = None
-) -> Iterator[_Recorder]:
-    rec = _Recorder(probes, record, written)
+    model: nn.Module, names: Sequence[str], probes: int, record: bool = False, written: set[str] | None = None,
+    out_written: set[str] | None = None,
+) -> Iterator[_Recorder]:  # fmt: skip
+    rec = _Recorder(probes, record, written, out_written)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -287,6 +313,7 @@ def probe_gradients(
     record: bool = False,
     written: set[str] | None = None,
     on_forward: OnForward | None = None,
+    out_written: set[str] | None = None,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
@@ -294,19 +321,24 @@ def probe_gradients(
     `record`: keep the forward call by call (`ProbeGrads.forward`), so the FP pass need not run again.
     `written`: the layers whose op input the model writes into after the call, learned here (a forward
     that finds a new one runs again, with those inputs copied) and kept by the caller for later pieces.
+    `out_written`: the same for layer outputs (None: every output is copied for the model; otherwise the
+    outputs of the other layers are tapped by a hook on the output itself, without a copy).
     `on_forward`: called once the forward is done, before any backward, with the selected outputs
     (detached) and the recorded forward; the energies it returns normalise the probes instead of `energy`."""
     written = written if written is not None else set()
     result = ProbeGrads(probes, batch_len(batch))
-    with torch.enable_grad(), _recording(model, names, probes, record, written) as rec:
+    with torch.enable_grad(), _recording(model, names, probes, record, written, out_written) as rec:
         out = run_checked(model, batch, index)
         flat = select(out)
-    new_writes = rec.written_inputs()
-    if new_writes:  # the op saved a tensor the model then changed: that backward would fail
+    new_writes, new_out_writes = rec.written_inputs(), rec.written_outputs()
+    # the op saved a tensor the model then changed (that backward would fail), or the recorded output changed
+    if new_writes or new_out_writes:
         written.update(new_writes)
+        if out_written is not None:
+            out_written.update(new_out_writes)
         del out, flat, rec
         return probe_gradients(
-            model, batch, names, select, probes, gen, index, energy, record, written, on_forward
+            model, batch, names, select, probes, gen, index, energy, record, written, on_forward, out_written
         )
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))

@@ -95,6 +95,7 @@ def measure_stage(
             first_index=first, device=opts.device, stored_budget_mb=opts.stored_activation_mb,
             variants=variants, probes=probes, seed=opts.seed,
             energy=reference.energy if reference is not None else None, reference_from_probes=from_probes,
+            written_outputs=cal.prep.flow.written_outputs(names),
         )  # fmt: skip
     if from_probes is not None:
         reference = from_probes.reference

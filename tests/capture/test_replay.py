@@ -17,6 +17,7 @@ from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.observe import RangeHistogram
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.capture.recorded import RecordedForward
+from sensitivity.graph import record_dataflow
 from sensitivity.methods.candidates import build_candidates
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.prepare import prepare
@@ -222,7 +223,7 @@ class WritesPlainInput(nn.Module):
         return y + h
 
 
-def _grads(model: nn.Module, written: set[str]) -> tuple[Any, list[int]]:
+def _grads(model: nn.Module, written: set[str], out_written: set[str] | None = None) -> tuple[Any, list[int]]:
     from sensitivity.capture.outputs import OutputSelector
     from sensitivity.capture.probes import probe_gradients
 
@@ -231,8 +232,9 @@ def _grads(model: nn.Module, written: set[str]) -> tuple[Any, list[int]]:
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     grads = probe_gradients(
-        model, x, names, OutputSelector(), 2, torch.Generator().manual_seed(5), written=written
-    )
+        model, x, names, OutputSelector(), 2, torch.Generator().manual_seed(5), written=written,
+        out_written=out_written,
+    )  # fmt: skip
     handle.remove()
     return grads, runs
 
@@ -260,3 +262,36 @@ def test_input_taps_without_a_copy_give_the_same_gradients(make: Any) -> None:
                     assert torch.equal(ga, gb), (name, kind)
     _, again = _grads(model, learned)  # what was learned holds for the next piece: one forward
     assert len(again) == 1
+
+
+def _same_grads(a: Any, b: Any, names: set[str]) -> None:
+    for name in names:
+        for kind in ("out", "inp"):
+            ga, gb = getattr(a, kind)[name], getattr(b, kind)[name]
+            assert len(ga) == len(gb)
+            for x, y in zip(ga, gb, strict=True):
+                assert (x is None) == (y is None)
+                assert x is None or torch.equal(x, y), (name, kind)
+
+
+@pytest.mark.parametrize("make", [Residual, build_subclass_net, WritesPlainInput])
+def test_outputs_tapped_by_a_hook_give_the_same_gradients(make: Any) -> None:
+    """Outputs the model does not write into are tapped by a hook on the output itself (no copy); the
+    dataflow names the others, and a write it did not foresee is found after the forward, which then runs
+    again with that output copied: the same gradients as copying every output."""
+    torch.manual_seed(0)
+    model = make().eval()
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    foreseen = record_dataflow(model, x).written_outputs(names)
+    assert foreseen == {"Residual": {"a", "dw"}, "WritesPlainInput": {"pre"}}.get(
+        type(model).__name__, foreseen
+    )
+    copied, runs_copied = _grads(model, set(), None)
+    hooked, runs_hooked = _grads(model, set(), set(foreseen))
+    learned: set[str] = set()
+    found, _ = _grads(model, set(), learned)
+    assert learned == foreseen and len(runs_hooked) == len(runs_copied)
+    assert not copied.failed and not hooked.failed and not found.failed
+    _same_grads(copied, hooked, names)
+    _same_grads(copied, found, names)
