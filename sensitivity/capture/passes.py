@@ -117,6 +117,31 @@ class _Compare:
         self.energy: OutputEnergy | None = None
         #: the FP forward's kept layer outputs, where it is served from them
         self.serving: Serving | None = None
+        #: layers whose op input / output the model writes into after the call (learned; see `compare_pass`)
+        self.written: set[str] = set()
+        self.out_written: set[str] | None = None
+
+    def probe(
+        self, fp_model: nn.Module, batch: Batch, index: int, select: OutputSelector, probes: int, seed: int,
+        on_forward: OnForward | None,
+    ) -> RecordedForward | None:  # fmt: skip
+        """This piece's probe gradients (for `fp_hook`) and its recorded forward."""
+        self.grads = probe_gradients(
+            fp_model, batch, self.names, select, probes, piece_generator(seed, batch), index, self.energy,
+            record=True, written=self.written, on_forward=on_forward, out_written=self.out_written,
+        )  # fmt: skip
+        recorded, self.grads.forward = self.grads.forward, None
+        return recorded
+
+    def normalised_by(self, source: OnForward) -> OnForward:
+        """`source`, whose energies then normalise this pass too."""
+
+        def on_forward(flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy | None:
+            self.energy = source(flat, forward)
+            self.res.energy_normalised = self.energy is not None
+            return self.energy
+
+        return on_forward
 
     def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -272,15 +297,7 @@ def compare_pass(
     select = outputs or OutputSelector()
     leaves = leaf_names(q_model, set(names))
     copies = probe_copies(probes)
-    written: set[str] = set()  # layers whose op input the model writes into after the call (learned)
-    out_written = set(written_outputs) if written_outputs is not None else None  # the same for outputs
-
-    def from_forward(flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy | None:
-        assert reference_from_probes is not None
-        run.energy = reference_from_probes(flat, forward)
-        res.energy_normalised = run.energy is not None
-        return run.energy
-
+    run.out_written = set(written_outputs) if written_outputs is not None else None
     pure = not (probes or candidates or observers or histograms or variants)  # no per-layer work on inputs
     kept = kept if kept is not None and pure else KeptOutputs([])
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
@@ -293,13 +310,9 @@ def compare_pass(
                 batch = batch_to(batch, device)
             recorded = None
             if probes:
-                gen = piece_generator(seed, batch)
-                first = reference_from_probes is not None and position == 0
-                run.grads = probe_gradients(
-                    fp_model, batch, names, select, probes, gen, index, run.energy, record=True,
-                    written=written, on_forward=from_forward if first else None, out_written=out_written,
-                )  # fmt: skip
-                recorded, run.grads.forward = run.grads.forward, None
+                source = reference_from_probes if position == 0 else None
+                on_forward = run.normalised_by(source) if source is not None else None
+                recorded = run.probe(fp_model, batch, index, select, probes, seed, on_forward)
             if recorded is not None and recorded.intact() and release_graph_(fp_model):
                 fp_out = run.replay(recorded)
             else:  # no probes, the model wrote into a layer's input or output, or kept autograd tensors

@@ -143,13 +143,8 @@ class ReferenceFromProbes:
         self, layers: Sequence[LayerInfo], pieces: Sequence[tuple[int, Batch]], select: OutputSelector,
         device: str | torch.device | None, keep_mb: float,
     ) -> None:  # fmt: skip
-        self.layers, self.pieces, self.select, self.device, self.keep_mb = (
-            layers,
-            pieces,
-            select,
-            device,
-            keep_mb,
-        )
+        self.layers, self.pieces, self.select = layers, pieces, select
+        self.device, self.keep_mb = device, keep_mb
         self.reference: OutputReference | None = None
 
     def __call__(self, flat: dict[str, torch.Tensor], forward: RecordedForward | None) -> OutputEnergy:

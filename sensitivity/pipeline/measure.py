@@ -82,8 +82,8 @@ def measure_stage(
     refit = _refit_observers(cal, opts)
     reference, first = None, len(cal.batches) - len(cal.held)
     from_probes = _reference_from_probes(cal, opts, probes)
-    if from_probes is None and (probes or opts.policy == "output"):  # its energies normalise the probes
-        # and every output error
+    # the reference's energies normalise the probes and every output error
+    if from_probes is None and (probes or opts.policy == "output"):
         reference = OutputReference.run(
             fp, layers, cal.held_local, opts.output_selector, first_index=first, device=opts.device,
             budget_mb=opts.stored_activation_mb,

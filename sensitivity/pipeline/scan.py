@@ -85,6 +85,8 @@ def scan(
             decision, verifier, curve = decide_by_outputs(cal, meas, sens, opts, progress, timings)
         else:
             decision, verifier = decide_stage(cal, meas, opts, progress, timings)
+        if meas.reference is not None:  # kept FP layer outputs served the checks; the user's metric and
+            meas.reference.drop_layer_outputs()  # what follows need their memory more
         state = _state(cal, meas, decision, opts)
         evaluation = Evaluation({})
         if evaluate is not None:
