@@ -162,10 +162,13 @@ class _Recorder:
         #: (layer, output, its write count) of the outputs tapped by a hook, to check after the forward
         self.hooked: list[tuple[str, Tensor, int]] = []
 
-    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str, share: bool = False) -> Tensor:
+    def _slot(self, where: list[tuple[str, _Slot]], name: str) -> _Slot:
         slot = _Slot(self.probes)
         where.append((name, slot))
-        return _Tap.apply(t, self.anchor, slot, share)
+        return slot
+
+    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str, share: bool = False) -> Tensor:
+        return _Tap.apply(t, self.anchor, self._slot(where, name), share)
 
     def input_clone(self, name: str, x: Tensor) -> Tensor:
         """The op's input, tapped: a view of `x` (no copy), or a copy for a layer whose input the model
@@ -195,9 +198,7 @@ class _Recorder:
         (and `y` is part of the graph); False where the output tap must copy."""
         if self.out_written is None or name in self.out_written or not y.requires_grad:
             return False
-        slot = _Slot(self.probes)
-        self.outs.append((name, slot))
-        y.register_hook(slot.add)  # returns None: the gradient passes on unchanged
+        y.register_hook(self._slot(self.outs, name).add)  # returns None: the gradient passes on unchanged
         self.hooked.append((name, y, y._version))
         return True
 

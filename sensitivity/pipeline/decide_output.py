@@ -93,11 +93,6 @@ class _Exact:
         if len(new) >= 2 and self.sens.reference is not None:
             self.sens.reference.keep_layer_outputs(self.cal.prep.model, self.keep_mb)
 
-    def done(self) -> None:
-        """The verification passes are over: the kept FP outputs go (they also served those passes)."""
-        if self.sens.reference is not None:
-            self.sens.reference.drop_layer_outputs()
-
     def __call__(self, layer: str, key: str) -> float:
         if (layer, key) not in self.values:
             assert self.sens.reference is not None
@@ -247,7 +242,6 @@ def decide_by_outputs(
     excluded = {n: excluded[n] for n in names if n in excluded}
     fp_ranked = [n for n in pol.ranked if n in pol.fp]
     curve = _curve(meas, sens, pol.options, fp_ranked, configs, pol_check.out_rel_mse())
-    exact.done()
     timings["verify_s"] = time.perf_counter() - t
     return Decision(rules, excluded, ex_check, pol_check), verifier, curve
 

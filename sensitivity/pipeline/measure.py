@@ -81,7 +81,7 @@ def measure_stage(
     t = time.perf_counter()
     refit = _refit_observers(cal, opts)
     reference, first = None, len(cal.batches) - len(cal.held)
-    from_probes = _reference_from_probes(cal, opts, probes)
+    from_probes = _reference_from_probes(cal, opts, probes, first)
     # the reference's energies normalise the probes and every output error
     if from_probes is None and (probes or opts.policy == "output"):
         reference = OutputReference.run(
@@ -118,13 +118,15 @@ def measure_stage(
     return Measurement(qmodel, qlayers, result, table, histograms, sweeps, fold_sites, reference, probes)
 
 
-def _reference_from_probes(cal: Calibration, opts: ScanOptions, probes: int) -> ReferenceFromProbes | None:
+def _reference_from_probes(
+    cal: Calibration, opts: ScanOptions, probes: int, first: int
+) -> ReferenceFromProbes | None:
     """Where the held-out batches are one piece both for the probes and for the reference (one LiDAR frame),
     the reference comes from the probes' forward of it; None elsewhere (and across ranks: the energies are
     summed over every rank's pieces before the first probe)."""
     if not probes or D.is_distributed():
         return None
-    layers, budget, first = cal.prep.layers, opts.stored_activation_mb, len(cal.batches) - len(cal.held)
+    layers, budget = cal.prep.layers, opts.stored_activation_mb
     pieces = held_pieces(layers, cal.held_local, budget, first)
     if len(pieces) != 1 or len(held_pieces(layers, cal.held_local, budget, first, probe_copies(probes))) != 1:
         return None

@@ -121,6 +121,19 @@ def test_verification_passes_give_the_same_results_with_kept_outputs() -> None:
     assert ref.kept.hits == 0  # a2 and b1 are in FP, but their inputs come from quantized layers
 
 
+def _made_by(monkeypatch, maker: str) -> list[KeptOutputs]:  # type: ignore[no-untyped-def]
+    """Every KeptOutputs the classmethod `maker` makes from now on, in order."""
+    made: list[KeptOutputs] = []
+    make = getattr(KeptOutputs, maker).__func__
+
+    def spy(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(make(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(KeptOutputs, maker, classmethod(spy))
+    return made
+
+
 def test_a_scan_whose_samples_exceed_the_budget_keeps_outputs_and_decides_the_same(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """End to end: where one sample's probe copies exceed the stored-activation budget (a LiDAR frame), the
     exact checks and verification keep FP outputs; every decision and number is that of the scan without."""
@@ -129,14 +142,7 @@ def test_a_scan_whose_samples_exceed_the_budget_keeps_outputs_and_decides_the_sa
 
     batches = _batches(4, (2, 3, 16, 16))
     opts = ScanOptions(stored_activation_mb=0.01, max_fp_layers=2)  # 0.01 MiB: under one sample's outputs
-    made: list[KeptOutputs] = []
-    record = KeptOutputs.record.__func__  # type: ignore[attr-defined]
-
-    def recording(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        made.append(record(cls, *args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(KeptOutputs, "record", classmethod(recording))
+    made = _made_by(monkeypatch, "record")
     with_kept = scan(LoudBranch(), batches, opts)
     assert len(made) == 1 and set(made[0].names) == {"loud", "mild"} and made[0].hits > 0
     monkeypatch.setattr(OutputReference, "keep_layer_outputs", lambda self, fp, budget_mb: None)
@@ -165,14 +171,7 @@ def test_one_held_out_piece_takes_its_reference_and_kept_outputs_from_the_probes
         return forward(self, x)
 
     monkeypatch.setattr(LoudBranch, "forward", counted)
-    made: list[KeptOutputs] = []
-    of_calls = KeptOutputs.of_calls.__func__  # type: ignore[attr-defined]
-
-    def keeping(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        made.append(of_calls(cls, *args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(KeptOutputs, "of_calls", classmethod(keeping))
+    made = _made_by(monkeypatch, "of_calls")
     fast = scan(LoudBranch(), batches, opts)
     fast_forwards = len(fp_forwards)
     assert len(made) == 1 and set(made[0].names) == {"loud", "mild"} and made[0].hits > 0

@@ -239,6 +239,16 @@ def _grads(model: nn.Module, written: set[str], out_written: set[str] | None = N
     return grads, runs
 
 
+def _same_grads(a: Any, b: Any, names: set[str]) -> None:
+    for name in names:
+        for kind in ("out", "inp"):
+            ga, gb = getattr(a, kind)[name], getattr(b, kind)[name]
+            assert len(ga) == len(gb)
+            for x, y in zip(ga, gb, strict=True):
+                assert (x is None) == (y is None)
+                assert x is None or torch.equal(x, y), (name, kind)
+
+
 @pytest.mark.parametrize("make", [Residual, build_subclass_net, WritesPlainInput])
 def test_input_taps_without_a_copy_give_the_same_gradients(make: Any) -> None:
     """Op inputs are tapped as views (no copy) unless the model writes into them after the call, which the
@@ -252,26 +262,9 @@ def test_input_taps_without_a_copy_give_the_same_gradients(make: Any) -> None:
     assert not shared.failed and not copied.failed
     assert learned == ({"conv"} if make is WritesPlainInput else set())
     assert len(runs) == (2 if make is WritesPlainInput else 1)
-    for name in names:
-        for kind in ("out", "inp"):
-            a, b = getattr(shared, kind)[name], getattr(copied, kind)[name]
-            assert len(a) == len(b)
-            for ga, gb in zip(a, b, strict=True):
-                assert (ga is None) == (gb is None)
-                if ga is not None:
-                    assert torch.equal(ga, gb), (name, kind)
+    _same_grads(shared, copied, names)
     _, again = _grads(model, learned)  # what was learned holds for the next piece: one forward
     assert len(again) == 1
-
-
-def _same_grads(a: Any, b: Any, names: set[str]) -> None:
-    for name in names:
-        for kind in ("out", "inp"):
-            ga, gb = getattr(a, kind)[name], getattr(b, kind)[name]
-            assert len(ga) == len(gb)
-            for x, y in zip(ga, gb, strict=True):
-                assert (x is None) == (y is None)
-                assert x is None or torch.equal(x, y), (name, kind)
 
 
 @pytest.mark.parametrize("make", [Residual, build_subclass_net, WritesPlainInput])
