@@ -9,10 +9,8 @@ they cost one extra layer call per candidate, not one extra model forward per la
 from __future__ import annotations
 
 import functools
-import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,13 +27,15 @@ from sensitivity.capture.outputs import (
     check_fp_outputs,
     relative_sq_error,
 )
-from sensitivity.capture.pieces import held_pieces, probe_copies
-from sensitivity.capture.probes import OnForward, ProbeGrads, piece_generator, probe_gradients, sample_dots
+from sensitivity.capture.pass_result import PassResult
+from sensitivity.capture.pieces import held_pieces, probe_pieces, split_copies
+from sensitivity.capture.probes import OnForward, ProbeGrads, piece_generator, probe_gradients
 from sensitivity.capture.recorded import RecordedForward, release_graph_
+from sensitivity.capture.split_grads import GradParts, SplitGrads, grad_dots, lines_up
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
-from sensitivity.metrics import ErrorStats, reference_sums
+from sensitivity.metrics import reference_sums
 from sensitivity.prepare import LayerInfo
 
 __all__ = ["PassResult", "Progress", "compare_pass", "quantized_pass"]
@@ -47,53 +47,11 @@ def _noop() -> None:
     return None
 
 
-@dataclass
-class PassResult:
-    """Accumulated errors: isolated per (layer, candidate), cumulative per layer, per model output; with
-    output probes, each (layer, candidate)'s predicted output error."""
-
-    iso: dict[tuple[str, str], ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
-    cum: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
-    out: dict[str, ErrorStats] = field(default_factory=lambda: defaultdict(ErrorStats))
-    #: the quantized model's relative output MSE (Σ over outputs of ‖Δy‖² / ‖y‖² per batch piece),
-    #: summed with weight = samples per piece; `out_weight` the total weight (see `out_rel_mse`)
-    out_rel: float = 0.0
-    out_weight: float = 0.0
-    #: out_rel and pred hold shares of one `OutputEnergy` (sums, not sample-weighted ratios)
-    energy_normalised: bool = False
-    #: predicted relative output MSE per (layer, candidate) from the probes, weighted as `out_rel`
-    pred: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
-    pred_weight: float = 0.0
-    #: largest |probe gradient| at each layer's output on the first piece where one reached it (0 or
-    #: absent: no gradient reached it; later pieces are not looked at)
-    grad_max: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    #: why the probes' backward failed on some batch ("" when it never did)
-    probe_failed: str = ""
-    first_nonfinite: str | None = None
-    first_nonfinite_rank: float = math.inf
-    #: target layers that ran (in the quantized model) up to the first non-finite value, in order
-    nonfinite_upstream: list[str] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-    def output_stats(self) -> ErrorStats:
-        total = ErrorStats()
-        for s in self.out.values():
-            total.merge(s)
-        return total
-
-    def out_rel_mse(self) -> float:
-        """The measured relative output MSE of the quantized model (NaN before any batch): the sum of the
-        pieces' shares under an `OutputEnergy`, else the pieces' own ratios averaged by samples."""
-        if self.out_weight <= 0:
-            return math.nan
-        return self.out_rel if self.energy_normalised else self.out_rel / self.out_weight
-
-    def predicted(self, layer: str, candidate: str) -> float:
-        """The probes' predicted relative output MSE of `candidate` at `layer` alone (NaN: not predicted)."""
-        if self.pred_weight <= 0 or (layer, candidate) not in self.pred:
-            return math.nan
-        value = self.pred[(layer, candidate)]
-        return value if self.energy_normalised else value / self.pred_weight
+def _absmax(g: torch.Tensor | GradParts) -> float:
+    if isinstance(g, GradParts):
+        return g.absmax()
+    lo, hi = torch.aminmax(g)
+    return max(-float(lo), float(hi))
 
 
 class _Compare:
@@ -112,7 +70,10 @@ class _Compare:
         self.private = False
         self.watch = NonfiniteWatch()
         #: this piece's probe gradients, and the probe dot products summed over each layer's calls
-        self.grads: ProbeGrads | None = None
+        self.grads: ProbeGrads | SplitGrads | None = None
+        #: whether pieces probed in parts lined up along dim 0 (None: none probed yet; False: they did not,
+        #: and the parts run as pieces of their own from then on; see `probe_parts`)
+        self.split: bool | None = None
         self.dots: dict[tuple[str, str], torch.Tensor] = {}
         self.energy: OutputEnergy | None = None
         #: the FP forward's kept layer outputs, where it is served from them
@@ -132,6 +93,25 @@ class _Compare:
         )  # fmt: skip
         recorded, self.grads.forward = self.grads.forward, None
         return recorded
+
+    def probe_parts(
+        self, fp_model: nn.Module, parts: list[Batch], index: int, select: OutputSelector, probes: int, seed: int
+    ) -> bool:  # fmt: skip
+        """The probes of a piece run part by part (each part's autograd forward alone fits the budget), for
+        one FP pass over the whole piece (`SplitGrads`); False where the parts' gradients do not line up
+        along dim 0 (the caller then runs the parts as pieces of their own, and so do later pieces)."""
+        grads = []
+        for part in parts:
+            got = probe_gradients(
+                fp_model, part, self.names, select, probes, piece_generator(seed, part), index, self.energy,
+                written=self.written, out_written=self.out_written,
+            )  # fmt: skip
+            if not lines_up(got):
+                self.split = False
+                return False
+            grads.append(got)
+        self.split, self.grads = True, SplitGrads(grads)
+        return True
 
     def normalised_by(self, source: OnForward) -> OnForward:
         """`source`, whose energies then normalise this pass too."""
@@ -156,9 +136,7 @@ class _Compare:
                 self.histograms[name].update(x)
         g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
         if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind
-            lo, hi = torch.aminmax(g_out)
-            top = max(-float(lo), float(hi))
-            self.res.grad_max[name] = max(self.res.grad_max[name], top)
+            self.res.grad_max[name] = max(self.res.grad_max[name], _absmax(g_out))
         cands = self.candidates.get(name, {})
         sums = reference_sums(y) if cands else None
         naive: list[torch.Tensor] = []
@@ -176,13 +154,40 @@ class _Compare:
             x = x if x is not None else self.inputs(name, args)
             if x is not None:
                 for keys, err in variants.errors(x):
-                    dots = naive[0] if err is None else naive[0] + sample_dots(g_in, err, self.grads.samples)
+                    dots = naive[0] if err is None else naive[0] + grad_dots(g_in, err, self.grads.samples)
                     for key in keys:
                         self._add_dots(name, key, dots)
         kept = self.serving.pristine(name) if self.serving is not None else None
         self.stored[name].append(
             kept if kept is not None else y.detach() if self.private else y.detach().clone()
         )
+
+    def compare(
+        self, fp_model: nn.Module, q_model: nn.Module, batch: Batch, index: int,
+        recorded: RecordedForward | None, leaves: list[str], select: OutputSelector,
+    ) -> None:  # fmt: skip
+        """One piece: the FP pass (the probes' recorded forward replayed, else a forward with hooks), then
+        the quantized pass against it and the model-output errors."""
+        if recorded is not None and recorded.intact() and release_graph_(fp_model):
+            fp_out = self.replay(recorded)
+        else:  # no probes or probed in parts, the model wrote into a layer's input or output, or kept
+            # autograd tensors in a container that could not be changed
+            with (
+                layer_inputs(fp_model, self.names) as inputs,
+                forward_hooks(fp_model, self.names, self.fp_hook),
+            ):
+                self.inputs = inputs
+                fp_out = run_checked(fp_model, batch, index)
+        check_fp_outputs(fp_out, index)
+        weight = float(batch_len(batch) or 1)
+        self.finish_piece(weight)
+        self.watch.reset()
+        with (
+            forward_hooks(q_model, self.names, self.q_hook),
+            forward_hooks(q_model, leaves, self.watch.leaf_hook),
+        ):
+            q_out = run_checked(q_model, batch, index)
+        self.outputs(select(fp_out), select(q_out), weight)
 
     def replay(self, forward: RecordedForward) -> Any:
         """`fp_hook` on every call of the probes' recorded forward, in call order, instead of a second
@@ -197,11 +202,11 @@ class _Compare:
         return forward.output
 
     def _probe_diff(
-        self, name: str, cname: str, g: torch.Tensor, shape: torch.Size, naive: list[torch.Tensor],
+        self, name: str, cname: str, g: torch.Tensor | GradParts, shape: torch.Size, naive: list[torch.Tensor],
         diff: torch.Tensor,
     ) -> None:  # fmt: skip
         assert self.grads is not None
-        dots = sample_dots(g, diff.view(shape), self.grads.samples)
+        dots = grad_dots(g, diff.view(shape), self.grads.samples)
         self._add_dots(name, cname, dots)
         if cname == "naive":
             naive.append(dots)
@@ -215,14 +220,27 @@ class _Compare:
         """Square this piece's probe dot products (per probe and sample, summed over a layer's calls)."""
         if self.grads is None:
             return
-        share = 1.0 if self.res.energy_normalised else weight  # normalised by E_o already, or per piece
         for key, dots in self.dots.items():
-            self.res.pred[key] += share * float((dots**2).sum()) / self.grads.probes
+            self.res.pred[key] += self._weighted_squares(dots, weight) / self.grads.probes
         self.res.pred_weight += weight
         if self.grads.failed:
             self.res.probe_failed = self.grads.failed
         self.dots.clear()
         self.grads = None
+
+    def _weighted_squares(self, dots: torch.Tensor, weight: float) -> float:
+        """Σ dots² of a piece: as it is under one `OutputEnergy` (E_o normalised the probes already), else
+        weighted by the samples of each piece whose own ‖y_o‖ normalised its probes (a piece probed in
+        parts: each part, one column of `dots` per sample)."""
+        if self.res.energy_normalised:
+            return float((dots**2).sum())
+        if not isinstance(self.grads, SplitGrads):
+            return weight * float((dots**2).sum())
+        total, start = 0.0, 0
+        for n in self.grads.sizes:
+            total += n * float((dots[:, start : start + n] ** 2).sum())
+            start += n
+        return total
 
     def q_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
         y = as_tensor(out)
@@ -296,41 +314,33 @@ def compare_pass(
     run.energy, res.energy_normalised = energy, energy is not None
     select = outputs or OutputSelector()
     leaves = leaf_names(q_model, set(names))
-    copies = probe_copies(probes)
     run.out_written = set(written_outputs) if written_outputs is not None else None
     pure = not (probes or candidates or observers or histograms or variants)  # no per-layer work on inputs
     kept = kept if kept is not None and pure else KeptOutputs([])
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
         last_index = first_index - 1
+        # with probes: pieces sized for the FP outputs and the gradients, probed in parts where needed
+        copies = split_copies(probes) if probes else 1
         pieces = held_pieces(layers, batches, stored_budget_mb, first_index, copies)
         run.serving = serving
         for position, (index, batch) in enumerate(pieces):
             serving.piece(position)
             if device is not None:
                 batch = batch_to(batch, device)
-            recorded = None
-            if probes:
-                source = reference_from_probes if position == 0 else None
-                on_forward = run.normalised_by(source) if source is not None else None
-                recorded = run.probe(fp_model, batch, index, select, probes, seed, on_forward)
-            if recorded is not None and recorded.intact() and release_graph_(fp_model):
-                fp_out = run.replay(recorded)
-            else:  # no probes, the model wrote into a layer's input or output, or kept autograd tensors
-                # in a container that could not be changed
-                with layer_inputs(fp_model, names) as inputs, forward_hooks(fp_model, names, run.fp_hook):
-                    run.inputs = inputs
-                    fp_out = run_checked(fp_model, batch, index)
-            del recorded
-            check_fp_outputs(fp_out, index)
-            weight = float(batch_len(batch) or 1)
-            run.finish_piece(weight)
-            run.watch.reset()
-            with (
-                forward_hooks(q_model, names, run.q_hook),
-                forward_hooks(q_model, leaves, run.watch.leaf_hook),
-            ):
-                q_out = run_checked(q_model, batch, index)
-            run.outputs(select(fp_out), select(q_out), weight)
+            source = reference_from_probes if position == 0 else None
+            parts = probe_pieces(layers, batch, stored_budget_mb, probes) if probes else [batch]
+            units = [(part, False) for part in parts]
+            split = len(parts) > 1 and source is None and run.split is not False
+            if split and run.probe_parts(fp_model, parts, index, select, probes, seed):
+                units = [(batch, True)]
+            for unit, probed in units:
+                recorded = None
+                if probes and not probed:
+                    on_forward = run.normalised_by(source) if source is not None else None
+                    recorded = run.probe(fp_model, unit, index, select, probes, seed, on_forward)
+                    source = None  # the first piece's forward gives the reference
+                run.compare(fp_model, q_model, unit, index, recorded, leaves, select)
+                del recorded
             if index != last_index:
                 last_index = index
                 progress()

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from sensitivity.io.batches import Batch, batch_len, split_batch
 from sensitivity.prepare import LayerInfo
 
-__all__ = ["held_pieces", "kept_budget_mb", "probe_copies", "probes_that_fit", "sample_mb"]
+__all__ = [
+    "held_pieces",
+    "kept_budget_mb",
+    "probe_copies",
+    "probe_pieces",
+    "probes_that_fit",
+    "sample_mb",
+    "split_copies",
+]
 
 #: what a piece stores per layer output beside the FP outputs when the output probes run: their
 #: gradients (two bfloat16 copies per probe, at each layer's output and input: one float32 copy) and the
@@ -21,6 +29,13 @@ def probe_copies(probes: int) -> int:
     """Copies of every layer output one piece holds: the FP outputs, and with `probes` > 0 the probes'
     gradients and autograd's saved activations."""
     return 1 + (probes + _PROBE_COPIES_EXTRA if probes else 0)
+
+
+def split_copies(probes: int) -> int:
+    """Copies of every layer output a piece holds when its probes ran on smaller pieces of it
+    (`probe_pieces`): the FP outputs and the probes' gradients; the autograd forward's tensors are gone by
+    the time the piece's own FP pass runs."""
+    return 1 + probes
 
 
 def probes_that_fit(budget_mb: float, sample_mb: float) -> int:
@@ -76,3 +91,12 @@ def held_pieces(
         return []
     micro = _micro_batch(layers, batches[0], budget_mb / max(copies, 1) if budget_mb > 0 else 0.0)
     return [(first_index + i, piece) for i, b in enumerate(batches) for piece in split_batch(b, micro)]
+
+
+def probe_pieces(layers: Sequence[LayerInfo], piece: Batch, budget_mb: float, probes: int) -> list[Batch]:
+    """`piece` (cut to `split_copies`) cut again into the pieces whose autograd forward and probe gradients
+    (`probe_copies`) fit `budget_mb`: each runs the probes alone, and the piece's FP pass then runs whole
+    (one pass over a bigger batch: small batches cost far more per sample on CPU)."""
+    return split_batch(
+        piece, _micro_batch(layers, piece, budget_mb / probe_copies(probes) if budget_mb > 0 else 0.0)
+    )
