@@ -3,10 +3,10 @@
 Per layer, the candidate with the least output error (`out_<candidate>_err`: naive with the spec's range,
 naive with another calibrator's, SmoothQuant per alpha) wins; anything but plain naive must beat naive by
 `OUTPUT_MARGIN` and save `FP_FLOOR` of what the quantized layers leave, so prediction noise does not buy
-complexity. Then the FP budget goes to the layers whose
-best candidate still costs the most: to first order the layers' output errors add up, so which layers to
-keep in FP is a 0/1 knapsack (value: the error removed; weight: one layer, and its MACs under a MAC
-budget). Layers below `FP_FLOOR` of the total predicted error are never worth an FP slot, and a model
+complexity. The FP budget goes to the layers whose option (the scan passes each layer's naive one:
+an FP slot's gain is then certain, not a prediction of another candidate's) costs the most: to first order
+the layers' output errors add up, so which layers to keep in FP is a 0/1 knapsack (value: the error
+removed; weight: one layer, and its MACs under a MAC budget). Layers below `FP_FLOOR` of the total predicted error are never worth an FP slot, and a model
 whose layers together predict less than `NEGLIGIBLE_ERROR` stays all naive (`negligible`). No change (an
 FP slot, another candidate) is worth less than `NEGLIGIBLE_ERROR` / L of output error: L such changes
 together could not matter.
