@@ -6,10 +6,10 @@ naive with another calibrator's, SmoothQuant per alpha) wins; anything but plain
 complexity. The FP budget goes to the layers whose option (the scan passes each layer's naive one:
 an FP slot's gain is then certain, not a prediction of another candidate's) costs the most: to first order
 the layers' output errors add up, so which layers to keep in FP is a 0/1 knapsack (value: the error
-removed; weight: one layer, and its MACs under a MAC budget). Layers below `FP_FLOOR` of the total predicted error are never worth an FP slot, and a model
-whose layers together predict less than `NEGLIGIBLE_ERROR` stays all naive (`negligible`). No change (an
-FP slot, another candidate) is worth less than `NEGLIGIBLE_ERROR` / L of output error: L such changes
-together could not matter.
+removed; weight: one layer, and its MACs under a MAC budget). Layers below `FP_FLOOR` of the total
+predicted error are never worth an FP slot, and a model whose layers together predict less than
+`NEGLIGIBLE_ERROR` stays all naive (`negligible`). No change (an FP slot, another candidate) is worth less
+than `NEGLIGIBLE_ERROR` / L of output error: L such changes together could not matter.
 
 Pure: the caller measures (the scan verifies the result on held-out batches and corrects it on measured
 errors, `sensitivity.pipeline.decide`).
