@@ -253,3 +253,19 @@ def test_a_range_the_scan_did_not_keep_is_a_clear_error() -> None:
             ConfigError, match=rf"^layer spiky: the quant state holds no '{choice}' activation range"
         ):
             apply_policy(model, edited, result.quant_state)
+
+
+def test_plain_naive_instead_of_the_candidates_is_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy with plain naive for its SmoothQuant layers is the exclusion (the same FP set): the check
+    of the candidates reuses the exclusion's pass instead of measuring it again."""
+    from sensitivity.pipeline.exact import OutputReference
+    from tests.models import FoldableOutliers
+
+    measured: list[int] = []
+    real = OutputReference.measure
+    monkeypatch.setattr(OutputReference, "measure", lambda self, q, c: measured.append(1) or real(self, q, c))
+    result = scan(FoldableOutliers(), _batches(), ScanOptions(max_fp_layers=0))  # no FP slot, no exact check
+    assert result.policy.method_for("b") == "smoothquant"
+    assert measured == []  # the plain-naive comparison came from the exclusion's check
+    comp = result.comparison.set_index("config")
+    assert comp.loc["policy", "out_rel_mse"] < comp.loc["naive+exclusion", "out_rel_mse"]

@@ -235,13 +235,15 @@ def decide_by_outputs(
     pol_check, moved = verifier.repaired(configs, "policy", badness, repair)
     for n, entry in moved.items():
         rules[n] = Rule(n, "fp", reason=entry.reason, metrics=entry.metrics)
-    pol_check, rules = _naive_if_better(meas, sens, rules, configs, pol_check, verifier)
     ex_rules = _rules(names, exc, {**net, **exc.blown()}, budget, opts.sq_mode, note)
     ex_configs = {n: LayerQuant("fp") if ex_rules[n].method == "fp" else sens.fit_configs[n] for n in names}
     if same_configs(ex_configs, configs):  # the policy chose nothing but naive and the same FP layers
         ex_check, ex_moved = pol_check, {}
     else:
         ex_check, ex_moved = verifier.repaired(ex_configs, "exclusion", badness, repair, outputs_only=True)
+    # the policy with plain naive for its other candidates is the exclusion (unless a repair moved a layer)
+    measured = [] if ex_moved else [(ex_configs, ex_check.out_rel_mse())]
+    pol_check, rules = _naive_if_better(meas, sens, rules, configs, pol_check, verifier, measured)
     excluded = {
         n: ExcludeEntry(n, r.reason, dict(r.metrics)) for n, r in ex_rules.items() if r.method == "fp"
     }
@@ -257,8 +259,9 @@ def _err(option: LayerOption) -> float:
     return -1.0 if math.isnan(option.error) else option.error
 
 
-def _naive_if_better(meas, sens, rules, configs, pol_check, verifier):  # type: ignore[no-untyped-def]
-    """Candidates other than plain naive stay only if the whole model measures better with them."""
+def _naive_if_better(meas, sens, rules, configs, pol_check, verifier, measured):  # type: ignore[no-untyped-def]
+    """Candidates other than plain naive stay only if the whole model measures better with them. `measured`:
+    configurations already measured ((configs, relative output MSE) each), reused where one is the same."""
     fancy = [
         n for n, r in rules.items() if r.method == "smoothquant" or (r.method == "naive" and r.calibrator)
     ]
@@ -267,7 +270,8 @@ def _naive_if_better(meas, sens, rules, configs, pol_check, verifier):  # type: 
     plain = dict(configs)
     for n in fancy:
         plain[n] = sens.fit_configs[n]
-    measured_plain = sens.reference.measure(meas.qmodel, plain)
+    known = [err for cfg, err in measured if same_configs(cfg, plain)]
+    measured_plain = known[0] if known else sens.reference.measure(meas.qmodel, plain)
     if not measured_plain < pol_check.out_rel_mse():
         return pol_check, rules
     for n in fancy:
