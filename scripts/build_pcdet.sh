@@ -7,8 +7,8 @@
 #
 # W: the folder to build in (W/OpenPCDet, W/venv, W/build-temp); SOURCE: an OpenPCDet checkout or bare
 # git snapshot (e.g. the search tool's `fetch` of open-mmlab/OpenPCDet). Needs nvcc (/usr/local/cuda) to
-# compile pcdet's CUDA ops, not a GPU: the network then runs on CPU up to the head outputs. About 40
-# minutes on 2 cores (MAX_JOBS=2). Then: W/venv/bin/python scripts/pcdet_frames.py --openpcdet
+# compile pcdet's CUDA ops, not a GPU: the network then runs on CPU up to the head outputs. 10 minutes
+# on this project's 2-core machine (MAX_JOBS=2; PCDET-REAL.md saw 37 on a loaded one); a re-run skips what is done. Then: W/venv/bin/python scripts/pcdet_frames.py --openpcdet
 # W/OpenPCDet --out FRAMES --link, and W/venv/bin/python -m pytest -m pcdet tests/test_pcdet_real.py.
 set -euo pipefail
 if [ $# -ne 2 ]; then

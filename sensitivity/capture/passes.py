@@ -31,7 +31,7 @@ from sensitivity.capture.pass_result import PassResult
 from sensitivity.capture.pieces import held_pieces, probe_pieces, split_copies
 from sensitivity.capture.probes import OnForward, ProbeGrads, piece_generator, probe_gradients
 from sensitivity.capture.recorded import RecordedForward, release_graph_
-from sensitivity.capture.split_grads import GradParts, SplitGrads, grad_dots, lines_up
+from sensitivity.capture.split_grads import GradParts, SplitGrads, grad_absmax, grad_dots, lines_up
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
 from sensitivity.methods.ranges import InputVariants
@@ -45,13 +45,6 @@ Progress = Callable[[], None]
 
 def _noop() -> None:
     return None
-
-
-def _absmax(g: torch.Tensor | GradParts) -> float:
-    if isinstance(g, GradParts):
-        return g.absmax()
-    lo, hi = torch.aminmax(g)
-    return max(-float(lo), float(hi))
 
 
 class _Compare:
@@ -136,7 +129,7 @@ class _Compare:
                 self.histograms[name].update(x)
         g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
         if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind
-            self.res.grad_max[name] = max(self.res.grad_max[name], _absmax(g_out))
+            self.res.grad_max[name] = max(self.res.grad_max[name], grad_absmax(g_out))
         cands = self.candidates.get(name, {})
         sums = reference_sums(y) if cands else None
         naive: list[torch.Tensor] = []
@@ -320,7 +313,7 @@ def compare_pass(
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
         last_index = first_index - 1
         # with probes: pieces sized for the FP outputs and the gradients, probed in parts where needed
-        copies = split_copies(probes) if probes else 1
+        copies = split_copies(probes)
         pieces = held_pieces(layers, batches, stored_budget_mb, first_index, copies)
         run.serving = serving
         for position, (index, batch) in enumerate(pieces):

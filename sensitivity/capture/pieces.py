@@ -34,7 +34,7 @@ def probe_copies(probes: int) -> int:
 def split_copies(probes: int) -> int:
     """Copies of every layer output a piece holds when its probes ran on smaller pieces of it
     (`probe_pieces`): the FP outputs and the probes' gradients; the autograd forward's tensors are gone by
-    the time the piece's own FP pass runs."""
+    the time the piece's own FP pass runs (no probes: the FP outputs alone)."""
     return 1 + probes
 
 

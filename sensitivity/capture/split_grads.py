@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sensitivity.capture.probes import ProbeGrads, sample_dots
 
-__all__ = ["GradParts", "SplitGrads", "grad_dots", "lines_up"]
+__all__ = ["GradParts", "SplitGrads", "grad_absmax", "grad_dots", "lines_up"]
 
 
 def lines_up(grads: ProbeGrads) -> bool:
@@ -50,9 +50,6 @@ class GradParts:
             start += n
         return torch.cat(out, dim=1)
 
-    def absmax(self) -> float:
-        return max(float(g.abs().max()) for g in self.parts)
-
 
 class SplitGrads:
     """The probe gradients of a piece whose probes ran on consecutive pieces of it (each `lines_up`), for a
@@ -81,3 +78,12 @@ def _joined(grads: Sequence[Tensor | None]) -> GradParts | None:
 def grad_dots(g: Tensor | GradParts, d: Tensor, samples: int | None) -> Tensor:
     """`sample_dots` for one piece's gradient, whether probed whole or in parts."""
     return g.dots(d) if isinstance(g, GradParts) else sample_dots(g, d, samples)
+
+
+def grad_absmax(g: Tensor | GradParts) -> float:
+    """Largest |gradient| of one piece's gradient, whether probed whole or in parts (no |g| copy)."""
+    top = 0.0
+    for t in g.parts if isinstance(g, GradParts) else (g,):
+        lo, hi = torch.aminmax(t)
+        top = max(top, -float(lo), float(hi))
+    return top

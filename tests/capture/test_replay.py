@@ -59,9 +59,12 @@ class WritesIntoInput(nn.Module):
         return y + h
 
 
-def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[PassResult, dict, Any]:
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(3, 3, 8, 8, generator=g) for _ in range(3)]
+def scan_setup(
+    model: nn.Module, batches: list[torch.Tensor]
+) -> tuple[Any, dict, nn.Module, dict, dict, dict]:
+    """What a comparison pass gets in a scan, built by hand: the prepared model, observers calibrated on the
+    first two batches, the quantized model, candidates (naive, other sign, SmoothQuant 0.5), one input range
+    variant per layer (half the amax) and the report's range histograms."""
     prep = prepare(model, batches[0])
     spec = QuantSpec()
     obs = calibrate(prep.model, prep.layers, batches[:2], spec)
@@ -73,6 +76,13 @@ def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tup
         n: InputVariants(q.input_quantizer, {"half": obs[n].amax() * 0.5}) for n, q in qlayers.items()
     }
     hists = {n: RangeHistogram(min(o.min_value, 0.0), o.max_abs) for n, o in obs.items()}
+    return prep, obs, qmodel, cands, variants, hists
+
+
+def _run(model: nn.Module, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[PassResult, dict, Any]:
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 3, 8, 8, generator=g) for _ in range(3)]
+    prep, obs, qmodel, cands, variants, hists = scan_setup(model, batches)
     if not replay:
         monkeypatch.setattr(RecordedForward, "intact", lambda self: False)
     res = compare_pass(

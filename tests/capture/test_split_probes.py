@@ -12,20 +12,13 @@ import torch
 from torch import nn
 
 from sensitivity.capture import passes
-from sensitivity.capture.calibrate import calibrate
-from sensitivity.capture.observe import RangeHistogram
 from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.capture.pieces import probe_copies, sample_mb, split_copies
 from sensitivity.capture.probes import sample_dots
 from sensitivity.capture.split_grads import GradParts
-from sensitivity.methods.candidates import build_candidates
-from sensitivity.methods.ranges import InputVariants
 from sensitivity.pipeline.exact import OutputReference
-from sensitivity.prepare import prepare
-from sensitivity.quant.build import ActQuant, build_quant_model, quant_layers
-from sensitivity.spec import QuantSpec
-from tests.capture.test_replay import Residual
+from tests.capture.test_replay import Residual, scan_setup
 from tests.subclass_models import build_subclass_net
 
 PROBES = 2
@@ -52,17 +45,7 @@ def _scan_pieces(
     gradients, but whose probes' forward fits only 2 samples: probed in parts), or as two batches of 2."""
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, *sample.shape, generator=g) for _ in range(3)]
-    prep = prepare(model, batches[0])
-    spec = QuantSpec()
-    obs = calibrate(prep.model, prep.layers, batches[:2], spec)
-    qmodel = build_quant_model(prep.model, {n: ActQuant(o.amax(), False) for n, o in obs.items()}, spec)
-    qlayers = quant_layers(qmodel)
-    fixed = {layer.name for layer in prep.layers if layer.weight_transformed}
-    cands, _ = build_candidates(qlayers, obs, spec, (0.5,), ("channel",), "static", no_smoothing=fixed)
-    variants = {
-        n: InputVariants(q.input_quantizer, {"half": obs[n].amax() * 0.5}) for n, q in qlayers.items()
-    }
-    hists = {n: RangeHistogram(min(o.min_value, 0.0), o.max_abs) for n, o in obs.items()}
+    prep, obs, qmodel, cands, variants, hists = scan_setup(model, batches)
     # 4 samples with the gradients (split_copies) fit, 2 (not 3) with the autograd forward (probe_copies)
     per_sample = sample_mb(prep.layers)
     budget = per_sample * 4.2 * split_copies(PROBES)
