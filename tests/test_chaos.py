@@ -39,8 +39,9 @@ def _start(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
 
 
-def _first_line(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> float:
-    """Block until the process prints its first line (or ends); returns when that was."""
+def _first_line(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> tuple[float, bytes]:
+    """Block until the process prints its first line (or ends); returns when that was, and what was read
+    (the caller decodes it with the rest: a read may end inside a multi-byte character)."""
     assert proc.stdout is not None
     end = time.monotonic() + timeout
     buf = b""
@@ -51,7 +52,7 @@ def _first_line(proc: subprocess.Popen[bytes], timeout: float = 120.0) -> float:
             if not chunk:
                 break
             buf += chunk
-    return time.monotonic()
+    return time.monotonic(), buf
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, float]
     spans = []
     for argv in (_scan_argv(work, "rep", overwrite=False), _apply_argv(work, "applied0")):
         proc = _start(argv, work)
-        t0 = _first_line(proc)
+        t0, head = _first_line(proc)
         out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out.decode()[-2000:]
+        assert proc.returncode == 0, (head + out).decode()[-2000:]
         spans.append(time.monotonic() - t0)
     return work, spans[0], spans[1]
 
@@ -99,11 +100,11 @@ def test_interrupts_at_random_points_leave_nothing_broken(setup: tuple[Path, flo
             argv = _scan_argv(work, "rep") if kind == "scan" else _apply_argv(work, out)
             procs.append((kind, sig, delay, out, _start(argv, work)))
         for kind, sig, delay, out, proc in procs:
-            t0 = _first_line(proc)
+            t0, head = _first_line(proc)
             time.sleep(max(0.0, delay - (time.monotonic() - t0)))
             if proc.poll() is None:
                 proc.send_signal(sig)
-            text = proc.communicate(timeout=300)[0].decode()
+            text = (head + proc.communicate(timeout=300)[0]).decode()
             code = proc.returncode
             expected = 130 if sig == signal.SIGINT else 143
             assert code in (0, expected), f"{kind} {sig.name} after {delay:.2f}s: exit {code}\n{text[-3000:]}"
