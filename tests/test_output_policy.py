@@ -19,7 +19,7 @@ from sensitivity import ScanOptions, apply_policy, scan
 from sensitivity.errors import ConfigError
 from sensitivity.policy import Policy, Rule
 from sensitivity.quant.build import quant_layers
-from tests.models import Decode, plant_exp_fault_
+from tests.models import Decode, FoldableOutliers, plant_exp_fault_
 
 
 class LoudBranch(nn.Module):
@@ -226,15 +226,25 @@ def test_probes_off_falls_back_to_the_thresholds_policy() -> None:
     assert list(result.excluded) == ["loud"] and result.fp_curve == []
 
 
-def test_the_curve_is_predicted_at_every_step_and_measured_at_both_ends() -> None:
-    result = scan(LoudBranch(), _batches(), ScanOptions(max_fp_layers=2))
-    curve = result.fp_curve
-    fp = [p.layer for p in curve[1:]]
-    assert set(fp) == _fp(result)
+@pytest.mark.parametrize("model", [LoudBranch, FoldableOutliers], ids=["naive-only", "with-smoothquant"])
+def test_the_curve_is_predicted_at_every_step_and_measured_by_the_scans_own_passes(
+    model: type[nn.Module],
+) -> None:
+    """All naive, then the FP layers added: measured at 0 by the scan's quantized pass and at the end by the
+    exclusion's check; the policy (its methods on the other layers) as a last point where it differs. The
+    curve runs no pass of its own: its measurements are the comparison's, bit for bit."""
+    result = scan(model(), _batches(), ScanOptions(max_fp_layers=2))
+    curve, comp = result.fp_curve, result.comparison.set_index("config")
+    steps = [p for p in curve if not p.policy]
+    assert len(steps) >= 2 and {p.layer for p in steps[1:]} == set(result.excluded)
     assert all(a.predicted >= b.predicted for a, b in itertools.pairwise(curve))
-    assert math.isfinite(curve[0].measured) and math.isfinite(curve[-1].measured)
-    comp = result.comparison.set_index("config")
-    assert curve[-1].measured == pytest.approx(comp.loc["policy", "out_rel_mse"], rel=1e-9)
+    assert steps[0].measured == comp.loc["naive", "out_rel_mse"]
+    assert steps[-1].measured == comp.loc["naive+exclusion", "out_rel_mse"]
+    assert curve[-1].measured == comp.loc["policy", "out_rel_mse"]
+    assert curve[-1].policy == (
+        comp.loc["policy", "out_rel_mse"] != comp.loc["naive+exclusion", "out_rel_mse"]
+    )
+    assert all(math.isnan(p.measured) for p in steps[1:-1])
 
 
 def test_a_range_the_scan_did_not_keep_is_a_clear_error() -> None:
@@ -259,7 +269,6 @@ def test_plain_naive_instead_of_the_candidates_is_measured_once(monkeypatch: pyt
     """The policy with plain naive for its SmoothQuant layers is the exclusion (the same FP set): the check
     of the candidates reuses the exclusion's pass instead of measuring it again."""
     from sensitivity.pipeline.exact import OutputReference
-    from tests.models import FoldableOutliers
 
     measured: list[int] = []
     real = OutputReference.measure

@@ -150,7 +150,8 @@ def _print_output_worst(table: Any, top: int) -> None:
 
 
 def _print_curve(result: Any) -> None:
-    """Relative output MSE as the policy's FP layers are added, predicted (and measured where run)."""
+    """Relative output MSE as the FP layers are added to the all-naive model, then the policy, predicted (and
+    measured where a pass ran)."""
     curve = getattr(result, "fp_curve", [])
     if len(curve) < 2:
         return
@@ -158,7 +159,6 @@ def _print_curve(result: Any) -> None:
     for col in ("FP layers", "added", "predicted", "measured"):
         t.add_column(col, justify="left" if col == "added" else "right", no_wrap=True)
     for p in curve:
-        t.add_row(
-            str(p.fp_layers), p.layer or "(policy methods, no FP)", fmt(p.predicted, 3), fmt(p.measured, 3)
-        )
+        added = "+ the policy's methods" if p.policy else p.layer or "(every layer naive)"
+        t.add_row(str(p.fp_layers), added, fmt(p.predicted, 3), fmt(p.measured, 3))
     out.print(t)

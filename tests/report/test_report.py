@@ -392,7 +392,9 @@ def write_synthetic_report(folder: Path, n_layers: int = 100, seed: int = 0) -> 
                                               "policy": 0.755}},
         "fp_curve": [{"fp_layers": k, "layer": names[i] if k else "", "predicted": 0.02 / (1 + k),
                       "measured": 0.025 if k == 0 else (0.006 if k == 5 else None)}
-                     for k, i in enumerate([0, *sorted(excluded)])],
+                     for k, i in enumerate([0, *sorted(excluded)])]
+                    + [{"fp_layers": len(excluded), "layer": "", "predicted": 0.002, "measured": 0.003,
+                        "policy": True}],
     }  # fmt: skip
     (folder / "scan.json").write_text(json.dumps(scan_json, indent=2))
     (folder / "exclude.yaml").write_text(

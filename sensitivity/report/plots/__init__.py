@@ -64,8 +64,9 @@ PLOTS: tuple[Plot, ...] = (
     Plot(
         "fp_curve",
         "Output error vs layers kept in FP",
-        "The policy's methods with its FP layers added in rank order: the predicted sum of the remaining "
-        "layers' errors, and the whole quantized model measured where the scan ran it.",
+        "Every layer naive, then the FP layers added in rank order: the predicted sum of the remaining "
+        "layers' errors, and the whole quantized model measured where the scan ran it; the star is the "
+        "policy (the same FP layers, its chosen method on each other layer).",
         plot_fp_curve,
     ),
     Plot(

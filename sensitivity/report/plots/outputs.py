@@ -68,30 +68,45 @@ def plot_output_error(data: ReportData) -> Figure | None:
 
 
 def plot_fp_curve(data: ReportData) -> Figure | None:
-    """Relative output MSE as the policy's FP layers are added in rank order: predicted (line), measured
-    (markers) where the scan ran a pass."""
+    """Relative output MSE as the FP layers are added in rank order, every other layer naive: predicted
+    (line), measured (markers) where the scan ran a pass; then the policy (its methods on the other layers)."""
     curve = [p for p in data.scan.get("fp_curve") or [] if isinstance(p, dict)]
-    if len(curve) < 2:
+    steps = [p for p in curve if not p.get("policy")]
+    if len(steps) < 2:
         return None
-    k = np.array([int(p.get("fp_layers", i)) for i, p in enumerate(curve)])
-    pred = np.array([_num(p.get("predicted")) for p in curve])
-    meas = np.array([_num(p.get("measured")) for p in curve])
+    k = np.array([int(p.get("fp_layers", i)) for i, p in enumerate(steps)])
+    pred = np.array([_num(p.get("predicted")) for p in steps])
+    meas = np.array([_num(p.get("measured")) for p in steps])
     with style():
         fig = Figure(figsize=(WIDTH_IN * 0.7, 3.6), layout="constrained")
         ax = fig.add_subplot()
-        ax.plot(k, pred, marker=".", color=COLORS["naive"], label="predicted (sum of layers alone)")
+        ax.plot(
+            k, pred, marker=".", color=COLORS["naive"], label="predicted, others naive (sum of layers alone)"
+        )
         ok = np.isfinite(meas)
         ax.plot(
             k[ok], meas[ok], ls="none", marker="D", ms=7, color=NONFINITE, label="measured (quantized pass)"
         )
+        for p in curve:
+            if p.get("policy"):
+                x = int(p.get("fp_layers", k[-1]))
+                ax.plot([x], [_num(p.get("predicted"))], ls="none", marker="*", ms=11, color=COLORS["policy"],
+                        label="policy (its methods on the others): predicted")  # fmt: skip
+                ax.plot([x], [_num(p.get("measured"))], ls="none", marker="*", ms=11, mfc="none",
+                        color=NONFINITE, label="policy: measured")  # fmt: skip
         ax.set_yscale("log")
-        ax.set_xlabel("layers kept in FP (policy's ranking)")
+        ax.set_xlabel("layers kept in FP (ranked by naive output error)")
         ax.set_ylabel("relative output MSE")
         ax.set_xticks(k)
         labels = ["0"] + [
-            f"{i}\n{short_name(str(p.get('layer', '')), 18)}" for i, p in zip(k[1:], curve[1:], strict=True)
+            f"{i}\n{short_name(str(p.get('layer', '')), 18)}" for i, p in zip(k[1:], steps[1:], strict=True)
         ]
-        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xticklabels(
+            labels,
+            fontsize=7,
+            rotation=30 if len(steps) > 4 else 0,
+            ha="right" if len(steps) > 4 else "center",
+        )
         legend(ax)
     return fig
 
