@@ -83,6 +83,7 @@ class _Compare:
         self.grads = probe_gradients(
             fp_model, batch, self.names, select, probes, piece_generator(seed, batch), index, self.energy,
             record=True, written=self.written, on_forward=on_forward, out_written=self.out_written,
+            variants=self.variants,
         )  # fmt: skip
         recorded, self.grads.forward = self.grads.forward, None
         return recorded
@@ -97,7 +98,7 @@ class _Compare:
         for part in parts:
             got = probe_gradients(
                 fp_model, part, self.names, select, probes, piece_generator(seed, part), index, self.energy,
-                written=self.written, out_written=self.out_written,
+                written=self.written, out_written=self.out_written, variants=self.variants,
             )  # fmt: skip
             if not lines_up(got):
                 self.split = False
@@ -127,7 +128,8 @@ class _Compare:
                 self.observers[name].observe(x)
             if x is not None and self.histograms is not None:
                 self.histograms[name].update(x)
-        g_out, g_in = self.grads.take(name) if self.grads is not None else (None, None)
+        g_out = self.grads.take(name)[0] if self.grads is not None else None
+        v_dots = self.grads.take_dots(name) if self.grads is not None else None
         if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind
             self.res.grad_max[name] = max(self.res.grad_max[name], grad_absmax(g_out))
         cands = self.candidates.get(name, {})
@@ -142,14 +144,11 @@ class _Compare:
             if g_out is not None and deployable(cname):
                 on_diff = functools.partial(self._probe_diff, name, cname, g_out, y.shape, naive)
             self.res.iso[(name, cname)].update(y, yc, ref_sums=sums, consume_test=True, on_diff=on_diff)
-        variants = self.variants.get(name)
-        if variants is not None and g_in is not None and naive and self.grads is not None:
-            x = x if x is not None else self.inputs(name, args)
-            if x is not None:
-                for keys, err in variants.errors(x):
-                    dots = naive[0] if err is None else naive[0] + grad_dots(g_in, err, self.grads.samples)
-                    for key in keys:
-                        self._add_dots(name, key, dots)
+        if v_dots is not None and naive:  # the input variants, dotted in the probes' backward
+            for keys, d in v_dots:
+                dots = naive[0] if d is None else naive[0] + d
+                for key in keys:
+                    self._add_dots(name, key, dots)
         kept = self.serving.pristine(name) if self.serving is not None else None
         self.stored[name].append(
             kept if kept is not None else y.detach() if self.private else y.detach().clone()

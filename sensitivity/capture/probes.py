@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sensitivity.capture.dots import sample_dots
+from sensitivity.capture.input_dots import InputDots, VariantDots
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
 from sensitivity.capture.recorded import RecordedCall, RecordedForward, detached, versions
 from sensitivity.io.batches import Batch, batch_len, batch_map, batch_tensors, run_checked
+from sensitivity.methods.ranges import InputVariants
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
@@ -45,10 +48,6 @@ from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 __all__ = ["OnForward", "ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
 
 log = logging.getLogger(__name__)
-
-
-#: rows at least this long are dotted one by one (BLAS), shorter ones by one vectorised `vecdot`
-_LONG_ROW = 1 << 15
 
 
 @dataclass
@@ -60,6 +59,8 @@ class ProbeGrads:
     samples: int | None
     out: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
     inp: dict[str, deque[Tensor | None]] = field(default_factory=lambda: defaultdict(deque))
+    #: with input variants (`probe_gradients(variants=...)`): their products per call instead of `inp`
+    inp_dots: dict[str, deque[VariantDots | None]] = field(default_factory=lambda: defaultdict(deque))
     #: why no gradient was computed for the whole batch (backward failed), or ""
     failed: str = ""
     #: the forward the gradients came from, call by call (`probe_gradients(record=True)`), else None
@@ -69,6 +70,11 @@ class ProbeGrads:
         """The next call's (output gradients, input gradients) of `name`, in call order, in float32 again."""
         out, inp = self.out.get(name), self.inp.get(name)
         return _expanded(out.popleft() if out else None), _expanded(inp.popleft() if inp else None)
+
+    def take_dots(self, name: str) -> VariantDots | None:
+        """The next call's input-variant products of `name` ([K, samples] each; see `InputDots`)."""
+        dots = self.inp_dots.get(name)
+        return dots.popleft() if dots else None
 
 
 class _Slot:
@@ -98,25 +104,21 @@ class _Slot:
         return self.buf if self.count == self.probes else None
 
 
+class _Discard:
+    """A tap's slot that keeps nothing: the tap only links its tensor to the anchor."""
+
+    @staticmethod
+    def add(g: Tensor) -> None:
+        return None
+
+
+_DISCARD = _Discard()
+
+
 def _expanded(grads: Tensor | None) -> Tensor | None:
     if grads is None:
         return None
     return grads.float() if grads.dtype == torch.bfloat16 else grads
-
-
-def sample_dots(g: Tensor | Sequence[Tensor], d: Tensor, samples: int | None) -> Tensor:
-    """[K, G] dot products of each probe's gradient (`g`: one [K, *shape] tensor, or K tensors shaped like
-    `d`) with `d`, per sample where dim 0 is the batch (G = samples), else over the whole tensor (G = 1),
-    in float64. Long rows: one BLAS matrix-vector product [K, n] x [n] per sample (torch's batched forms,
-    bmm and einsum, of these row-by-row products ran 6x slower on CPU); short rows: one vectorised op."""
-    gk = g if isinstance(g, Tensor) else torch.stack(list(g))
-    k = gk.shape[0]
-    groups = samples if samples and d.dim() > 0 and d.shape[0] == samples else 1
-    gg = gk.reshape(k, groups, -1)
-    dk = d.reshape(groups, -1).to(gk.dtype)
-    if gg.shape[2] < _LONG_ROW:
-        return torch.linalg.vecdot(gg, dk.unsqueeze(0)).double()
-    return torch.stack([torch.mv(gg[:, i], dk[i]) for i in range(groups)], dim=1).double()
 
 
 class _Tap(torch.autograd.Function):
@@ -125,7 +127,9 @@ class _Tap(torch.autograd.Function):
     depends on), so autograd holds no full-precision gradient of any layer beyond the moment it passes."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, anchor: Tensor, slot: _Slot, share: bool) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, t: Tensor, anchor: Tensor, slot: _Slot | InputDots | _Discard, share: bool
+    ) -> Tensor:  # type: ignore[override]
         ctx.slot = slot
         # a clone: the rest of the model gets its own tensor (and may modify it in place); a view where
         # nothing writes into `t` afterwards (a layer's op input): no copy, the same gradient
@@ -142,13 +146,17 @@ class _Recorder:
 
     def __init__(
         self, probes: int, record: bool = False, written: set[str] | None = None,
-        out_written: set[str] | None = None,
+        out_written: set[str] | None = None, variants: Mapping[str, InputVariants] | None = None,
+        samples: int | None = None,
     ) -> None:  # fmt: skip
         self.anchor = torch.zeros((), requires_grad=True)
         self.probes = probes
         #: (layer, its tap's gradients) per call, in call order: at the output and at the op's input
         self.outs: list[tuple[str, _Slot]] = []
-        self.ins: list[tuple[str, _Slot]] = []
+        self.ins: list[tuple[str, _Slot | InputDots]] = []
+        #: None: every op input tapped and its gradients kept; else only these layers' inputs, dotted with
+        #: their variants inside the backward (`InputDots`; the samples group the products)
+        self.variants, self.samples = variants, samples
         self.record = record
         self.calls: list[RecordedCall] = []
         self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
@@ -162,23 +170,31 @@ class _Recorder:
         #: (layer, output, its write count) of the outputs tapped by a hook, to check after the forward
         self.hooked: list[tuple[str, Tensor, int]] = []
 
-    def _slot(self, where: list[tuple[str, _Slot]], name: str) -> _Slot:
+    def _slot(self, where: list[tuple[str, Any]], name: str) -> _Slot:
         slot = _Slot(self.probes)
         where.append((name, slot))
         return slot
 
-    def _tap(self, t: Tensor, where: list[tuple[str, _Slot]], name: str, share: bool = False) -> Tensor:
+    def _tap(self, t: Tensor, where: list[tuple[str, Any]], name: str, share: bool = False) -> Tensor:
         return _Tap.apply(t, self.anchor, self._slot(where, name), share)
 
     def input_clone(self, name: str, x: Tensor) -> Tensor:
-        """The op's input, tapped: a view of `x` (no copy), or a copy for a layer whose input the model
-        was seen writing into after the call (the op saved it for the backward, and the recorded call
-        must keep what the op received)."""
+        """The op's input, tapped where its gradient is wanted: a view of `x` (no copy), or a copy for a
+        layer whose input the model was seen writing into after the call (the op saved it for the
+        backward, and the recorded call must keep what the op received)."""
         if not x.is_floating_point():
             self.op_input[name] = x
             return x
         share = name not in self.written
-        xc = self._tap(x, self.ins, name, share)
+        if self.variants is None:
+            xc = self._tap(x, self.ins, name, share)
+        elif name in self.variants:
+            dots = InputDots(self.probes, self.variants[name], self.samples)
+            self.ins.append((name, dots))
+            xc = _Tap.apply(x, self.anchor, dots, share)
+            dots.x = xc.detach()
+        else:  # no gradient wanted here, but the path to the anchor: the layer's output gradient needs it
+            xc = _Tap.apply(x, self.anchor, _DISCARD, share)
         if share:
             self.shared.append((name, x, x._version))
         self.op_input[name] = xc
@@ -252,9 +268,10 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 @contextmanager
 def _recording(
     model: nn.Module, names: Sequence[str], probes: int, record: bool = False, written: set[str] | None = None,
-    out_written: set[str] | None = None,
+    out_written: set[str] | None = None, variants: Mapping[str, InputVariants] | None = None,
+    samples: int | None = None,
 ) -> Iterator[_Recorder]:  # fmt: skip
-    rec = _Recorder(probes, record, written, out_written)
+    rec = _Recorder(probes, record, written, out_written, variants, samples)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -315,6 +332,7 @@ def probe_gradients(
     written: set[str] | None = None,
     on_forward: OnForward | None = None,
     out_written: set[str] | None = None,
+    variants: Mapping[str, InputVariants] | None = None,
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
@@ -325,10 +343,16 @@ def probe_gradients(
     `out_written`: the same for layer outputs (None: every output is copied for the model; otherwise the
     outputs of the other layers are tapped by a hook on the output itself, without a copy).
     `on_forward`: called once the forward is done, before any backward, with the selected outputs
-    (detached) and the recorded forward; the energies it returns normalise the probes instead of `energy`."""
+    (detached) and the recorded forward; the energies it returns normalise the probes instead of `energy`.
+    `variants`: the layers whose input gradients are wanted only dotted with their input variants: those
+    are dotted inside the backward (`ProbeGrads.take_dots`) and no other op input is tapped (None: every
+    op input's gradients are kept, `ProbeGrads.take`)."""
     written = written if written is not None else set()
     result = ProbeGrads(probes, batch_len(batch))
-    with torch.enable_grad(), _recording(model, names, probes, record, written, out_written) as rec:
+    with (
+        torch.enable_grad(),
+        _recording(model, names, probes, record, written, out_written, variants, result.samples) as rec,
+    ):
         out = run_checked(model, batch, index)
         flat = select(out)
     new_writes, new_out_writes = rec.written_inputs(), rec.written_outputs()
@@ -339,8 +363,9 @@ def probe_gradients(
             out_written.update(new_out_writes)
         del out, flat, rec
         return probe_gradients(
-            model, batch, names, select, probes, gen, index, energy, record, written, on_forward, out_written
-        )
+            model, batch, names, select, probes, gen, index, energy, record, written, on_forward, out_written,
+            variants,
+        )  # fmt: skip
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
     if on_forward is not None:
@@ -358,7 +383,11 @@ def probe_gradients(
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
         )
         log.info("output probes failed (%s); layers are measured exactly", result.failed)
-    n_out = len(rec.outs)
-    for i, (name, slot) in enumerate(taps):
-        (result.out if i < n_out else result.inp)[name].append(None if result.failed else slot.kept())
+    for name, slot in rec.outs:
+        result.out[name].append(None if result.failed else slot.kept())
+    for name, tap in rec.ins:
+        if isinstance(tap, InputDots):
+            result.inp_dots[name].append(None if result.failed else tap.kept())
+        else:
+            result.inp[name].append(None if result.failed else tap.kept())
     return result

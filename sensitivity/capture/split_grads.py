@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sensitivity.capture.probes import ProbeGrads, sample_dots
+from sensitivity.capture.dots import sample_dots
+from sensitivity.capture.input_dots import VariantDots
+from sensitivity.capture.probes import ProbeGrads
 
 __all__ = ["GradParts", "SplitGrads", "grad_absmax", "grad_dots", "lines_up"]
 
@@ -20,11 +22,15 @@ def lines_up(grads: ProbeGrads) -> bool:
     """Every gradient has the piece's samples along dim 0 of its tap (dim 1 of [K, *shape]): pieces probed
     apart then line up, in order, along dim 0 of the tensors of a pass over all of them."""
     n = grads.samples
-    return bool(n) and all(
-        g is None or (g.dim() >= 2 and g.shape[1] == n)
-        for side in (grads.out, grads.inp)
-        for q in side.values()
-        for g in q
+    return (
+        bool(n)
+        and all(
+            g is None or (g.dim() >= 2 and g.shape[1] == n)
+            for side in (grads.out, grads.inp)
+            for q in side.values()
+            for g in q
+        )
+        and all(d is None or d.shape[1] == n for q in grads.inp_dots.values() for v in q if v for _, d in v)
     )
 
 
@@ -66,6 +72,22 @@ class SplitGrads:
     def take(self, name: str) -> tuple[GradParts | None, GradParts | None]:
         outs, ins = zip(*(p.take(name) for p in self.parts), strict=True)
         return _joined(outs), _joined(ins)
+
+    def take_dots(self, name: str) -> VariantDots | None:
+        """`ProbeGrads.take_dots` over the whole piece: each variant's products, part after part along the
+        samples (None where some part's gradient did not reach the tap)."""
+        parts = [p.take_dots(name) for p in self.parts]
+        if any(v is None for v in parts):
+            return None
+        first = parts[0]
+        assert first is not None
+        joined: VariantDots = []
+        for i, (keys, d) in enumerate(first):
+            pieces = [v[i][1] for v in parts if v is not None]
+            joined.append(
+                (keys, None if d is None else torch.cat([t for t in pieces if t is not None], dim=1))
+            )
+        return joined
 
 
 def _joined(grads: Sequence[Tensor | None]) -> GradParts | None:
