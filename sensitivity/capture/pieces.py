@@ -20,8 +20,9 @@ __all__ = [
 ]
 
 #: what a piece stores per layer output beside the FP outputs when the output probes run: their
-#: gradients (two bfloat16 copies per probe, at each layer's output and input: one float32 copy) and the
-#: autograd forward's saved activations (about two copies)
+#: gradients (a bfloat16 copy per probe at each layer's output; at its input only the probes before the
+#: last wait, also in bfloat16, for the input variants' products: at most one float32 copy per probe in
+#: all, counted as one) and the autograd forward's saved activations (about two copies)
 _PROBE_COPIES_EXTRA = 2
 
 

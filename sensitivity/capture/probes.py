@@ -13,7 +13,8 @@ is not the batch, the whole tensor is one group. `probes` backward passes per ba
 
 `g` is taken at the layer's output (for whole-layer candidates a policy can deploy: naive, SmoothQuant per
 channel) and at its op's input (candidates that only change the activation quantizer, e.g. another
-calibrator's amax: g_x · (Q_c(x) - Q(x)) replaces a layer call). Layers of families without a backward here
+calibrator's amax: g_x · (Q_c(x) - Q(x)) replaces a layer call; in the scan those products are taken inside
+the backward, `InputDots`, and no input gradient is kept). Layers of families without a backward here
 (spconv on CPU outside the scan's `cpu_backward` context) get their inputs detached, so no gradient reaches
 them or what feeds only them: those are measured exactly (`out_err_source`), as are layers whose gradient is
 missing or zero (a `.detach()`, `argmax`, `no_grad` in the model's forward). Where the model writes into a
@@ -79,8 +80,8 @@ class ProbeGrads:
 
 class _Slot:
     """One tap's gradients, probe after probe, in one [K, *shape] buffer. float32 gradients are kept in
-    bfloat16 until their layer's hook dots them: the K probes' gradients at every layer's output and input
-    are the scan's largest tensors (about K activation copies of a piece), and their rounding (2^-9
+    bfloat16 until their layer's hook dots them: the K probes' gradients at every layer's output are
+    among the scan's largest tensors (about K activation copies of a piece), and their rounding (2^-9
     relative per value, random) moves a dot product by far less than the probes' own sampling error (tens
     of percent per probe). Other dtypes are kept as they are. One buffer, not K tensors: the hook then
     widens it in one op and dots all K probes with one matrix-vector product per sample."""
