@@ -5,7 +5,8 @@ g_x · (Q_c(x) - Q(x)), g_x the probes' gradient at the op's input. Kept until t
 gradients were K copies (bfloat16) of every layer's input for the whole piece: on OpenPCDet's CenterPoint,
 one LiDAR frame, 412 MiB of the scan's peak. Here the tap dots them as they pass, in the backward of the
 last probe: earlier probes' gradients wait in one [K-1, ...] buffer (none at K = 1), the variants'
-quantized inputs are computed once for all K, and the [K, samples] products are all that stays. The FP
+quantized inputs are computed once for all K, and the [K, samples] products are all that stays (every
+gradient rounded through bfloat16 as the kept ones were: the same products as before, bit for bit). The FP
 pass adds them to the naive candidate's products (`passes._Compare.fp_hook`), as it did with the kept
 gradients.
 """
@@ -50,6 +51,8 @@ class InputDots:
             self.count += 1
             return
         gk = g.unsqueeze(0) if self.buf is None else torch.cat((self.buf.to(g.dtype), g.unsqueeze(0)))
+        if gk.dtype == torch.float32:  # rounded as a kept gradient is (`probes._Slot`): the same products
+            gk = gk.to(torch.bfloat16).float()
         with torch.no_grad():
             self.dots = [
                 (keys, None if err is None else sample_dots(gk, err, self.samples))

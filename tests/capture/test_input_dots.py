@@ -49,9 +49,8 @@ def _variants(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, 
 @pytest.mark.parametrize("probes", [1, 3])
 def test_dots_in_the_backward_equal_the_kept_gradients_dotted_after(probes: int) -> None:
     """Reference: every op input's gradient kept (in bfloat16) and dotted with Q_c(x) - Q(x) after the pass.
-    In the backward, the earlier probes' gradients wait in bfloat16 too and the last one's is dotted in
-    float32. Tolerance: bfloat16 keeps 8 significant bits (2^-8 relative per value); a dot of many values
-    of random signs moves by far less, and 1e-2 of the largest product bounds it."""
+    In the backward every probe's gradient is rounded through bfloat16 the same way, so the products agree
+    up to the order of float32 sums: 1e-4 of the largest product bounds that."""
     torch.manual_seed(0)
     model, x = _Net().eval(), torch.randn(4, 3, 8, 8)
     names = ["a", "b", "c"]
@@ -79,7 +78,7 @@ def test_dots_in_the_backward_equal_the_kept_gradients_dotted_after(probes: int)
                 assert d is None
                 continue
             assert d is not None and d.shape == (probes, 4)
-            torch.testing.assert_close(d, w, rtol=0, atol=1e-2 * float(w.abs().max()))
+            torch.testing.assert_close(d, w, rtol=0, atol=1e-4 * float(w.abs().max()))
 
 
 def test_no_input_gradient_is_kept_and_unlisted_layers_still_get_output_gradients() -> None:
