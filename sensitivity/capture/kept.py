@@ -50,7 +50,12 @@ def _input_of(args: tuple) -> torch.Tensor | None:
 @dataclass
 class _Call:
     x: torch.Tensor
-    out: torch.Tensor
+    #: the output, or the recorded call that gives it (computed again there where it was not kept)
+    source: torch.Tensor | RecordedCall
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.source if isinstance(self.source, torch.Tensor) else self.source.output()
 
 
 def _worth(layers: Sequence[LayerInfo], budget_mb: float, samples: int) -> list[str]:
@@ -116,14 +121,15 @@ class KeptOutputs:
     ) -> KeptOutputs:
         """The same from a forward already recorded call by call (the output probes' forward of the only
         held-out piece): no forward runs, and the kept tensors are that forward's own, not copies (nothing
-        may write into them afterwards: `RecordedForward.intact` says so)."""
+        may write into them afterwards: `RecordedForward.intact` says so); an output the forward did not
+        keep is the one its replay computes again (`RecordedCall.output`)."""
         kept = cls(_worth(layers, budget_mb, samples))
         chosen = set(kept.names)
         current: dict[str, list[_Call]] = defaultdict(list)
         for call in calls:
             x = _input_of(call.args)
-            if call.name in chosen and x is not None and type(call.out) is torch.Tensor:
-                current[call.name].append(_Call(x, call.out))
+            if call.name in chosen and x is not None and (call.out is None or type(call.out) is torch.Tensor):
+                current[call.name].append(_Call(x, call if call.out is None else call.out))
         kept.pieces.append(dict(current))
         return kept
 

@@ -28,9 +28,10 @@ from sensitivity.capture.outputs import (
     relative_sq_error,
 )
 from sensitivity.capture.pass_result import PassResult
-from sensitivity.capture.pieces import held_pieces, probe_pieces, split_copies
-from sensitivity.capture.probes import OnForward, ProbeGrads, piece_generator, probe_gradients
-from sensitivity.capture.recorded import RecordedForward, release_graph_
+from sensitivity.capture.pieces import held_pieces, over_budget, probe_pieces, split_copies
+from sensitivity.capture.probe_signs import piece_generator
+from sensitivity.capture.probes import OnForward, ProbeGrads, probe_gradients
+from sensitivity.capture.recorded import RecordedForward, recomputable, release_graph_
 from sensitivity.capture.split_grads import GradParts, SplitGrads, grad_absmax, grad_dots, lines_up
 from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.methods.base import Candidate, deployable
@@ -74,6 +75,8 @@ class _Compare:
         #: layers whose op input / output the model writes into after the call (learned; see `compare_pass`)
         self.written: set[str] = set()
         self.out_written: set[str] | None = None
+        #: layers whose output the probes' recorded forward does not keep (the replay recomputes it)
+        self.recompute: frozenset[str] = frozenset()
 
     def probe(
         self, fp_model: nn.Module, batch: Batch, index: int, select: OutputSelector, probes: int, seed: int,
@@ -83,7 +86,7 @@ class _Compare:
         self.grads = probe_gradients(
             fp_model, batch, self.names, select, probes, piece_generator(seed, batch), index, self.energy,
             record=True, written=self.written, on_forward=on_forward, out_written=self.out_written,
-            variants=self.variants,
+            variants=self.variants, recompute=self.recompute,
         )  # fmt: skip
         recorded, self.grads.forward = self.grads.forward, None
         return recorded
@@ -183,12 +186,16 @@ class _Compare:
 
     def replay(self, forward: RecordedForward) -> Any:
         """`fp_hook` on every call of the probes' recorded forward, in call order, instead of a second
-        forward; returns the model's output."""
+        forward; returns the model's output. Each call is let go once replayed (its input is needed no
+        longer unless kept elsewhere; its output lives on in `stored` until the quantized pass)."""
         self.private = True
+        calls, forward.calls = forward.calls[::-1], []
         try:
-            for call in forward.calls:
+            while calls:
+                call = calls.pop()
                 self.inputs = lambda name, args, _x=call.x: _x
-                self.fp_hook(call.name, call.module, call.args, call.out)
+                self.fp_hook(call.name, call.module, call.args, call.output())
+                del call
         finally:
             self.private, self.inputs = False, LayerInputs({})
         return forward.output
@@ -307,6 +314,7 @@ def compare_pass(
     select = outputs or OutputSelector()
     leaves = leaf_names(q_model, set(names))
     run.out_written = set(written_outputs) if written_outputs is not None else None
+    pure_forward = frozenset(n for n in names if recomputable(fp_model.get_submodule(n)))
     pure = not (probes or candidates or observers or histograms or variants)  # no per-layer work on inputs
     kept = kept if kept is not None and pure else KeptOutputs([])
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
@@ -328,6 +336,10 @@ def compare_pass(
             for unit, probed in units:
                 recorded = None
                 if probes and not probed:
+                    # a piece whose outputs alone exceed the budget (a LiDAR frame) records fewer of them
+                    run.recompute = (
+                        pure_forward if over_budget(layers, unit, stored_budget_mb) else frozenset()
+                    )
                     on_forward = run.normalised_by(source) if source is not None else None
                     recorded = run.probe(fp_model, unit, index, select, probes, seed, on_forward)
                     source = None  # the first piece's forward gives the reference

@@ -12,6 +12,7 @@ from sensitivity.prepare import LayerInfo
 __all__ = [
     "held_pieces",
     "kept_budget_mb",
+    "over_budget",
     "probe_copies",
     "probe_pieces",
     "probes_that_fit",
@@ -66,6 +67,12 @@ def sample_mb(layers: Sequence[LayerInfo]) -> float:
             numel *= d
         per_sample += 4.0 * numel * max(li.calls, 1)
     return per_sample / 2**20
+
+
+def over_budget(layers: Sequence[LayerInfo], piece: Batch, budget_mb: float) -> bool:
+    """Whether one piece's target layer outputs alone exceed `budget_mb`: a piece that could not be cut
+    smaller (one sample: a LiDAR frame), whose probes' forward then keeps fewer of them."""
+    return budget_mb > 0 and sample_mb(layers) * max(batch_len(piece) or 1, 1) > budget_mb
 
 
 def _micro_batch(layers: Sequence[LayerInfo], batch: Batch, budget_mb: float) -> int:

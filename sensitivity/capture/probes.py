@@ -25,8 +25,8 @@ gradient refers to nor what the hooks compare; every other one is tapped without
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -39,14 +39,15 @@ from torch import Tensor, nn
 from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.input_dots import InputDots, VariantDots
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
+from sensitivity.capture.probe_signs import probe_loss
 from sensitivity.capture.recorded import RecordedCall, RecordedForward, detached, versions
-from sensitivity.io.batches import Batch, batch_len, batch_map, batch_tensors, run_checked
+from sensitivity.io.batches import Batch, batch_len, batch_map, run_checked
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
-__all__ = ["OnForward", "ProbeGrads", "piece_generator", "probe_gradients", "sample_dots"]
+__all__ = ["OnForward", "ProbeGrads", "probe_gradients", "sample_dots"]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class _Recorder:
     def __init__(
         self, probes: int, record: bool = False, written: set[str] | None = None,
         out_written: set[str] | None = None, variants: Mapping[str, InputVariants] | None = None,
-        samples: int | None = None,
+        samples: int | None = None, recompute: frozenset[str] = frozenset(),
     ) -> None:  # fmt: skip
         self.anchor = torch.zeros((), requires_grad=True)
         self.probes = probes
@@ -159,6 +160,7 @@ class _Recorder:
         #: their variants inside the backward (`InputDots`; the samples group the products)
         self.variants, self.samples = variants, samples
         self.record = record
+        self.recompute = recompute  # layers whose recorded call keeps no output (`RecordedCall.output`)
         self.calls: list[RecordedCall] = []
         self.op_input: dict[str, Tensor] = {}  # wrapped kinds: what the op received in the latest call
         #: layers whose op input the model writes into after the call: their input tap copies it
@@ -168,8 +170,9 @@ class _Recorder:
         #: layers whose output the model writes into after the call: their output tap hands the model a copy
         #: (None: every output tap does); the others' gradient is taken by a hook on the output itself
         self.out_written = out_written
-        #: (layer, output, its write count) of the outputs tapped by a hook, to check after the forward
-        self.hooked: list[tuple[str, Tensor, int]] = []
+        #: (layer, output, its write count) of the outputs tapped by a hook, to check after the forward; held
+        #: weakly where the recorded call keeps no output (once the model lets it go, nothing writes into it)
+        self.hooked: list[tuple[str, Callable[[], Tensor | None], int]] = []
 
     def _slot(self, where: list[tuple[str, Any]], name: str) -> _Slot:
         slot = _Slot(self.probes)
@@ -208,7 +211,9 @@ class _Recorder:
     def written_outputs(self) -> set[str]:
         """After the forward: the layers whose output, tapped by a hook, the model wrote into after the call
         (the recorded output changed with it: that forward must run again with the output copied)."""
-        return {name for name, y, version in self.hooked if y._version != version}
+        return {
+            name for name, ref, version in self.hooked if (y := ref()) is not None and y._version != version
+        }
 
     def _hook_output(self, name: str, y: Tensor) -> bool:
         """Tap `y`'s gradient with a tensor hook, no copy, where the model is not known to write into it
@@ -216,7 +221,7 @@ class _Recorder:
         if self.out_written is None or name in self.out_written or not y.requires_grad:
             return False
         y.register_hook(self._slot(self.outs, name).add)  # returns None: the gradient passes on unchanged
-        self.hooked.append((name, y, y._version))
+        self.hooked.append((name, weakref.ref(y) if name in self.recompute else lambda: y, y._version))
         return True
 
     def _keep(self, name: str, module: nn.Module, args: tuple, out: Any, y: Tensor) -> None:
@@ -226,7 +231,9 @@ class _Recorder:
         x = self.op_input.pop(name, None) if is_wrapped_kind(module) else as_tensor(args[0]) if args else None
         args = tuple(detached(a) for a in args)
         x = x.detach() if x is not None else None
-        kept = detached(out) if not isinstance(out, Tensor) else y.detach()
+        # none for a layer in `recompute`: the replay computes its output again
+        dropped = isinstance(out, Tensor) and name in self.recompute
+        kept = None if dropped else detached(out) if not isinstance(out, Tensor) else y.detach()
         self.calls.append(RecordedCall(name, module, args, kept, x, versions(*args, x, kept)))
 
     def pre_hook(self, name: str) -> Callable[[nn.Module, tuple], Any]:
@@ -270,9 +277,9 @@ def _cut_without_backward(module: nn.Module, args: tuple) -> tuple | None:
 def _recording(
     model: nn.Module, names: Sequence[str], probes: int, record: bool = False, written: set[str] | None = None,
     out_written: set[str] | None = None, variants: Mapping[str, InputVariants] | None = None,
-    samples: int | None = None,
+    samples: int | None = None, recompute: frozenset[str] = frozenset(),
 ) -> Iterator[_Recorder]:  # fmt: skip
-    rec = _Recorder(probes, record, written, out_written, variants, samples)
+    rec = _Recorder(probes, record, written, out_written, variants, samples, recompute)
     with ExitStack() as stack:
         for mod in model.modules():
             if has_backward_rule(mod):
@@ -290,36 +297,6 @@ def _recording(
         yield rec
 
 
-def _probe_loss(
-    flat: dict[str, Tensor], gen: torch.Generator, energy: OutputEnergy | None = None
-) -> Tensor | None:
-    """Σ_o rᵀ y_o / sqrt(E_o) with random signs r (E_o: the output's energy over all held-out batches; the
-    piece's own ‖y_o‖ without one): its gradient is one probe (None: nothing to differentiate)."""
-    loss: Tensor | None = None
-    for key, y in flat.items():
-        if not y.requires_grad or not y.is_floating_point():
-            continue
-        scale = energy.scale(key) if energy is not None else None
-        norm = scale if scale is not None else float(y.detach().double().norm())
-        if not norm > 0.0 or norm == float("inf"):
-            continue
-        r = torch.randint(0, 2, y.shape, generator=gen).to(device=y.device, dtype=y.dtype).mul_(2).sub_(1)
-        term = (r * y).sum() / norm
-        loss = term if loss is None else loss + term
-    return loss
-
-
-def piece_generator(seed: int, batch: Batch) -> torch.Generator:
-    """The probes' random signs for one piece, drawn from the piece's content: a batch gets the same probes
-    whichever rank or position it has (torchrun shards reproduce the single-process scan)."""
-    h = hashlib.sha256(str(seed).encode())
-    for where, t in batch_tensors(batch, "batch"):
-        flat = t.detach().reshape(-1)
-        head = flat[:4096].to("cpu", torch.float64) if t.is_floating_point() else flat[:4096].cpu().double()
-        h.update(f"{where}{tuple(t.shape)}".encode() + head.numpy().tobytes())
-    return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") & (2**63 - 1))
-
-
 def probe_gradients(
     model: nn.Module,
     batch: Batch,
@@ -334,6 +311,7 @@ def probe_gradients(
     on_forward: OnForward | None = None,
     out_written: set[str] | None = None,
     variants: Mapping[str, InputVariants] | None = None,
+    recompute: frozenset[str] = frozenset(),
 ) -> ProbeGrads:
     """One FP forward with autograd and `probes` backward passes of random output probes: the gradient of
     each probe at every target layer's output and op input. Modules without a backward here (spconv on
@@ -347,12 +325,15 @@ def probe_gradients(
     (detached) and the recorded forward; the energies it returns normalise the probes instead of `energy`.
     `variants`: the layers whose input gradients are wanted only dotted with their input variants: those
     are dotted inside the backward (`ProbeGrads.take_dots`) and no other op input is tapped (None: every
-    op input's gradients are kept, `ProbeGrads.take`)."""
+    op input's gradients are kept, `ProbeGrads.take`). `recompute`: layers whose recorded call keeps no
+    output (the replay computes it again: `RecordedCall.output`)."""
     written = written if written is not None else set()
     result = ProbeGrads(probes, batch_len(batch))
     with (
         torch.enable_grad(),
-        _recording(model, names, probes, record, written, out_written, variants, result.samples) as rec,
+        _recording(
+            model, names, probes, record, written, out_written, variants, result.samples, recompute
+        ) as rec,
     ):
         out = run_checked(model, batch, index)
         flat = select(out)
@@ -365,7 +346,7 @@ def probe_gradients(
         del out, flat, rec
         return probe_gradients(
             model, batch, names, select, probes, gen, index, energy, record, written, on_forward, out_written,
-            variants,
+            variants, recompute,
         )  # fmt: skip
     if record:
         result.forward = RecordedForward(rec.calls, batch_map(out, Tensor.detach))
@@ -375,7 +356,7 @@ def probe_gradients(
     try:
         for k in range(probes):
             with torch.enable_grad():
-                loss = _probe_loss(flat, gen, energy)
+                loss = probe_loss(flat, gen, energy)
             if loss is None or not taps or not loss.requires_grad:
                 break
             torch.autograd.grad(loss, [rec.anchor], retain_graph=k < probes - 1, allow_unused=True)
