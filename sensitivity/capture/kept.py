@@ -10,8 +10,10 @@ Which layers can be skipped is decided per call, from the data, not from the rec
 FP whose input equals the FP model's input of the same call bit for bit returns the kept output (a copy:
 the model may write into it); a quantized layer, or one whose input differs, runs. The input is compared
 whole (`torch.equal`): a fingerprint such as its sum misses the last-bit changes a quantized layer far
-upstream leaves, and those still move the model's outputs. The kept layers are those that save the most
-multiply-adds per byte kept (their input and output), within a memory budget."""
+upstream leaves, and those still move the model's outputs. A sparse layer's input is compared by its active
+sites and features (spconv: the BEV backbone's input, and every sparse layer before a quantized one, is then
+served too). The kept layers are those that save the most multiply-adds per byte kept (their input and
+output), within a memory budget."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensitivity.capture.outputs import as_tensor
 from sensitivity.capture.recorded import RecordedCall
 from sensitivity.io.batches import Batch, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
@@ -36,40 +39,92 @@ __all__ = ["MIN_MACS_PER_VALUE", "KeptOutputs", "Serving"]
 MIN_MACS_PER_VALUE = 128
 
 
-def _same(x: torch.Tensor, kept: torch.Tensor) -> bool:
+def _same_tensor(x: torch.Tensor, kept: torch.Tensor) -> bool:
     return (
         x.shape == kept.shape and x.dtype == kept.dtype and x.device == kept.device and torch.equal(x, kept)
     )
 
 
-def _input_of(args: tuple) -> torch.Tensor | None:
-    """The layer's one tensor argument (None for any other call: those always run)."""
-    return args[0] if len(args) == 1 and type(args[0]) is torch.Tensor else None
+def _sparse(value: Any) -> bool:
+    """A spconv SparseConvTensor (duck-typed): features at active sites, their indices, `replace_feature`."""
+    return (
+        isinstance(getattr(value, "features", None), torch.Tensor)
+        and isinstance(getattr(value, "indices", None), torch.Tensor)
+        and callable(getattr(value, "replace_feature", None))
+    )
+
+
+def _same(x: Any, kept: Any) -> bool:
+    """The same input bit for bit: a tensor, or a sparse tensor's active sites, grid and features (the rule
+    books a kept output carries were built for those sites: a layer after it that runs finds the ones its
+    own call would have built)."""
+    if type(x) is torch.Tensor or type(kept) is torch.Tensor:
+        return type(x) is torch.Tensor and type(kept) is torch.Tensor and _same_tensor(x, kept)
+    return (
+        _sparse(x)
+        and list(x.spatial_shape) == list(kept.spatial_shape)
+        and x.batch_size == kept.batch_size
+        and _same_tensor(x.indices, kept.indices)
+        and _same_tensor(x.features, kept.features)
+    )
+
+
+def _input_of(args: tuple) -> Any:
+    """The layer's one argument, a tensor or a sparse tensor (None for any other call: those always run)."""
+    if len(args) != 1:
+        return None
+    return args[0] if type(args[0]) is torch.Tensor or _sparse(args[0]) else None
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a kept tensor (a sparse one: of its features; its sites are never written into)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value.replace_feature(value.features.detach().clone())
+
+
+def _numel(value: Any) -> int:
+    t = as_tensor(value)
+    return t.numel() if t is not None else 0
 
 
 @dataclass
 class _Call:
-    x: torch.Tensor
-    #: the output, or the recorded call that gives it (computed again there where it was not kept)
-    source: torch.Tensor | RecordedCall
+    x: Any
+    #: the output (a tensor or a sparse tensor), or the recorded call that gives it (computed again there
+    #: where it was not kept)
+    source: Any
 
     @property
-    def out(self) -> torch.Tensor:
-        return self.source if isinstance(self.source, torch.Tensor) else self.source.output()
+    def out(self) -> Any:
+        return self.source.output() if isinstance(self.source, RecordedCall) else self.source
 
 
-def _worth(layers: Sequence[LayerInfo], budget_mb: float, samples: int) -> list[str]:
+def _worth(
+    layers: Sequence[LayerInfo],
+    budget_mb: float,
+    samples: int,
+    values: dict[str, tuple[int, int]] | None = None,
+) -> list[str]:
     """The layers to keep: most multiply-adds per value kept (input and output) first, in execution order
     among equals, while `samples` samples of all their calls fit `budget_mb` (a layer that does not fit
-    leaves room for a smaller one); never layers of unknown shape or few multiply-adds per output value."""
+    leaves room for a smaller one); never layers of unknown shape or few multiply-adds per output value.
+    `values`: (inputs, outputs) counted on the kept calls themselves, per layer whose shapes do not give
+    them (a sparse layer's first dim is its active sites, not the batch)."""
     scored: list[tuple[float, int, str, float]] = []
+    values = values or {}
     for li in layers:
         if not li.out_shape or not li.in_shape or li.macs <= 0:
             continue
-        outs, ins = math.prod(li.out_shape[1:]), math.prod(li.in_shape[1:])
-        if li.macs >= MIN_MACS_PER_VALUE * outs:  # `macs`: one call of one sample
-            mb = 4.0 * (outs + ins) * max(li.calls, 1) * samples / 2**20
-            scored.append((-li.macs / (outs + ins), li.order, li.name, mb))
+        # `macs`: one call of one sample (a sparse layer's: over the active sites of the call)
+        calls = max(li.calls, 1)
+        ins, outs = values.get(li.name) or (
+            math.prod(li.in_shape[1:]) * calls * samples,
+            math.prod(li.out_shape[1:]) * calls * samples,
+        )
+        macs = li.macs * calls * samples
+        if macs >= MIN_MACS_PER_VALUE * outs:
+            scored.append((-macs / (outs + ins), li.order, li.name, 4.0 * (outs + ins) / 2**20))
     kept, used = [], 0.0
     for _, _, name, mb in sorted(scored):
         if used + mb <= budget_mb:
@@ -101,8 +156,8 @@ class KeptOutputs:
 
         def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
             x = _input_of(args)
-            if x is not None and type(out) is torch.Tensor:
-                current[name].append(_Call(x.detach().clone(), out.detach().clone()))
+            if x is not None and (type(out) is torch.Tensor or _sparse(out)):
+                current[name].append(_Call(_copy(x), _copy(out)))
 
         with contextlib.ExitStack() as stack, torch.no_grad():
             for name in kept.names:
@@ -123,13 +178,22 @@ class KeptOutputs:
         held-out piece): no forward runs, and the kept tensors are that forward's own, not copies (nothing
         may write into them afterwards: `RecordedForward.intact` says so); an output the forward did not
         keep is the one its replay computes again (`RecordedCall.output`)."""
-        kept = cls(_worth(layers, budget_mb, samples))
+        values: dict[str, tuple[int, int]] = {}
+        for call in calls:  # a sparse layer's size is its active sites': counted here, not from shapes
+            if call.out is not None and _sparse(call.out) and _sparse(_input_of(call.args)):
+                ins, outs = values.get(call.name, (0, 0))
+                values[call.name] = (ins + _numel(call.args[0]), outs + _numel(call.out))
+        kept = cls(_worth(layers, budget_mb, samples, values))
         chosen = set(kept.names)
         current: dict[str, list[_Call]] = defaultdict(list)
         for call in calls:
-            x = _input_of(call.args)
-            if call.name in chosen and x is not None and (call.out is None or type(call.out) is torch.Tensor):
-                current[call.name].append(_Call(x, call if call.out is None else call.out))
+            x, out = _input_of(call.args), call.out
+            if (
+                call.name in chosen
+                and x is not None
+                and (out is None or type(out) is torch.Tensor or _sparse(out))
+            ):
+                current[call.name].append(_Call(x, call if out is None else out))
         kept.pieces.append(dict(current))
         return kept
 
@@ -158,7 +222,7 @@ class Serving:
         self.kept = kept
         self.calls: dict[str, list[_Call]] = {}
         self.count: dict[str, int] = defaultdict(int)
-        #: layer -> the kept output its last call returned a copy of (None: that call ran)
+        #: layer -> the kept output (a sparse one's features) its last call returned a copy of (None: it ran)
         self.served: dict[str, torch.Tensor | None] = {}
 
     def piece(self, position: int) -> None:
@@ -181,8 +245,9 @@ class Serving:
             x = _input_of(args)
             if i < len(calls) and not kwargs and x is not None and _same(x, calls[i].x):
                 self.kept.hits += 1
-                self.served[name] = calls[i].out
-                return calls[i].out.clone()
+                out = calls[i].out
+                self.served[name] = as_tensor(out)
+                return _copy(out)
             self.kept.misses += 1
             self.served[name] = None
             return run(*args, **kwargs)

@@ -50,9 +50,13 @@ def kept_budget_mb(layers: Sequence[LayerInfo], budget_mb: float, probes: int) -
     """What the exact checks may keep of the FP layer outputs (`KeptOutputs`): what a piece of the probe
     pass held beyond what a verification pass holds itself (a piece is one sample at least), so the scan's
     peak memory does not grow. Nothing where the pieces fit `budget_mb` (edge models: there a kept output
-    saves little); most of it for a LiDAR frame whose layer outputs alone exceed the budget."""
+    saves little); most of it for a LiDAR frame whose layer outputs alone exceed the budget, less the FP
+    outputs that frame's probe pass no longer holds (`over_budget`: they are computed again)."""
     one = sample_mb(layers)
-    return max(budget_mb, one * probe_copies(probes)) - max(budget_mb, one)
+    held = one * probe_copies(probes)
+    if probes and one > budget_mb > 0:
+        held -= one
+    return max(budget_mb, held) - max(budget_mb, one)
 
 
 def sample_mb(layers: Sequence[LayerInfo]) -> float:
