@@ -48,6 +48,8 @@ class LayerInfo:
     out_shape: tuple[int, ...] = ()
     macs: int = 0
     calls: int = 0
+    #: FP seconds of one call of one sample, timed in the calibration pass (0: not timed, e.g. resumed)
+    seconds: float = 0.0
     folded_bn: str = ""
     #: how the layer is quantized when that is not the plain way (a subclass whose forward wraps the op)
     note: str = ""

@@ -1,11 +1,14 @@
 """The calibration pass: every target layer's input observed over the fitting batches, and the layers'
-shapes, calls per forward and MACs recorded on the way (what the report, the piece budget and the kept
-outputs' budget read)."""
+shapes, calls per forward, MACs and FP time recorded on the way (what the report, the piece budget and the
+kept outputs' budget read: a kept output saves its layer's time, and spconv's CPU kernels take several
+times longer per multiply-add than a dense convolution)."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from torch import nn
 from sensitivity.capture.hooks import forward_hooks, layer_inputs
 from sensitivity.capture.observe import LayerObserver, channel_dim
 from sensitivity.capture.outputs import OutputSelector, as_tensor, check_fp_outputs
-from sensitivity.io.batches import Batch, batch_to, run_checked
+from sensitivity.io.batches import Batch, batch_len, batch_to, run_checked
 from sensitivity.prepare import LayerInfo
 from sensitivity.quant.registry import layer_macs
 from sensitivity.spec import QuantSpec
@@ -24,6 +27,28 @@ __all__ = ["calibrate"]
 
 def _noop() -> None:
     return None
+
+
+@contextmanager
+def _timed(model: nn.Module, names: list[str], seconds: dict[str, float]) -> Iterator[None]:
+    """Each named module's own time per call, summed into `seconds` (entered before any other forward
+    hook, so the clock stops before the observers' work)."""
+    started: dict[str, float] = {}
+
+    def start(name: str) -> None:
+        started[name] = time.perf_counter()
+
+    def stop(name: str) -> None:
+        t = started.pop(name, None)
+        if t is not None:
+            seconds[name] += time.perf_counter() - t
+
+    with ExitStack() as stack:
+        for name in names:
+            mod = model.get_submodule(name)
+            stack.callback(mod.register_forward_pre_hook(lambda m, a, _n=name: start(_n)).remove)
+            stack.callback(mod.register_forward_hook(lambda m, a, o, _n=name: stop(_n)).remove)
+        yield
 
 
 def calibrate(
@@ -61,10 +86,18 @@ def calibrate(
             calls[name] += 1
 
     names = [layer.name for layer in layers]
-    with torch.no_grad(), layer_inputs(model, names) as inputs, forward_hooks(model, names, hook):
+    seconds: dict[str, float] = defaultdict(float)
+    samples = 0
+    with (
+        torch.no_grad(),
+        _timed(model, names, seconds),
+        layer_inputs(model, names) as inputs,
+        forward_hooks(model, names, hook),
+    ):
         for i, batch in enumerate(batches):
             if device is not None:
                 batch = batch_to(batch, device)
+            samples += batch_len(batch) or 1
             out = run_checked(model, batch, first_index + i)
             if first[0]:
                 first[0] = False
@@ -74,4 +107,6 @@ def calibrate(
             if i == 0 and outputs is not None:
                 outputs(out)
             progress()
+    for name, total in seconds.items():
+        info[name].seconds = total / (samples * max(info[name].calls, 1))
     return observers

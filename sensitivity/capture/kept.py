@@ -12,8 +12,8 @@ the model may write into it); a quantized layer, or one whose input differs, run
 whole (`torch.equal`): a fingerprint such as its sum misses the last-bit changes a quantized layer far
 upstream leaves, and those still move the model's outputs. A sparse layer's input is compared by its active
 sites and features (spconv: the BEV backbone's input, and every sparse layer before a quantized one, is then
-served too). The kept layers are those that save the most multiply-adds per byte kept (their input and
-output), within a memory budget."""
+served too). The kept layers are those that save the most time per byte kept (their input and output;
+each layer's own time in the calibration pass), within a memory budget."""
 
 from __future__ import annotations
 
@@ -106,25 +106,29 @@ def _worth(
     samples: int,
     values: dict[str, tuple[int, int]] | None = None,
 ) -> list[str]:
-    """The layers to keep: most multiply-adds per value kept (input and output) first, in execution order
+    """The layers to keep: most time saved per value kept (input and output) first, in execution order
     among equals, while `samples` samples of all their calls fit `budget_mb` (a layer that does not fit
     leaves room for a smaller one); never layers of unknown shape or few multiply-adds per output value.
-    `values`: (inputs, outputs) counted on the kept calls themselves, per layer whose shapes do not give
-    them (a sparse layer's first dim is its active sites, not the batch)."""
+    The time is each layer's own, timed in the calibration pass, or its multiply-adds where any layer was
+    not timed (a resumed calibration). `values`: (inputs, outputs) counted on the kept calls themselves,
+    per layer whose shapes do not give them (a sparse layer's first dim is its active sites, not the batch)."""
     scored: list[tuple[float, int, str, float]] = []
     values = values or {}
+    timed = all(li.seconds > 0 for li in layers)
     for li in layers:
         if not li.out_shape or not li.in_shape or li.macs <= 0:
             continue
-        # `macs`: one call of one sample (a sparse layer's: over the active sites of the call)
+        # `macs`, `seconds`: one call of one sample (a sparse layer's: over the active sites of the call)
         calls = max(li.calls, 1)
         ins, outs = values.get(li.name) or (
             math.prod(li.in_shape[1:]) * calls * samples,
             math.prod(li.out_shape[1:]) * calls * samples,
         )
-        macs = li.macs * calls * samples
-        if macs >= MIN_MACS_PER_VALUE * outs:
-            scored.append((-macs / (outs + ins), li.order, li.name, 4.0 * (outs + ins) / 2**20))
+        if li.macs * calls * samples >= MIN_MACS_PER_VALUE * outs:
+            cost = li.seconds if timed else float(li.macs)
+            scored.append(
+                (-cost * calls * samples / (outs + ins), li.order, li.name, 4.0 * (outs + ins) / 2**20)
+            )
     kept, used = [], 0.0
     for _, _, name, mb in sorted(scored):
         if used + mb <= budget_mb:

@@ -80,8 +80,11 @@ def test_a_layer_whose_input_differs_in_one_bit_runs() -> None:
     assert "forward" not in vars(layer)  # the layer is itself again after the block
 
 
-def test_the_budget_keeps_the_most_multiply_adds_per_byte() -> None:
+def test_untimed_the_budget_keeps_the_most_multiply_adds_per_byte() -> None:
     prep, _, _, _, ref = _setup()
+    assert all(li.seconds > 0 for li in prep.layers)  # the calibration pass timed every layer
+    for li in prep.layers:
+        li.seconds = 0.0  # as after a resumed calibration: multiply-adds stand for the time
     sizes = {li.name: li for li in prep.layers}
     one = 4.0 * 2 * (C * 12 * 12) * 2 / 2**20  # input + output of one 16-channel call, 2 samples
     assert sizes["shared"].calls == 2 and sizes["a1"].calls == 1  # the calibration pass counted the calls
@@ -96,6 +99,19 @@ def test_the_budget_keeps_the_most_multiply_adds_per_byte() -> None:
         "a2",
     ]
     assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 0.0).names == []
+
+
+def test_timed_the_budget_keeps_the_most_time_per_byte() -> None:
+    """A layer slow for its multiply-adds (spconv's CPU kernels are) is kept before faster ones."""
+    prep, _, _, _, ref = _setup()
+    one = 4.0 * 2 * (C * 12 * 12) * 2 / 2**20
+    for li in prep.layers:
+        li.seconds = 1e-4 * li.macs / 144  # as fast per multiply-add as each other: the same order as MACs
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 1.1 * one).names == ["a1"]
+    slow = next(li for li in prep.layers if li.name == "b2")
+    slow.seconds *= 100.0
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 1.1 * one).names == ["b2"]
+    assert KeptOutputs.record(prep.model, prep.layers, ref.pieces, 2, 1.7 * one).names == ["b2", "a1"]
 
 
 def test_verification_passes_give_the_same_results_with_kept_outputs() -> None:
