@@ -69,11 +69,14 @@ def _same(x: Any, kept: Any) -> bool:
     )
 
 
+def _servable(value: Any) -> bool:
+    """A plain tensor or a sparse tensor: what a kept call's input and output may be."""
+    return type(value) is torch.Tensor or _sparse(value)
+
+
 def _input_of(args: tuple) -> Any:
     """The layer's one argument, a tensor or a sparse tensor (None for any other call: those always run)."""
-    if len(args) != 1:
-        return None
-    return args[0] if type(args[0]) is torch.Tensor or _sparse(args[0]) else None
+    return args[0] if len(args) == 1 and _servable(args[0]) else None
 
 
 def _copy(value: Any) -> Any:
@@ -160,7 +163,7 @@ class KeptOutputs:
 
         def hook(name: str, mod: nn.Module, args: tuple, out: Any) -> None:
             x = _input_of(args)
-            if x is not None and (type(out) is torch.Tensor or _sparse(out)):
+            if x is not None and _servable(out):
                 current[name].append(_Call(_copy(x), _copy(out)))
 
         with contextlib.ExitStack() as stack, torch.no_grad():
@@ -192,11 +195,7 @@ class KeptOutputs:
         current: dict[str, list[_Call]] = defaultdict(list)
         for call in calls:
             x, out = _input_of(call.args), call.out
-            if (
-                call.name in chosen
-                and x is not None
-                and (out is None or type(out) is torch.Tensor or _sparse(out))
-            ):
+            if call.name in chosen and x is not None and (out is None or _servable(out)):
                 current[call.name].append(_Call(x, call if out is None else out))
         kept.pieces.append(dict(current))
         return kept

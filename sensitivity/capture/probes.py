@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.input_dots import InputDots, VariantDots
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
 from sensitivity.capture.probe_signs import probe_loss
@@ -47,7 +46,7 @@ from sensitivity.quant.modules import is_wrapped_kind
 from sensitivity.quant.registry import has_backward_rule, lacks_backward
 from sensitivity.quant.wrapped import OpIntercept, during_forward, op_name
 
-__all__ = ["OnForward", "ProbeGrads", "probe_gradients", "sample_dots"]
+__all__ = ["OnForward", "ProbeGrads", "probe_gradients"]
 
 log = logging.getLogger(__name__)
 

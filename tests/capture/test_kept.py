@@ -4,6 +4,8 @@ input differs even in one bit."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,13 +38,18 @@ class TwoHeads(nn.Module):
         return {"a": self.a2(self.a1(t).relu_()), "b": self.b2(self.b1(t).relu_())}
 
 
-def _setup():  # type: ignore[no-untyped-def]
+def kept_setup(make: Any, batches: list[Any], held: int):  # type: ignore[no-untyped-def]
+    """`make()` prepared and calibrated on `batches`, its quantized copy, the layer names, each one's naive
+    setting, and the FP reference of the batches from `held` on (one piece each: nothing kept yet)."""
     torch.manual_seed(0)
-    model = TwoHeads().eval()
-    batches = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    prep, qmodel, naive = naive_setup(model, batches)
-    ref = OutputReference.run(prep.model, prep.layers, batches[1:], OutputSelector(), budget_mb=0.0)
+    prep, qmodel, naive = naive_setup(make().eval(), batches)
+    ref = OutputReference.run(prep.model, prep.layers, batches[held:], OutputSelector(), budget_mb=0.0)
     return prep, qmodel, list(naive), naive, ref
+
+
+def _setup():  # type: ignore[no-untyped-def]
+    batches = [torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    return kept_setup(TwoHeads, batches, 1)
 
 
 def test_exact_checks_are_bit_identical_and_skip_what_the_layer_does_not_reach() -> None:

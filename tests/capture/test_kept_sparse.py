@@ -14,10 +14,8 @@ pytest.importorskip("spconv.pytorch", reason="the lidar extra (spconv) is not in
 import spconv.pytorch as sp
 
 from sensitivity.capture.kept import KeptOutputs
-from sensitivity.capture.outputs import OutputSelector
 from sensitivity.integrations import spconv as _spconv_support  # noqa: F401  (registers the sparse layers)
-from sensitivity.pipeline.exact import OutputReference
-from tests.capture.test_quantized_pass import naive_setup
+from tests.capture.test_kept import kept_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -62,11 +60,7 @@ def _one_thread() -> None:
 
 
 def _setup():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    batches = [_frame(i) for i in range(3)]
-    prep, qmodel, naive = naive_setup(SparseTrunk().eval(), batches)
-    ref = OutputReference.run(prep.model, prep.layers, batches[2:], OutputSelector(), budget_mb=0.0)
-    return prep, qmodel, list(naive), naive, ref
+    return kept_setup(SparseTrunk, [_frame(i) for i in range(3)], 2)
 
 
 def test_exact_checks_serve_sparse_layers_bit_identically() -> None:

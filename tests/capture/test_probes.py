@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.outputs import OutputSelector
-from sensitivity.capture.probes import probe_gradients, sample_dots
+from sensitivity.capture.probes import probe_gradients
 
 
 class _Mlp(nn.Module):

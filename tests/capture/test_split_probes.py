@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from sensitivity.capture import passes
+from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import PassResult, compare_pass
 from sensitivity.capture.pieces import probe_copies, sample_mb, split_copies
-from sensitivity.capture.probes import sample_dots
 from sensitivity.capture.split_grads import GradParts
 from sensitivity.pipeline.exact import OutputReference
 from tests.capture.test_replay import Residual, scan_setup
