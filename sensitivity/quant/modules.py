@@ -63,6 +63,8 @@ class QuantMixin:
     weight: nn.Parameter
     #: input-channel axis of the layer's *input* tensor (1 for N,C,... ; -1 for Linear / sparse features)
     input_channel_axis: int = 1
+    #: inside `swapped`: the quantized weight serves one call, so it is neither packed nor cached
+    _wq_transient: bool = False
 
     def _init_quantizers(self, spec: QuantSpec, act_unsigned: bool = False) -> None:
         axis = weight_channel_axis(self)  # type: ignore[arg-type]
@@ -162,6 +164,9 @@ class QuantMixin:
             id(sm.scale) if sm is not None else 0,
             sm.scale._version if sm is not None else -1,
         )
+        if self._wq_transient:  # a candidate's setting: one call, so the plain fake-quantized tensor
+            with torch.no_grad():  # (packing it would be two more sweeps over the weight for nothing)
+                return wq(self.smoothed_weight())
         if self._wq_cache is None or self._wq_cache[0] != key:
             with torch.no_grad():
                 self._wq_cache = (key, pack_weight(wq, self.smoothed_weight()))
@@ -185,7 +190,8 @@ class QuantMixin:
         everything is put back after, and the quantized weight is recomputed rather than cached (caching
         one per setting would hold as many extra copies of the weight)."""
         saved = (self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax, self._wq_cache)
-        saved_dynamic = self.dynamic_alpha
+        saved_dynamic, saved_transient = self.dynamic_alpha, self._wq_transient
+        self._wq_transient = True
         self.dynamic_alpha = None
         self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax = (
             smoother,
@@ -197,7 +203,7 @@ class QuantMixin:
             yield
         finally:
             self.smoother, self.input_quantizer.amax, self.weight_quantizer.amax, self._wq_cache = saved
-            self.dynamic_alpha = saved_dynamic
+            self.dynamic_alpha, self._wq_transient = saved_dynamic, saved_transient
 
     def smoothing_setting(
         self, x_absmax: torch.Tensor, alpha: float

@@ -9,6 +9,7 @@ that do not fit 8 bits, stay float32 (NaN has no integer code)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,9 @@ def _code_dtype(num_bits: int, unsigned: bool) -> torch.dtype | None:
 def pack_weight(quantizer: TensorQuantizer, w: torch.Tensor) -> PackedWeight | torch.Tensor:
     """`quantizer(w)` as codes and scale where they fit a byte, else the float tensor itself."""
     code_dtype = _code_dtype(quantizer.num_bits, quantizer.unsigned)
-    if code_dtype is None or not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+    # finite values sum to a finite total unless it overflows (then the float path: right, only slower);
+    # one reduction instead of a boolean tensor of the weight's size and its `all`
+    if code_dtype is None or not w.is_floating_point() or not math.isfinite(float(w.sum())):
         return quantizer(w)
     scale = broadcast_scale(quantizer.scale().to(device=w.device, dtype=w.dtype), w, quantizer.axis)
     codes = quantize_codes(w, scale, quantizer.num_bits, quantizer.unsigned)
