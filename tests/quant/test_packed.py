@@ -42,11 +42,14 @@ def test_widened_codes_equal_the_quantizer_bit_for_bit(
     assert torch.equal(packed.widened(), q(w))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_or_wide_weights_stay_float(bad: float) -> None:
+@pytest.mark.parametrize(
+    "bad", [(float("nan"),), (float("inf"),), (float("-inf"),), (float("inf"), float("-inf"))]
+)
+def test_non_finite_or_wide_weights_stay_float(bad: tuple[float, ...]) -> None:
     w = torch.randn(4, 3)
     q = _quantizer(w, 8, 0)
-    w[1, 1] = bad
+    for j, value in enumerate(bad):  # +inf and -inf together: their sum is NaN, not a finite number
+        w[1, j] = value
     kept = pack_weight(q, w)
     assert isinstance(kept, torch.Tensor)
     torch.testing.assert_close(kept, q(w), equal_nan=True, rtol=0, atol=0)
@@ -68,3 +71,34 @@ def test_a_quantized_layer_caches_codes_and_returns_its_fake_quantized_weight() 
         assert torch.equal(layer.quantized_weight(), layer.weight_quantizer(layer.weight.detach()))
         layer.weight_quantizer.set_amax(layer.weight_quantizer.amax * 0.5)  # a new amax: recomputed
         assert torch.equal(layer.quantized_weight(), layer.weight_quantizer(layer.weight.detach()))
+
+
+def test_finite_weights_whose_sum_overflows_float32_are_still_exact() -> None:
+    """The finiteness test is one float32 sum: a finite weight can overflow it (values near 3e38), and then
+    takes the float path, the quantizer's own output, so the values are right either way."""
+    w = torch.full((4, 3), 3e38)
+    w[0] = -1.0
+    q = _quantizer(w, 8, 0)
+    got = pack_weight(q, w)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, q(w))
+
+
+def test_a_swapped_setting_gets_its_weight_unpacked_and_leaves_the_cache_alone() -> None:
+    """Inside `swapped` (a candidate's setting, one call) the weight is the quantizer's float output, not
+    packed or cached; the layer's own cached codes are back after the block."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    qmodel = build_quant_model(
+        model, {"0": ActQuant(torch.tensor(2.0)), "2": ActQuant(torch.tensor(1.0))}, QuantSpec()
+    )
+    for layer in quant_layers(qmodel).values():
+        own = layer.quantized_weight()
+        cache = layer._wq_cache
+        x_absmax = torch.rand(layer.weight.shape[1]) + 0.5
+        smoother, amax, w_amax, _ = layer.smoothing_setting(x_absmax, 0.5)
+        with layer.swapped(smoother, amax, w_amax):
+            inside = layer.quantized_weight()
+            assert layer._wq_cache is None
+            assert torch.equal(inside, layer.weight_quantizer(layer.smoothed_weight()))
+        assert layer._wq_cache is cache and not layer._wq_transient
+        assert torch.equal(layer.quantized_weight(), own)
