@@ -296,6 +296,7 @@ def compare_pass(
     kept: KeptOutputs | None = None,
     reference_from_probes: OnForward | None = None,
     written_outputs: set[str] | None = None,
+    copies: int | None = None,
 ) -> PassResult:
     """Per batch: FP pass (isolated candidates, observers) then quantized pass (cumulative vs FP). With
     `probes` > 0 each piece first gets that many output probes (`probe_gradients`), and every candidate's
@@ -306,7 +307,9 @@ def compare_pass(
     forward of its own) and returns the energies that normalise the probes and the output errors.
     `written_outputs`: the layers whose output the model writes into after the call (the dataflow says
     which): the probes' forward copies only their outputs (None: every output), and learns any other it
-    finds written."""
+    finds written. `copies`: of each layer output a piece is sized for (default: what this pass holds, the
+    FP outputs and the probes' gradients; a verification pass gives the measure stage's, so that its pieces,
+    and the scan's peak memory, are no larger than that pass's)."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
@@ -320,7 +323,7 @@ def compare_pass(
     with torch.no_grad(), kept.serving(fp_model, set(names)) as serving:
         last_index = first_index - 1
         # with probes: pieces sized for the FP outputs and the gradients, probed in parts where needed
-        copies = split_copies(probes)
+        copies = max(copies or 1, split_copies(probes))
         pieces = held_pieces(layers, batches, stored_budget_mb, first_index, copies)
         run.serving = serving
         for position, (index, batch) in enumerate(pieces):

@@ -43,8 +43,9 @@ def decide_stage(
     fit_configs = cal.fit_configs()
     user_fp = opts.user_fp(names)
     verifier = Verifier(
-        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference
-    )
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference,
+        probes=meas.probes,
+    )  # fmt: skip
 
     def badness(name: str) -> float:
         return isolated_badness(table, name)

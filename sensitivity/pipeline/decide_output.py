@@ -214,8 +214,9 @@ def decide_by_outputs(
     t = time.perf_counter()
     names, table = cal.names, meas.table
     verifier = Verifier(
-        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference
-    )
+        cal.prep.model, meas.qmodel, cal.prep.layers, cal.held_local, opts, progress, meas.reference,
+        probes=meas.probes,
+    )  # fmt: skip
     net = _safety_net(cal, meas, sens, opts)
     free = [n for n in names if n not in net]
     exact = _Exact(cal, meas, sens, opts)

@@ -11,6 +11,7 @@ from torch import nn
 
 from sensitivity import distributed as D
 from sensitivity.capture.passes import PassResult, compare_pass
+from sensitivity.capture.pieces import split_copies
 from sensitivity.io.batches import Batch
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
@@ -45,8 +46,11 @@ class Verifier:
 
     def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
                  opts: ScanOptions, progress: PhaseProgress,
-                 reference: OutputReference | None = None) -> None:  # fmt: skip
+                 reference: OutputReference | None = None, probes: int = 0) -> None:  # fmt: skip
+        """`probes`: the measure stage's probes per piece; its passes are cut into pieces no larger than
+        that stage's (which held the probes' gradients too), so verifying never raises the peak memory."""
         self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
+        self.copies = split_copies(probes)
         #: the kept FP outputs (with their energies: every pass is normalised by them), or None
         self.reference = reference
         self.opts, self.progress = opts, progress
@@ -67,7 +71,7 @@ class Verifier:
                 self.fp, self.qmodel, self.layers, self.held, outputs=self.opts.output_selector,
                 progress=advance, device=self.opts.device, stored_budget_mb=self.opts.stored_activation_mb,
                 energy=self.reference.energy if self.reference is not None else None,
-                kept=self.reference.kept if self.reference is not None else None,
+                kept=self.reference.kept if self.reference is not None else None, copies=self.copies,
             )  # fmt: skip
         D.reduce_pass_(result)
         return result

@@ -10,9 +10,12 @@ from torch import nn
 
 from sensitivity.capture.calibrate import calibrate
 from sensitivity.capture.passes import compare_pass
+from sensitivity.capture.pieces import sample_mb
 from sensitivity.metrics import ErrorStats
+from sensitivity.pipeline.options import PhaseProgress, ScanOptions
+from sensitivity.pipeline.verify import Verifier
 from sensitivity.prepare import prepare
-from sensitivity.quant.build import ActQuant, build_quant_model
+from sensitivity.quant.build import ActQuant, LayerQuant, build_quant_model
 from sensitivity.spec import QuantSpec
 
 
@@ -95,3 +98,44 @@ def test_the_first_non_finite_layer_and_what_ran_before_it_are_named() -> None:
     # NaN appears in a function between the layers: `b` is the first module whose output shows it
     assert res.first_nonfinite == "b" and res.nonfinite_upstream == ["a", "b"]
     assert res.cum["b"].nonfinite > 0 and res.cum["a"].nonfinite == 0
+
+
+def _batch_sizes(model: nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    return sizes, handle
+
+
+def test_a_pass_sized_for_more_copies_cuts_smaller_pieces() -> None:
+    """`copies`: a verification pass is cut like the measure stage's pass (which held the probes' gradients
+    too), so verifying never holds more than that pass did; the sums stay those of whole batches."""
+    prep, qmodel, batches = _setup()
+    budget = sample_mb(prep.layers) * 4.5  # 4 samples of FP outputs fit; 2 when each is held 2x
+    runs = {}
+    for copies in (None, 1, 2, 4):
+        sizes, handle = _batch_sizes(prep.model)
+        res = compare_pass(prep.model, qmodel, prep.layers, batches, stored_budget_mb=budget, copies=copies)
+        handle.remove()
+        runs[copies] = (sizes, res)
+    assert runs[None][0] == runs[1][0] == [4, 4, 4]
+    assert runs[2][0] == [2] * 6 and runs[4][0] == [1] * 12
+    for copies in (2, 4):
+        for n in ("a", "b"):
+            w, p = runs[None][1].cum[n].metrics(), runs[copies][1].cum[n].metrics()
+            for key in ("l1", "rel_l1", "mse", "max_abs", "sqnr_db"):
+                assert abs(w[key] - p[key]) <= 1e-4 * abs(w[key]), (copies, n, key)
+
+
+def test_the_verifier_cuts_its_passes_like_the_probed_pass() -> None:
+    """With K probes per piece the measure stage held 1 + K copies of a piece's outputs; the verifier's
+    passes are cut for as many (and whole, as before, without probes)."""
+    prep, qmodel, batches = _setup()
+    opts = ScanOptions(stored_activation_mb=sample_mb(prep.layers) * 4.5)
+    configs = {n: LayerQuant("naive", qmodel.get_submodule(n).input_quantizer.amax) for n in ("a", "b")}
+    for probes, want in ((0, [4, 4, 4]), (1, [2] * 6), (3, [1] * 12)):
+        sizes, handle = _batch_sizes(prep.model)
+        Verifier(prep.model, qmodel, prep.layers, batches, opts, PhaseProgress(), probes=probes).run(
+            configs, "t"
+        )
+        handle.remove()
+        assert sizes == want, probes
