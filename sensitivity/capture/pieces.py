@@ -18,6 +18,7 @@ __all__ = [
     "probes_that_fit",
     "sample_mb",
     "split_copies",
+    "verify_copies",
 ]
 
 #: what a piece stores per layer output beside the FP outputs when the output probes run: their
@@ -38,6 +39,18 @@ def split_copies(probes: int) -> int:
     (`probe_pieces`): the FP outputs and the probes' gradients; the autograd forward's tensors are gone by
     the time the piece's own FP pass runs (no probes: the FP outputs alone)."""
     return 1 + probes
+
+
+def verify_copies(layers: Sequence[LayerInfo], budget_mb: float, probes: int) -> int:
+    """Copies of every layer output the pieces of the reference and the verification passes are sized for,
+    so that verifying holds no more than the probed measure pass did: the measure stage's own pieces
+    (`split_copies`: the same batch sizes, so no larger temporaries either; on YOLOv8n shapes the verifying
+    pass at twice the batch had been the scan's peak), unless one sample's probe pass alone exceeded the
+    budget (ResNet-50 shapes, a LiDAR frame): that pass held more than any piece within the budget does,
+    and the verification keeps its larger, faster pieces (1, as without probes)."""
+    if not probes or budget_mb <= 0 or sample_mb(layers) * probe_copies(probes) > budget_mb:
+        return 1
+    return split_copies(probes)
 
 
 def probes_that_fit(budget_mb: float, sample_mb: float) -> int:

@@ -67,9 +67,12 @@ class OutputReference:
         first_index: int = 0,
         device: str | torch.device | None = None,
         budget_mb: float = 128.0,
+        copies: int = 1,
     ) -> OutputReference:
-        """One FP forward over the held-out batches, cut into pieces within `budget_mb`."""
-        pieces = held_pieces(layers, held, budget_mb, first_index)
+        """One FP forward over the held-out batches, cut into pieces within `budget_mb` for `copies` of each
+        layer output: the pieces of every check and verification pass that follows (their kept FP outputs
+        serve only a pass cut the same way)."""
+        pieces = held_pieces(layers, held, budget_mb, first_index, copies)
         refs = []
         with torch.no_grad():
             for index, piece in pieces:

@@ -20,7 +20,7 @@ from torch import nn
 from sensitivity import distributed as D
 from sensitivity.capture.observe import LayerObserver, RangeHistogram
 from sensitivity.capture.passes import PassResult, compare_pass
-from sensitivity.capture.pieces import held_pieces, kept_budget_mb, probe_copies, sample_mb
+from sensitivity.capture.pieces import held_pieces, kept_budget_mb, probe_copies, sample_mb, verify_copies
 from sensitivity.fold import FoldSite, find_fold_site
 from sensitivity.io.batches import batch_len
 from sensitivity.methods.base import sq_key
@@ -86,7 +86,7 @@ def measure_stage(
     if from_probes is None and (probes or opts.policy == "output"):
         reference = OutputReference.run(
             fp, layers, cal.held_local, opts.output_selector, first_index=first, device=opts.device,
-            budget_mb=opts.stored_activation_mb,
+            budget_mb=opts.stored_activation_mb, copies=verify_copies(layers, opts.stored_activation_mb, probes),
         )  # fmt: skip
     with progress.phase("scan", len(cal.held_local)) as advance:
         result = compare_pass(

@@ -11,7 +11,7 @@ from torch import nn
 
 from sensitivity import distributed as D
 from sensitivity.capture.passes import PassResult, compare_pass
-from sensitivity.capture.pieces import split_copies
+from sensitivity.capture.pieces import verify_copies
 from sensitivity.io.batches import Batch
 from sensitivity.pipeline.exact import OutputReference
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
@@ -47,10 +47,10 @@ class Verifier:
     def __init__(self, fp: nn.Module, qmodel: nn.Module, layers: list[LayerInfo], held: list[Batch],
                  opts: ScanOptions, progress: PhaseProgress,
                  reference: OutputReference | None = None, probes: int = 0) -> None:  # fmt: skip
-        """`probes`: the measure stage's probes per piece; its passes are cut into pieces no larger than
-        that stage's (which held the probes' gradients too), so verifying never raises the peak memory."""
+        """`probes`: the measure stage's probes per piece; the passes are cut as `verify_copies` says, like
+        the reference's pieces (whose kept FP outputs serve only a pass cut the same way)."""
         self.fp, self.qmodel, self.layers, self.held = fp, qmodel, layers, held
-        self.copies = split_copies(probes)
+        self.copies = verify_copies(layers, opts.stored_activation_mb, probes)
         #: the kept FP outputs (with their energies: every pass is normalised by them), or None
         self.reference = reference
         self.opts, self.progress = opts, progress

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from sensitivity.capture.calibrate import calibrate
+from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import compare_pass
-from sensitivity.capture.pieces import sample_mb
+from sensitivity.capture.pieces import sample_mb, verify_copies
 from sensitivity.metrics import ErrorStats
+from sensitivity.pipeline.exact import OutputReference
 from sensitivity.pipeline.options import PhaseProgress, ScanOptions
 from sensitivity.pipeline.verify import Verifier
 from sensitivity.prepare import prepare
@@ -127,15 +129,23 @@ def test_a_pass_sized_for_more_copies_cuts_smaller_pieces() -> None:
 
 
 def test_the_verifier_cuts_its_passes_like_the_probed_pass() -> None:
-    """With K probes per piece the measure stage held 1 + K copies of a piece's outputs; the verifier's
-    passes are cut for as many (and whole, as before, without probes)."""
+    """With K probes per piece the measure stage held 1 + K copies of a piece's outputs (its probe pass
+    1 + K + 2): the verifier's passes are cut for 1 + K, as the reference's are; where one sample's probe
+    pass alone exceeded the budget, that pass held more than any piece within it, and the verifier keeps
+    whole pieces within the budget (as without probes)."""
     prep, qmodel, batches = _setup()
-    opts = ScanOptions(stored_activation_mb=sample_mb(prep.layers) * 4.5)
+    budget = sample_mb(prep.layers) * 4.5  # one sample's probe pass fits at K = 1 (4 copies), not at K = 3
+    opts = ScanOptions(stored_activation_mb=budget)
     configs = {n: LayerQuant("naive", qmodel.get_submodule(n).input_quantizer.amax) for n in ("a", "b")}
-    for probes, want in ((0, [4, 4, 4]), (1, [2] * 6), (3, [1] * 12)):
+    for probes, want in ((0, [4, 4, 4]), (1, [2] * 6), (3, [4, 4, 4])):
         sizes, handle = _batch_sizes(prep.model)
         Verifier(prep.model, qmodel, prep.layers, batches, opts, PhaseProgress(), probes=probes).run(
             configs, "t"
         )
         handle.remove()
         assert sizes == want, probes
+        ref = OutputReference.run(
+            prep.model, prep.layers, batches, OutputSelector(), budget_mb=budget,
+            copies=verify_copies(prep.layers, budget, probes),
+        )  # fmt: skip
+        assert [int(piece.shape[0]) for _, piece in ref.pieces] == want, probes
