@@ -4,9 +4,9 @@ Everything is kept as sums, maxima and counts (float64 accumulators) so that bat
 by addition / max, and the per-layer metrics are derived only at the end. Each tensor's sums are taken
 in its own dtype with torch's single-pass reductions (float32: `sum` is pairwise, relative error ~1e-7;
 norms are taken in rows for the same, see `_norm_sum`; the one cross product, ref · diff, ~4e-6 on 10M
-values), which
-keeps the scan's metric cost to a few passes over each output. Non-finite quantized (or reference)
-elements are counted and left out of the sums, so one NaN does not hide the size of the other errors.
+values), which keeps the scan's metric cost to a few passes over each output. Non-finite quantized (or
+reference) elements are counted and left out of the sums, so one NaN does not hide the size of the other
+errors.
 """
 
 from __future__ import annotations

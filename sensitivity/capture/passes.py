@@ -307,9 +307,9 @@ def compare_pass(
     forward of its own) and returns the energies that normalise the probes and the output errors.
     `written_outputs`: the layers whose output the model writes into after the call (the dataflow says
     which): the probes' forward copies only their outputs (None: every output), and learns any other it
-    finds written. `copies`: of each layer output a piece is sized for (default: what this pass holds, the
-    FP outputs and the probes' gradients; a verification pass gives the measure stage's, so that its pieces,
-    and the scan's peak memory, are no larger than that pass's)."""
+    finds written. `copies`: of each layer output a piece is sized for, at least what this pass holds (the
+    FP outputs and the probes' gradients); a verification pass gives `pieces.verify_copies`, so that its
+    pieces are no larger than the measure stage's where that keeps the scan's peak down."""
     res = result if result is not None else PassResult()
     names = [layer.name for layer in layers]
     run = _Compare(res, names, candidates or {}, observers, histograms, variants or {})
