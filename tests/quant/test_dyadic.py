@@ -68,6 +68,32 @@ def test_random_values_land_in_floor_bins(scale: float) -> None:
     assert np.array_equal(h.neg.numpy(), expected_neg)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 37.0])
+def test_non_negative_values_take_the_short_path_to_the_same_bins(scale: float) -> None:
+    """A non-negative batch (an input after a ReLU) is binned without the signed layout: the same floor
+    bins as numpy's in float64, every edge and the float below it, -0.0 in bin 0, nothing in `neg`; and
+    batches of both kinds, one of them subsampled, add up as one signed histogram of them all does."""
+    gen = torch.Generator().manual_seed(int(scale * 1000) + 1)
+    x = torch.randn(200_000, generator=gen).abs_() * scale
+    top = 2.0 ** math.frexp(float(x.max()))[1]
+    edges = torch.arange(256, dtype=torch.float32) * (top / 256)
+    x[: 2 * 256] = torch.cat((edges, torch.nextafter(edges, torch.zeros_like(edges))))
+    x[2 * 256] = -0.0
+    h = _filled([x])
+    index = np.floor(x.numpy().astype(np.float64) / (top / 256)).astype(int)
+    assert np.array_equal(h.hist.numpy(), np.bincount(index, minlength=256))
+    assert float(h.neg.abs().sum()) == 0.0
+    signed = torch.randn(3000, generator=gen) * scale
+    big = torch.rand(3_000_017, generator=gen) * scale  # above HIST_SAMPLE: a weighted subsample
+    mixed = _filled([x, signed, big])
+    one_signed = DyadicHistogram(num_bins=256)
+    one_signed.collect(signed)
+    one_signed.merge_state(_filled([x]).state())
+    one_signed.merge_state(_filled([big]).state())
+    assert mixed.exp == one_signed.exp
+    assert torch.equal(mixed.hist, one_signed.hist) and torch.equal(mixed.neg, one_signed.neg)
+
+
 def test_zeros_first_then_values() -> None:
     h = _filled([torch.zeros(10), torch.tensor([1.5, -0.25])])
     assert h.hist[0] == 10 and h.hist.sum() == 12 and h.top == 2.0
