@@ -86,8 +86,12 @@ class ResNet(nn.Module):
 
 
 def resnet18() -> nn.Module:
-    return ResNet(BasicBlock, [2, 2, 2, 2])
+    """In eval mode, as deployed (and as `edge_models`): a plain forward in training mode would take batch
+    statistics and update the BN running averages, so an in-process FP baseline would time other work
+    and each repeat would scan another model."""
+    return ResNet(BasicBlock, [2, 2, 2, 2]).eval()
 
 
 def resnet50() -> nn.Module:
-    return ResNet(Bottleneck, [3, 4, 6, 3])
+    """In eval mode (see `resnet18`)."""
+    return ResNet(Bottleneck, [3, 4, 6, 3]).eval()
