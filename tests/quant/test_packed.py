@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sensitivity.quant.build import ActQuant, build_quant_model, quant_layers
+from sensitivity.quant.modules import QuantMixin
 from sensitivity.quant.packed import PackedWeight, pack_weight
 from sensitivity.quant.quantizer import TensorQuantizer
 from sensitivity.spec import QuantSpec
@@ -57,13 +58,18 @@ def test_non_finite_or_wide_weights_stay_float(bad: tuple[float, ...]) -> None:
     assert isinstance(pack_weight(wide, w.nan_to_num()), torch.Tensor)
 
 
-def test_a_quantized_layer_caches_codes_and_returns_its_fake_quantized_weight() -> None:
-    torch.manual_seed(0)
+def _quant_layers(seed: int) -> list[QuantMixin]:
+    """The quantized layers of a small conv model (seeded weights, fixed activation ranges)."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     qmodel = build_quant_model(
         model, {"0": ActQuant(torch.tensor(2.0)), "2": ActQuant(torch.tensor(1.0))}, QuantSpec()
     )
-    for layer in quant_layers(qmodel).values():
+    return list(quant_layers(qmodel).values())
+
+
+def test_a_quantized_layer_caches_codes_and_returns_its_fake_quantized_weight() -> None:
+    for layer in _quant_layers(seed=0):
         first = layer.quantized_weight()
         assert torch.equal(first, layer.weight_quantizer(layer.weight.detach()))
         assert layer._wq_cache is not None and isinstance(layer._wq_cache[1], PackedWeight)
@@ -86,12 +92,7 @@ def test_finite_weights_whose_sum_overflows_float32_are_still_exact() -> None:
 def test_a_swapped_setting_gets_its_weight_unpacked_and_leaves_the_cache_alone() -> None:
     """Inside `swapped` (a candidate's setting, one call) the weight is the quantizer's float output, not
     packed or cached; the layer's own cached codes are back after the block."""
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    qmodel = build_quant_model(
-        model, {"0": ActQuant(torch.tensor(2.0)), "2": ActQuant(torch.tensor(1.0))}, QuantSpec()
-    )
-    for layer in quant_layers(qmodel).values():
+    for layer in _quant_layers(seed=1):
         own = layer.quantized_weight()
         cache = layer._wq_cache
         x_absmax = torch.rand(layer.weight.shape[1]) + 0.5
