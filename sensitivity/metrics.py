@@ -82,8 +82,9 @@ class ErrorStats:
         if on_diff is not None:
             on_diff(diff)
         dmin, dmax = torch.aminmax(diff)
+        sq_err = _norm_sum(diff, 2).view(1)  # before `abs_` below changes diff in place
         sums = torch.stack((torch.dot(ref, diff), dmin, dmax, diff.abs_().sum())).double()
-        vals = torch.cat((_norm_sum(diff, 2).view(1), sums))
+        vals = torch.cat((sq_err, sums))
         del diff
         if not (bool(torch.isfinite(vals).all()) and math.isfinite(ref_l1) and math.isfinite(sq_ref)):
             if consume_test:
