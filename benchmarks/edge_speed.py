@@ -10,10 +10,13 @@ overhead weighs more. Per model, in one run (random weights, random images):
                  harness.py: alternated after a warm-up round, medians; wall time and peak RSS ratios
                  (launched from a fresh light process, so no child inherits this process's peak RSS).
   --one-at-a-time: one run of benchmarks/one_at_a_time.py on the whole-process data, divided by the scan.
+  --stored-mb 128,512: the scan at each `--stored-mb` (MiB of layer outputs a held-out piece stores; the
+                 first is the default's), side by side in the same interleaving: memory traded for time.
 Also printed: the target layers the scan found vs the Conv/Linear modules present (subclasses included).
 
 Usage: .venv/bin/python benchmarks/edge_speed.py [--models mobilenet_v2,yolov8n] [--repeats 3]
            [--images 32] [--process-images 16] [--no-process] [--no-inprocess] [--one-at-a-time]
+           [--stored-mb 128,512]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ import edge_models  # noqa: E402
 from harness import Measured, compare_isolated  # noqa: E402
 from resnets import resnet50  # noqa: E402
 
+from sensitivity import ScanOptions  # noqa: E402
+
 # name -> (factory, `--arch` spec resolved from the repo root, image side)
 MODELS: dict[str, tuple[Callable[[], nn.Module], str, int]] = {
     "mobilenet_v2": (edge_models.mobilenet_v2, "benchmarks.edge_models:mobilenet_v2", 224),
@@ -63,9 +68,11 @@ class Row:
     found: int = -1  # target layers of the in-process scan
     found_cli: int = -1  # rows of the CLI scan's layers.csv
     decisions: str = ""
-    scan: Measured = field(default_factory=Measured)  # in-process: wall and CPU seconds (no RSS)
+    #: in-process, per `--stored-mb` value: wall and CPU seconds (no RSS)
+    scans: dict[float, Measured] = field(default_factory=dict)
     fp: Measured = field(default_factory=Measured)
-    proc: dict[str, Measured] = field(default_factory=dict)  # whole processes: "scan", "fp-forward", ...
+    #: whole processes: "scan@128", ..., "fp-forward", "one-at-a-time"
+    proc: dict[str, Measured] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -87,9 +94,12 @@ def _batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[tor
     return list(torch.randn(images, 3, side, side, generator=g).split(batch_size))
 
 
-def in_process(row: Row, model: nn.Module, batches: list[torch.Tensor], repeats: int) -> None:
-    """FP forward and default scan, interleaved (FP, scan, FP, scan, ...), after one FP warm-up batch."""
-    from sensitivity import scan
+def in_process(
+    row: Row, model: nn.Module, batches: list[torch.Tensor], repeats: int, stored: list[float]
+) -> None:
+    """FP forward and the scan at each `stored` MiB, interleaved (FP, scan, scan', FP, scan, scan', ...),
+    after one FP warm-up batch; otherwise default options."""
+    from sensitivity import ScanOptions, scan
 
     with torch.no_grad():
         model(batches[0])
@@ -100,18 +110,23 @@ def in_process(row: Row, model: nn.Module, batches: list[torch.Tensor], repeats:
                 model(b)
         row.fp.wall_s.append(time.perf_counter() - t0)
         row.fp.cpu_s.append(time.process_time() - c0)
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = scan(model, batches)
-        row.scan.wall_s.append(time.perf_counter() - t0)
-        row.scan.cpu_s.append(time.process_time() - c0)
-        phases = " ".join(
-            f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items() if k != "total_s"
-        )
-        print(
-            f"  in-process {r + 1}: FP {row.fp.wall_s[-1]:6.2f} s (cpu {row.fp.cpu_s[-1]:6.2f})  "
-            f"scan {row.scan.wall_s[-1]:6.2f} s (cpu {row.scan.cpu_s[-1]:6.2f}; {phases})",
-            file=sys.stderr,
-        )
+        for mb in stored:
+            got = row.scans.setdefault(mb, Measured())
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = scan(model, batches, ScanOptions(stored_activation_mb=mb))
+            got.wall_s.append(time.perf_counter() - t0)
+            got.cpu_s.append(time.process_time() - c0)
+            phases = " ".join(
+                f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.timings.items() if k != "total_s"
+            )
+            print(
+                f"  in-process {r + 1}: FP {row.fp.wall_s[-1]:6.2f} s (cpu {row.fp.cpu_s[-1]:6.2f})  "
+                f"scan@{mb:g} {got.wall_s[-1]:6.2f} s (cpu {got.cpu_s[-1]:6.2f}; {phases})",
+                file=sys.stderr,
+            )
+            if mb == stored[0]:
+                first = result
+    result = first
     row.found = len(result.layers)
     counts = result.table["decision"].value_counts().to_dict()
     row.decisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
@@ -127,15 +142,16 @@ def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argpar
         torch.save(torch.cat(_batches(args.process_images, args.batch_size, side, seed=1)), tmpd / "calib.pt")
         py, bs = sys.executable, str(args.batch_size)
         common = [str(tmpd / "model.pth"), arch, str(tmpd / "calib.pt"), bs]
-        scan_cmd = [py, "-m", "sensitivity", "scan", str(tmpd / "model.pth"), "--arch", arch, "--calib",
-                    str(tmpd / "calib.pt"), "--batch-size", bs, "--out", str(tmpd / "report"), "--overwrite",
-                    "--quiet"]  # fmt: skip
-        fp_cmd = [py, str(HERE / "fp_forward.py"), *common]
-        res = compare_isolated(
-            {"scan": scan_cmd, "fp-forward": fp_cmd}, repeats=args.repeats, warmup=args.warmup
-        )
+        commands = {
+            f"scan@{mb:g}": [py, "-m", "sensitivity", "scan", str(tmpd / "model.pth"), "--arch", arch, "--calib",
+                             str(tmpd / "calib.pt"), "--batch-size", bs, "--out", str(tmpd / f"report{i}"),
+                             "--overwrite", "--quiet", "--stored-mb", f"{mb:g}"]
+            for i, mb in enumerate(args.stored)
+        }  # fmt: skip
+        commands["fp-forward"] = [py, str(HERE / "fp_forward.py"), *common]
+        res = compare_isolated(commands, repeats=args.repeats, warmup=args.warmup)
         row.proc = dict(res)
-        layers_csv = tmpd / "report" / "layers.csv"
+        layers_csv = tmpd / "report0" / "layers.csv"
         if layers_csv.is_file():  # the CLI's own layer count (one line per target layer)
             with layers_csv.open(newline="") as fh:
                 row.found_cli = sum(1 for _ in csv.reader(fh)) - 1
@@ -154,7 +170,7 @@ def measure(name: str, args: argparse.Namespace) -> Row:
     batches = _batches(args.images, args.batch_size, side)
     parts: list[tuple[str, Callable[[], None]]] = []
     if not args.no_inprocess:
-        parts.append(("in-process", lambda: in_process(row, model, batches, args.repeats)))
+        parts.append(("in-process", lambda: in_process(row, model, batches, args.repeats, args.stored)))
     if not args.no_process:
         parts.append(("whole-process", lambda: whole_process(row, model, arch, side, args)))
     for label, part in parts:
@@ -178,19 +194,23 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
           f"{'process wall':<22} {'process CPU':<22} {'process peak RSS':<22}")  # fmt: skip
     for r in rows:
         fp = r.proc.get("fp-forward")
-        cells = [
-            _ratio(r.scan, r.fp, "wall_s"),
-            _ratio(r.scan, r.fp, "cpu_s"),
-            _ratio(r.proc.get("scan"), fp, "wall_s"),
-            _ratio(r.proc.get("scan"), fp, "cpu_s"),
-            _ratio(r.proc.get("scan"), fp, "peak_rss_mb"),
-        ]
         found = max(r.found, r.found_cli)
-        line = f"{r.name:<25} {found if found >= 0 else '?':>4}/{r.present:<4} "
-        print(line + " ".join(f"{q:6.2f}x ({a:6.1f}/{b:6.1f})" for q, a, b in cells))
+        for mb in args.stored:
+            proc = r.proc.get(f"scan@{mb:g}")
+            cells = [
+                _ratio(r.scans.get(mb), r.fp, "wall_s"),
+                _ratio(r.scans.get(mb), r.fp, "cpu_s"),
+                _ratio(proc, fp, "wall_s"),
+                _ratio(proc, fp, "cpu_s"),
+                _ratio(proc, fp, "peak_rss_mb"),
+            ]
+            name = r.name if len(args.stored) == 1 else f"{r.name} @{mb:g} MiB"
+            line = f"{name:<25} {found if found >= 0 else '?':>4}/{r.present:<4} "
+            print(line + " ".join(f"{q:6.2f}x ({a:6.1f}/{b:6.1f})" for q, a, b in cells))
         if "one-at-a-time" in r.proc:
-            wall = _ratio(r.proc["one-at-a-time"], r.proc.get("scan"), "wall_s")
-            cpu = _ratio(r.proc["one-at-a-time"], r.proc.get("scan"), "cpu_s")
+            scan0 = r.proc.get(f"scan@{args.stored[0]:g}")
+            wall = _ratio(r.proc["one-at-a-time"], scan0, "wall_s")
+            cpu = _ratio(r.proc["one-at-a-time"], scan0, "cpu_s")
             print(f"{'':<27}one-at-a-time / scan (whole process): wall {wall[0]:.1f}x ({wall[1]:.1f} s), "
                   f"CPU {cpu[0]:.1f}x ({cpu[1]:.1f} s)")  # fmt: skip
         if r.decisions:
@@ -216,7 +236,15 @@ def main() -> None:
     ap.add_argument("--no-inprocess", action="store_true")
     ap.add_argument("--no-process", action="store_true")
     ap.add_argument("--one-at-a-time", action="store_true", help="one run of the one-at-a-time baseline")
+    ap.add_argument(
+        "--stored-mb", default=f"{ScanOptions().stored_activation_mb:g}",
+        help="comma-separated scan --stored-mb values, side by side (default: the scan's default)",
+    )  # fmt: skip
     args = ap.parse_args()
+    try:
+        args.stored = [float(v) for v in args.stored_mb.split(",")]
+    except ValueError:
+        ap.error(f"--stored-mb takes comma-separated numbers, got {args.stored_mb!r}")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")

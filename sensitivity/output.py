@@ -96,6 +96,7 @@ def scan_json(result: ScanData) -> dict[str, Any]:
                 "policy": opts.policy,
                 "probes": opts.probes,
                 "calibrator_choices": opts.calibrator_choices,
+                "stored_activation_mb": opts.stored_activation_mb,
                 "max_fp_layers": opts.fp_layer_budget(len(result.layers)),
                 "max_fp_macs": opts.max_fp_macs,
             },

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
+from sensitivity import ScanOptions
 from sensitivity.cli import main
 from tests.models import PlantedOutlierNet
 
@@ -92,6 +95,9 @@ def test_user_edited_exclusion_list_is_honoured(planted: tuple[Path, Path], tmp_
         (["--max-fp-layers=-1"], "--max-fp-layers must be a non-negative integer, got -1"),
         (["--max-fp-macs", "1.5"], "--max-fp-macs must be a fraction in [0, 1], got 1.5"),
         (["--max-fp-macs", "nan"], "--max-fp-macs must be a fraction in [0, 1], got nan"),
+        (["--stored-mb=-1"], "--stored-mb must be a number of MiB >= 0 (0: whole batches), got -1.0"),
+        (["--stored-mb", "nan"], "--stored-mb must be a number of MiB >= 0 (0: whole batches), got nan"),
+        (["--stored-mb", "inf"], "--stored-mb must be a number of MiB >= 0 (0: whole batches), got inf"),
     ],
 )
 def test_bad_options_are_one_red_line(planted, tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -102,6 +108,31 @@ def test_bad_options_are_one_red_line(planted, tmp_path: Path, capsys, args: lis
     assert len(err.splitlines()) == 1
     assert "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_stored_mb_reaches_the_scan_and_keeps_its_numbers(planted, tmp_path: Path) -> None:
+    """`--stored-mb` sets how many MiB of layer outputs a held-out piece stores: recorded in scan.json, the
+    library's default when not given, and the isolated / cumulative errors the same whether the held-out
+    batches run whole (0) or cut into one-sample pieces (a budget below one sample's outputs). Only the
+    output-referred estimates may move: the probes' random signs are drawn per piece."""
+    model, calib = planted
+    runs = {}
+    for mb in (None, "0", "0.0001"):
+        out = tmp_path / f"r{mb}"
+        assert _scan(model, calib, out, *(["--stored-mb", mb] if mb is not None else [])) == 0
+        runs[mb] = (json.loads((out / "scan.json").read_text()), pd.read_csv(out / "layers.csv", index_col=0))
+    assert runs[None][0]["options"]["stored_activation_mb"] == ScanOptions().stored_activation_mb
+    assert runs["0"][0]["options"]["stored_activation_mb"] == 0.0
+    assert runs["0.0001"][0]["options"]["stored_activation_mb"] == 0.0001
+    whole, cut = runs["0"][1], runs["0.0001"][1]
+    cols = [
+        c for c in whole.columns if c.startswith(("iso_naive_", "cum_naive_")) and whole[c].dtype.kind == "f"
+    ]
+    assert cols
+    for c in cols:
+        # 1e-4 relative as in the pass tests (convs differ in rounding between batch sizes, and layers.csv
+        # keeps 6 significant digits); 1e-6 absolute for errors near zero (outputs here are about 1)
+        assert np.allclose(whole[c], cut[c], rtol=1e-4, atol=1e-6, equal_nan=True), c
 
 
 def test_rejected_batch_and_missing_files(planted, tmp_path: Path, capsys) -> None:

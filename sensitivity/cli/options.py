@@ -159,6 +159,16 @@ ProbesOpt = Annotated[
         ),
     ),
 ]
+StoredMbOpt = Annotated[
+    float,
+    Opt(
+        "--stored-mb",
+        help=(
+            "MiB of layer outputs one piece of a held-out batch may store (0: whole batches). More scans "
+            "faster and holds more memory."
+        ),
+    ),
+]
 CalChoiceOpt = Annotated[
     bool,
     Opt(

@@ -50,6 +50,7 @@ from sensitivity.cli.options import (
     SqMarginOpt,
     SqModeOpt,
     SqOpt,
+    StoredMbOpt,
     TrustOpt,
     check_device,
     outputs_option,
@@ -101,6 +102,7 @@ class ScanArgs:
     max_fp_macs: float | None
     probes: int | None
     calibrator_choice: bool
+    stored_mb: float
     seed: int
     out_dir: Path | None
     overwrite: bool
@@ -120,7 +122,8 @@ def scan(
     sq_granularity: SqGranOpt = "channel", sq_mode: SqModeOpt = "static", sq_margin: SqMarginOpt = 0.5,
     eval_fn: EvalOpt = None, eval_metric: EvalMetricOpt = None, exclude_budget: BudgetOpt = None,
     policy_by: PolicyOpt = "output", max_fp_layers: MaxFpLayersOpt = None, max_fp_macs: MaxFpMacsOpt = None,
-    probes: ProbesOpt = None, calibrator_choice: CalChoiceOpt = True, seed: SeedOpt = 0,
+    probes: ProbesOpt = None, calibrator_choice: CalChoiceOpt = True, stored_mb: StoredMbOpt = 128.0,
+    seed: SeedOpt = 0,
     out_dir: OutOpt = None, overwrite: OverwriteOpt = False, resume: ResumeOpt = None, quiet: QuietOpt = False,
 ) -> None:  # fmt: skip
     """Scan a model: each layer's error alone and in the whole model, its effect at the outputs, the policy
@@ -200,7 +203,7 @@ def _options(args: ScanArgs) -> Any:
         granularities=split([args.sq_granularity]), sq_mode=args.sq_mode, sq_margin=args.sq_margin,
         eval_metric=args.eval_metric, exclude_budget=args.exclude_budget, device=args.device,
         policy=args.policy_by, max_fp_layers=args.max_fp_layers, max_fp_macs=args.max_fp_macs,
-        probes=args.probes, calibrator_choices=args.calibrator_choice,
+        probes=args.probes, calibrator_choices=args.calibrator_choice, stored_activation_mb=args.stored_mb,
     )  # fmt: skip
 
 

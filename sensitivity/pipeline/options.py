@@ -40,6 +40,10 @@ DEFAULT_ALPHAS = (0.5,)
 PROBE_SAMPLES = 4
 MAX_AUTO_PROBES = 4
 POLICIES = ("output", "thresholds")
+#: Default `stored_activation_mb`. Measured in benchmarks/edge_speed.py (2 threads, 32 images in process, 16
+#: as whole processes): larger pieces cost less per sample, so more MiB scan faster and peak higher;
+#: 128 is the most that kept every edge shape's peak within 2x its FP forward's (see benchmarks/README.md).
+STORED_MB = 128.0
 
 
 class PhaseProgress:
@@ -77,8 +81,10 @@ class ScanOptions:
     #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
     device: str = "cpu"
     #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
-    #: per-sample models: same numbers, bounded memory); 0 = whole batches
-    stored_activation_mb: float = 128.0
+    #: per-sample models: same numbers but the probes' random signs, bounded memory); 0 = whole batches.
+    #: The default keeps the scan's peak within 2x a plain FP forward's on the edge benchmarks; more is
+    #: faster (fewer, larger pieces) and holds more (`--stored-mb`; benchmarks/edge_speed.py --stored-mb)
+    stored_activation_mb: float = STORED_MB
     #: `output -> {name: tensor}`: what the model's outputs are (instead of `outputs` keys), each measured apart
     output_fn: Callable[[Any], Any] | None = None
     #: output-referred sensitivity: random output probes per held-out batch piece (None: enough for about
@@ -114,6 +120,9 @@ class ScanOptions:
             isinstance(self.max_fp_layers, bool) or self.max_fp_layers < 0
         ):
             raise SpecError(f"--max-fp-layers must be a non-negative integer, got {self.max_fp_layers!r}")
+        mb = self.stored_activation_mb
+        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0.0 <= mb < math.inf:
+            raise SpecError(f"--stored-mb must be a number of MiB >= 0 (0: whole batches), got {mb!r}")
         if self.max_fp_macs is not None and not 0.0 <= self.max_fp_macs <= 1.0:
             raise SpecError(f"--max-fp-macs must be a fraction in [0, 1], got {self.max_fp_macs!r}")
 
