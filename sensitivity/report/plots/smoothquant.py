@@ -8,7 +8,7 @@ import math
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import MaxNLocator
 
 from sensitivity.report.data import ReportData
 from sensitivity.report.plots.style import (
@@ -17,6 +17,7 @@ from sensitivity.report.plots.style import (
     clip_log,
     grid,
     log_limits,
+    no_minor_ticks,
     short_name,
     style,
     values,
@@ -124,7 +125,7 @@ def plot_channel_profiles(data: ReportData, k: int = 4) -> Figure | None:
             if log:
                 ax.set_yscale("log")
                 ax.set_ylim(floor, float(amax.max()) * 2)
-                ax.yaxis.set_minor_formatter(NullFormatter())
+                no_minor_ticks(ax.yaxis)
                 ax.set_ylabel("max |X| (log)")
             else:
                 ax.set_ylim(0, float(amax.max()) * 1.25 or 1.0)
@@ -156,6 +157,7 @@ def _hist(ax: Axes, counts: np.ndarray, rng: np.ndarray, color: str, title: str)
     edges = np.linspace(lo, hi, counts.size + 1)
     ax.stairs(np.maximum(counts, 0), edges, fill=True, color=color, alpha=0.85)
     ax.set_yscale("symlog", linthresh=1)
+    no_minor_ticks(ax.yaxis)
     ax.set_ylim(bottom=0)
     ax.set_title(title, loc="left", fontsize=9)
     ax.set_ylabel("count")

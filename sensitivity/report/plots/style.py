@@ -9,8 +9,9 @@ from contextlib import contextmanager
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from sensitivity.report.data import ReportData
 
@@ -32,6 +33,7 @@ __all__ = [
     "lin_limits",
     "log_limits",
     "method_color",
+    "no_minor_ticks",
     "short_name",
     "style",
     "values",
@@ -150,8 +152,15 @@ def log_limits(ax: Axes, arrays: Sequence[np.ndarray], floor: float = 1e-7) -> t
     ax.set_yscale("log")
     ax.set_ylim(lo, hi)
     ax.yaxis.set_major_locator(LogLocator(base=10, numticks=8))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    no_minor_ticks(ax.yaxis)
     return lo, hi
+
+
+def no_minor_ticks(axis: Axis) -> None:
+    """No minor ticks on a log axis whose decades are labelled (`log_limits` keeps one in view): their
+    labels were hidden anyway, and laying out their tick texts took a fifth of the report's drawing time
+    (ResNet-50 shapes: 2.6 -> 2.1 s over the seven plots)."""
+    axis.set_minor_locator(NullLocator())
 
 
 def clip_log(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
