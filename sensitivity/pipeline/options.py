@@ -40,9 +40,9 @@ DEFAULT_ALPHAS = (0.5,)
 PROBE_SAMPLES = 4
 MAX_AUTO_PROBES = 4
 POLICIES = ("output", "thresholds")
-#: Default `stored_activation_mb`. Measured in benchmarks/edge_speed.py (2 threads, 32 images in process, 16
-#: as whole processes): larger pieces cost less per sample, so more MiB scan faster and peak higher;
-#: 128 is the most that kept every edge shape's peak within 2x its FP forward's (see benchmarks/README.md).
+#: Default `stored_activation_mb`. Larger pieces cost less per sample, so more MiB scan faster and peak
+#: higher: on the edge shapes of benchmarks/edge_speed.py, 512 MiB ran 12-28% faster in process and took
+#: the peak to 2.0-2.9x a plain forward's; 128 kept it within 2x (benchmarks/README.md, "Memory for time").
 STORED_MB = 128.0
 
 
