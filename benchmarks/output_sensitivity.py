@@ -3,9 +3,12 @@
 Per real model (`output_models.py`), in one run:
 
 1. Cost: the scan without output scores (`--probes 0`, today's v1 scan), with them (same v1 decisions, so
-   only the scores differ), and the default v2 scan; wall time side by side, ratios to the first. The
-   scans take seconds and this machine's timing moves by a fifth run to run, so the two are timed in
-   `--cost-pairs` interleaved pairs (without, with) and the ratio is the median of the pairs' ratios.
+   only the scores differ) first without the per-layer calibrator choice (`--no-calibrator-choice`: the
+   naive and SmoothQuant candidates scored), then with it (its range histograms in the calibration pass,
+   its amax values and its candidates' products: the default), and the default v2 scan; wall time side
+   by side, ratios to the first. The scans take seconds and this machine's timing moves by a fifth run to
+   run, so they are timed in `--cost-pairs` interleaved rounds (without, scores, scores + choice) and each
+   ratio is the median of the rounds' ratios.
 2. Accuracy of the scores: every layer quantized alone (naive) over the scan's own held-out batches,
    exactly (L quantized forwards: the slow answer), against `out_naive_err`: Spearman rank correlation
    over the layers whose `out_err_source` is an estimate, and the overlap of the two top-5s.
@@ -76,12 +79,16 @@ def run_case(case: Case, spec: str, probes: int | None = None, pairs: int = 3) -
     probed = {} if probes is None else {"probes": probes}
     with run_context(model):
         scan(model, case.calib[:2], ScanOptions(**{**case.options, "probes": 0, **base}))  # warm-up, untimed
-        plain, scored = [], []
+        plain, bare, scored = [], [], []
         for _ in range(max(pairs, 1)):
             plain.append(_timed(model, case, probes=0, **base)[1])
+            bare.append(
+                _timed(model, case, policy="thresholds", calibrator_choices=False, **base, **probed)[1]
+            )
             v1, t = _timed(model, case, policy="thresholds", **base, **probed)
             scored.append(t)
-        t_plain, t_scores = statistics.median(plain), statistics.median(scored)
+        t_plain, t_bare, t_scores = (statistics.median(t) for t in (plain, bare, scored))
+        cost_bare = statistics.median(b / a for a, b in zip(plain, bare, strict=True))
         cost = statistics.median(b / a for a, b in zip(plain, scored, strict=True))
         v2, t_v2 = _timed(model, case, **base, **probed)
         select = v2.options.output_selector
@@ -115,7 +122,7 @@ def run_case(case: Case, spec: str, probes: int | None = None, pairs: int = 3) -
     return {
         "name": case.name, "layers": len(table), "estimated": len(est), "rho": rho,
         "top5": len(top_pred & top_exact), "t_plain": t_plain, "t_scores": t_scores, "t_v2": t_v2,
-        "cost": cost, "pairs": len(plain),
+        "cost": cost, "pairs": len(plain), "t_bare": t_bare, "cost_bare": cost_bare,
         "t_exact": t_exact, "rows": rows, "fp": fp_counts, "fp_metric": fp_metric, "budget": budget,
         "metric_name": case.metric_name, "probes": v2.table["out_err_source"].iloc[0],
     }  # fmt: skip
@@ -133,8 +140,9 @@ def report(r: dict[str, Any]) -> None:
     print(f"\n## {r['name']}: {r['layers']} layers ({r['estimated']} estimated by probes, {r['probes']})")
     print(f"Spearman out_naive_err vs exact one-at-a-time: {r['rho']:.3f}; top-5 overlap {r['top5']}/5")
     print(
-        f"scan time (medians of {r['pairs']} interleaved pairs): v1 {r['t_plain']:.1f} s; with output scores "
-        f"{r['t_scores']:.1f} s ({r['cost']:.2f}x, median of the pairs' ratios); v2 {r['t_v2']:.1f} s "
+        f"scan time (medians of {r['pairs']} interleaved rounds): v1 {r['t_plain']:.1f} s; with output scores "
+        f"{r['t_bare']:.1f} s ({r['cost_bare']:.2f}x, median of the rounds' ratios), with them and the per-layer "
+        f"calibrator choice (the default) {r['t_scores']:.1f} s ({r['cost']:.2f}x); v2 {r['t_v2']:.1f} s "
         f"({r['t_v2'] / r['t_plain']:.2f}x); exact one-at-a-time on the held-out batches {r['t_exact']:.1f} s"
     )
     metric = r["metric_name"]
@@ -155,7 +163,10 @@ def main() -> None:
     parser.add_argument("--spec", default="W8A8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--probes", type=int, default=None, help="probes per batch (default: the scan's)")
-    parser.add_argument("--cost-pairs", type=int, default=3, help="interleaved timings without / with scores")
+    parser.add_argument(
+        "--cost-pairs", type=int, default=3,
+        help="interleaved rounds timed: without scores / with them / with them and the calibrator choice",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
