@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sensitivity import scan
+from sensitivity.capture.hooks import layer_inputs
 from sensitivity.cli import main
 from sensitivity.quant.fake import amax_to_scale, fake_quant
 from sensitivity.quant.modules import QuantMixin, QuantWrapped
@@ -114,11 +116,32 @@ def test_disabled_twin_equals_the_float_layer(make) -> None:  # type: ignore[no-
 
 def test_intercept_sees_only_its_modules_op() -> None:
     outer, inner = nn.Conv2d(3, 3, 1), sm.Conv2dSame(3, 3, 3)
-    tap = OpIntercept("conv2d")
+    tap = OpIntercept("conv2d", keep_input=True)
     with during_forward(inner, tap):
         outer(inner(torch.randn(1, 3, 5, 5)))
     assert tap.calls == 1 and tap.last_input is not None and tap.last_input.shape[-1] == 7  # padded input
     assert "forward" not in inner.__dict__  # the instance override is gone
+
+
+def test_intercepts_hold_no_tensor_unasked() -> None:
+    """What an intercept keeps outlives the model's own reference: the padded input and the output of every
+    TF-SAME conv, held through a forward, had been the scan's peak memory. Unasked, nothing is kept; asked,
+    the input is let go once read (`LayerInputs`, once per call in the layer's hook)."""
+    conv = sm.Conv2dSame(3, 3, 3)
+    tap = OpIntercept("conv2d")
+    with during_forward(conv, tap), torch.no_grad():
+        out = conv(torch.randn(1, 3, 5, 5))
+    assert tap.calls == 1 and tap.last_input is None and tap.last_output is None
+    ref = weakref.ref(out)
+    del out
+    assert ref() is None  # the caller's output was the last reference
+    seen: list[torch.Tensor | None] = []
+    with layer_inputs(conv, [""]) as inputs, torch.no_grad():
+        handle = conv.register_forward_hook(lambda m, a, o: seen.append(inputs("", a)))
+        conv(torch.randn(1, 3, 5, 5))
+        handle.remove()
+        assert seen[0] is not None and seen[0].shape[-1] == 7  # the op's (padded) input
+        assert inputs.taps[""].last_input is None  # let go once read
 
 
 def test_cli_and_report_say_what_was_not_scanned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

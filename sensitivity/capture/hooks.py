@@ -34,7 +34,9 @@ def forward_hooks(
 
 class LayerInputs:
     """The tensor each layer's op actually receives: the module's first argument, except for conv
-    subclasses whose forward wraps the op (pads the input, say), where the op's own input is recorded."""
+    subclasses whose forward wraps the op (pads the input, say), where the op's own input is recorded.
+    Call it once per layer call (in its forward hook): the recorded input is let go then, not held until
+    the layer's next call."""
 
     def __init__(self, taps: dict[str, OpIntercept]) -> None:
         self.taps = taps
@@ -42,7 +44,7 @@ class LayerInputs:
     def __call__(self, name: str, args: tuple) -> torch.Tensor | None:
         tap = self.taps.get(name)
         if tap is not None:
-            return tap.last_input
+            return tap.take_input()
         return as_tensor(args[0]) if args else None
 
 
@@ -56,6 +58,6 @@ def layer_inputs(model: nn.Module, names: list[str]) -> Iterator[LayerInputs]:
             if is_wrapped_kind(mod):
                 op = op_name(mod)
                 assert op is not None
-                taps[name] = OpIntercept(op)
+                taps[name] = OpIntercept(op, keep_input=True)
                 stack.enter_context(during_forward(mod, taps[name]))
         yield LayerInputs(taps)

@@ -121,16 +121,15 @@ class _Compare:
         return on_forward
 
     def fp_hook(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        x = self.inputs(name, args)  # read on every call: a wrapped layer's op input is let go then
         y = as_tensor(out)
         if y is None:
             return
-        x = None
-        if self.observers is not None or self.histograms is not None:
-            x = self.inputs(name, args)
-            if x is not None and self.observers is not None:
-                self.observers[name].observe(x)
-            if x is not None and self.histograms is not None:
-                self.histograms[name].update(x)
+        if x is not None and self.observers is not None:
+            self.observers[name].observe(x)
+        if x is not None and self.histograms is not None:
+            self.histograms[name].update(x)
+        del x
         g_out = self.grads.take(name)[0] if self.grads is not None else None
         v_dots = self.grads.take_dots(name) if self.grads is not None else None
         if g_out is not None and self.res.grad_max[name] <= 0.0:  # once positive, the layer is not blind

@@ -122,15 +122,22 @@ def _replace(args: tuple, kwargs: dict, x: Any, w: Any) -> tuple[tuple, dict]:
 
 class OpIntercept(TorchFunctionMode):
     """While active, every call of the torch function named `op` gets `transform(input, weight)` applied to
-    its input and weight first (None: just record). Counts the calls and keeps the last input seen.
+    its input and weight first (None: just record). Counts the calls and keeps the weight seen last, and
+    with `keep_input` / `keep_output` the op's last input / output until `take_input` / `take_output`.
 
     Torch functions other than `op` pass through untouched; inside the handler the mode is inactive (torch
-    pops it), so the transform's own ops are not intercepted."""
+    pops it), so the transform's own ops are not intercepted. Nothing is kept unasked: a tensor held here
+    outlives the model's own reference, and on a model whose convs pad their input (TF SAME padding) the
+    last input and output of every layer, held through a forward, had been the scan's peak memory."""
 
-    def __init__(self, op: str, transform: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> None:
+    def __init__(
+        self, op: str, transform: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        keep_input: bool = False, keep_output: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.op = op
         self.transform = transform
+        self.keep_input, self.keep_output = keep_input, keep_output
         self.calls = 0
         self.last_input: torch.Tensor | None = None
         self.last_output: Any = None
@@ -142,11 +149,25 @@ class OpIntercept(TorchFunctionMode):
             return call_as_caller(func, args, kwargs)
         self.calls += 1
         x, w = _split(args, kwargs)
-        self.last_input, self.weight = x, w
+        self.weight = w
+        if self.keep_input:
+            self.last_input = x
         if self.transform is not None:
             args, kwargs = _replace(args, kwargs, *self.transform(x, w))
-        self.last_output = call_as_caller(func, args, kwargs)
-        return self.last_output
+        out = call_as_caller(func, args, kwargs)
+        if self.keep_output:
+            self.last_output = out
+        return out
+
+    def take_input(self) -> torch.Tensor | None:
+        """The op's last input (`keep_input`), let go here."""
+        x, self.last_input = self.last_input, None
+        return x
+
+    def take_output(self) -> Any:
+        """The op's last output (`keep_output`), let go here."""
+        out, self.last_output = self.last_output, None
+        return out
 
 
 @dataclass(frozen=True)
@@ -184,7 +205,7 @@ class probing:
         for name, module in self.modules.items():
             op = op_name(module)
             assert op is not None, type(module)
-            seen = OpIntercept(op)
+            seen = OpIntercept(op, keep_output=True)
             counter = _CallCounter()
             self.stack.enter_context(during_forward(module, seen, counter))
             probes[name] = functools.partial(_probe_result, module, seen, counter, op)
@@ -219,7 +240,8 @@ def during_forward(
             out = inner(module, *args, **kwargs)
         if counter is not None:
             counter.calls += 1
-            counter.returns_op_output &= out is getattr(mode, "last_output", None)
+            take = getattr(mode, "take_output", None)
+            counter.returns_op_output &= callable(take) and out is take()
         return out
 
     module.__dict__["forward"] = forward
