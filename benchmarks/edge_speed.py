@@ -4,7 +4,8 @@ Why: the README's targets (scan <= 4x an FP forward in time, <= 2x in peak memor
 ResNets only; edge models are deeper in cheap layers (depthwise convs, 1x1s), where the scan's per-layer
 overhead weighs more. Per model, in one run (random weights, random images):
   in-process:    `sensitivity.scan(model, batches)` (default options, no report written) vs a plain FP
-                 forward over the same batches, interleaved FP, scan, FP, scan, ...; medians.
+                 forward over the same batches, interleaved FP, scan, FP, scan, ...; medians, and each
+                 ratio the median of the rounds' ratios.
   whole process: `python -m sensitivity scan` on a saved state dict with `--arch benchmarks.<module>:<fn>`
                  (report written) vs benchmarks/fp_forward.py (load model and data, one FP pass), through
                  harness.py: alternated after a warm-up round, medians; wall time and peak RSS ratios
@@ -82,10 +83,14 @@ def _med(values: list[float]) -> float:
 
 
 def _ratio(a: Measured | None, b: Measured | None, what: str) -> tuple[float, float, float]:
-    """(a / b, a, b) of the medians of `what` ("wall_s", "cpu_s", "peak_rss_mb"); NaN where missing."""
-    x = _med(getattr(a, what)) if a is not None else float("nan")
-    y = _med(getattr(b, what)) if b is not None else float("nan")
-    return x / y if y else float("nan"), x, y
+    """(a / b, a, b) for `what` ("wall_s", "cpu_s", "peak_rss_mb"): the ratio is the median of the rounds'
+    ratios (each run of `a` against the run of `b` in its round: this shared machine's speed drifts by a
+    third between rounds, which a ratio of medians mixes in), a and b the medians; NaN where missing."""
+    xs = getattr(a, what) if a is not None else []
+    ys = getattr(b, what) if b is not None else []
+    x, y = _med(xs), _med(ys)
+    pairs = [u / v for u, v in zip(xs, ys, strict=False) if v]
+    return (_med(pairs) if len(xs) == len(ys) and pairs else x / y if y else float("nan")), x, y
 
 
 def _batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[torch.Tensor]:
