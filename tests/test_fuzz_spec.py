@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
@@ -137,3 +138,30 @@ def test_cli_options_are_one_red_line(
         assert torch.device(values["device"]).type == "cpu"
     # which check refused (see --hypothesis-show-statistics: every option's check is reached)
     event(err.split(":")[1].split("'")[0].strip()[:40])
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(min_value=-(2**40), max_value=2**40),
+        st.booleans(),
+        st.none(),
+        _text,
+    )
+)
+def test_stored_mb_is_a_budget_or_one_error(value: object) -> None:
+    """`ScanOptions(stored_activation_mb=...)` (`--stored-mb`): any finite number >= 0 is a budget (ints
+    and numpy scalars too); anything else, bools included, one `SpecError` naming the option."""
+    from sensitivity import ScanOptions
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+    values = [value]
+    if ok and float(value).is_integer() and value < 2**31:  # type: ignore[arg-type]
+        values += [np.float32(value), np.int64(value)]
+    for v in values:
+        if ok:
+            assert ScanOptions(stored_activation_mb=v).stored_activation_mb == v
+        else:
+            with pytest.raises(SpecError, match=r"^--stored-mb must be a number of MiB >= 0"):
+                ScanOptions(stored_activation_mb=v)

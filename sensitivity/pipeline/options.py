@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ class ScanOptions:
     #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
     device: str = "cpu"
     #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
-    #: per-sample models: same numbers but the probes' random signs, bounded memory); 0 = whole batches.
+    #: per-sample models: the same errors up to float rounding, bounded memory; the output probes' estimates
+    #: move within their sampling error, their random signs being drawn per piece); 0 = whole batches.
     #: The default keeps the scan's peak within 2x a plain FP forward's on the edge benchmarks; more is
     #: faster (fewer, larger pieces) and holds more (`--stored-mb`; benchmarks/edge_speed.py --stored-mb)
     stored_activation_mb: float = STORED_MB
@@ -121,7 +123,7 @@ class ScanOptions:
         ):
             raise SpecError(f"--max-fp-layers must be a non-negative integer, got {self.max_fp_layers!r}")
         mb = self.stored_activation_mb
-        if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0.0 <= mb < math.inf:
+        if isinstance(mb, bool) or not isinstance(mb, numbers.Real) or not 0.0 <= mb < math.inf:
             raise SpecError(f"--stored-mb must be a number of MiB >= 0 (0: whole batches), got {mb!r}")
         if self.max_fp_macs is not None and not 0.0 <= self.max_fp_macs <= 1.0:
             raise SpecError(f"--max-fp-macs must be a fraction in [0, 1], got {self.max_fp_macs!r}")
