@@ -41,10 +41,6 @@ DEFAULT_ALPHAS = (0.5,)
 PROBE_SAMPLES = 4
 MAX_AUTO_PROBES = 4
 POLICIES = ("output", "thresholds")
-#: Default `stored_activation_mb`. Larger pieces cost less per sample, so more MiB scan faster and peak
-#: higher: on the edge shapes of benchmarks/edge_speed.py, 512 MiB ran 12-28% faster in process and took
-#: the peak to 2.0-2.9x a plain forward's; 128 kept it within 2x (benchmarks/README.md, "Memory for time").
-STORED_MB = 128.0
 
 
 class PhaseProgress:
@@ -83,10 +79,11 @@ class ScanOptions:
     device: str = "cpu"
     #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
     #: per-sample models: the same errors up to float rounding, bounded memory; the output probes' estimates
-    #: move within their sampling error, their random signs being drawn per piece); 0 = whole batches.
-    #: The default keeps the scan's peak within 2x a plain FP forward's on the edge benchmarks; more is
-    #: faster (fewer, larger pieces) and holds more (`--stored-mb`; benchmarks/edge_speed.py --stored-mb)
-    stored_activation_mb: float = STORED_MB
+    #: move within their sampling error, their random signs being drawn per piece); 0 = whole batches
+    #: (`--stored-mb`). Larger pieces cost less per sample: on the edge shapes of benchmarks/edge_speed.py,
+    #: 512 MiB ran 12-28% faster in process and took the peak to 2.0-2.9x a plain forward's; 128 kept it
+    #: within 2x (benchmarks/README.md, "Memory for time")
+    stored_activation_mb: float = 128.0
     #: `output -> {name: tensor}`: what the model's outputs are (instead of `outputs` keys), each measured apart
     output_fn: Callable[[Any], Any] | None = None
     #: output-referred sensitivity: random output probes per held-out batch piece (None: enough for about
