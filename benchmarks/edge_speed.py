@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,10 +105,11 @@ def in_process(
 ) -> None:
     """FP forward and the scan at each `stored` MiB, interleaved (FP, scan, scan', FP, scan, scan', ...),
     after one FP warm-up batch; otherwise default options."""
-    from sensitivity import ScanOptions, scan
+    from sensitivity import scan
 
     with torch.no_grad():
         model(batches[0])
+    results: dict[float, Any] = {}  # the latest scan per budget
     for r in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
@@ -118,7 +120,7 @@ def in_process(
         for mb in stored:
             got = row.scans.setdefault(mb, Measured())
             t0, c0 = time.perf_counter(), time.process_time()
-            result = scan(model, batches, ScanOptions(stored_activation_mb=mb))
+            result = results[mb] = scan(model, batches, ScanOptions(stored_activation_mb=mb))
             got.wall_s.append(time.perf_counter() - t0)
             got.cpu_s.append(time.process_time() - c0)
             phases = " ".join(
@@ -129,9 +131,7 @@ def in_process(
                 f"scan@{mb:g} {got.wall_s[-1]:6.2f} s (cpu {got.cpu_s[-1]:6.2f}; {phases})",
                 file=sys.stderr,
             )
-            if mb == stored[0]:
-                first = result
-    result = first
+    result = results[stored[0]]
     row.found = len(result.layers)
     counts = result.table["decision"].value_counts().to_dict()
     row.decisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

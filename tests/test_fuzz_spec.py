@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from sensitivity import ScanOptions
 from sensitivity.cli import main
 from sensitivity.errors import SpecError
 from sensitivity.methods.smoothquant import MAX_ALPHAS, parse_alpha_grid
@@ -153,8 +154,6 @@ def test_cli_options_are_one_red_line(
 def test_stored_mb_is_a_budget_or_one_error(value: object) -> None:
     """`ScanOptions(stored_activation_mb=...)` (`--stored-mb`): any finite number >= 0 is a budget (ints
     and numpy scalars too); anything else, bools included, one `SpecError` naming the option."""
-    from sensitivity import ScanOptions
-
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
     values = [value]
     if ok and float(value).is_integer() and value < 2**31:  # type: ignore[arg-type]
