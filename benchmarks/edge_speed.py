@@ -13,6 +13,8 @@ overhead weighs more. Per model, in one run (random weights, random images):
   --one-at-a-time: one run of benchmarks/one_at_a_time.py on the whole-process data, divided by the scan.
   --stored-mb 128,512: the scan at each `--stored-mb` (MiB of layer outputs a held-out piece stores; the
                  first is the default's), side by side in the same interleaving: memory traded for time.
+  dense floor:   one more in-process scan with its convolutions and matrix products timed (dense_floor.py):
+                 their seconds alone against the FP forward, the floor under the in-process ratio.
 Also printed: the target layers the scan found vs the Conv/Linear modules present (subclasses included).
 
 Usage: .venv/bin/python benchmarks/edge_speed.py [--models mobilenet_v2,yolov8n] [--repeats 3]
@@ -42,6 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import edge_models  # noqa: E402
+from dense_floor import DenseFloor, dense_floor  # noqa: E402
 from harness import Measured, compare_isolated  # noqa: E402
 from resnets import resnet50  # noqa: E402
 
@@ -75,6 +78,8 @@ class Row:
     fp: Measured = field(default_factory=Measured)
     #: whole processes: "scan@128", ..., "fp-forward", "one-at-a-time"
     proc: dict[str, Measured] = field(default_factory=dict)
+    #: the default scan's dense-layer compute (in process, default --stored-mb)
+    floor: DenseFloor | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -94,7 +99,7 @@ def _ratio(a: Measured | None, b: Measured | None, what: str) -> tuple[float, fl
     return (_med(pairs) if len(xs) == len(ys) and pairs else x / y if y else float("nan")), x, y
 
 
-def _batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[torch.Tensor]:
+def image_batches(images: int, batch_size: int, side: int, seed: int = 0) -> list[torch.Tensor]:
     """Seeded random images: timing needs shapes, not content."""
     g = torch.Generator().manual_seed(seed)
     return list(torch.randn(images, 3, side, side, generator=g).split(batch_size))
@@ -137,6 +142,7 @@ def in_process(
     row.decisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     if result.first_nonfinite:
         row.errors.append(f"naive first non-finite at {result.first_nonfinite}")
+    row.floor = dense_floor(model, batches, ScanOptions(stored_activation_mb=stored[0]))
 
 
 def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argparse.Namespace) -> None:
@@ -144,7 +150,9 @@ def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argpar
     with tempfile.TemporaryDirectory(prefix="edge_speed_") as tmp:
         tmpd = Path(tmp)
         torch.save(model.state_dict(), tmpd / "model.pth")
-        torch.save(torch.cat(_batches(args.process_images, args.batch_size, side, seed=1)), tmpd / "calib.pt")
+        torch.save(
+            torch.cat(image_batches(args.process_images, args.batch_size, side, seed=1)), tmpd / "calib.pt"
+        )
         py, bs = sys.executable, str(args.batch_size)
         common = [str(tmpd / "model.pth"), arch, str(tmpd / "calib.pt"), bs]
         commands = {
@@ -172,7 +180,7 @@ def measure(name: str, args: argparse.Namespace) -> Row:
     model = factory()
     row = Row(name, present=edge_models.count_targets(model))
     print(f"{name}: {row.present} Conv/Linear modules, images {side}x{side}", file=sys.stderr)
-    batches = _batches(args.images, args.batch_size, side)
+    batches = image_batches(args.images, args.batch_size, side)
     parts: list[tuple[str, Callable[[], None]]] = []
     if not args.no_inprocess:
         parts.append(("in-process", lambda: in_process(row, model, batches, args.repeats, args.stored)))
@@ -218,6 +226,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
             cpu = _ratio(r.proc["one-at-a-time"], scan0, "cpu_s")
             print(f"{'':<27}one-at-a-time / scan (whole process): wall {wall[0]:.1f}x ({wall[1]:.1f} s), "
                   f"CPU {cpu[0]:.1f}x ({cpu[1]:.1f} s)")  # fmt: skip
+        if r.floor is not None:
+            print(f"{'':<27}{r.floor.line()}")
         if r.decisions:
             print(f"{'':<27}decisions: {r.decisions}")
         if min(r.found, r.found_cli) >= 0 and r.found != r.found_cli:

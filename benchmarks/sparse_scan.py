@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,11 +36,14 @@ from harness import compare  # noqa: E402
 ARCH = "sensitivity.demo.centerpoint:build_centerpoint"
 
 
-def in_process(model: torch.nn.Module, batches: list[dict], repeats: int) -> tuple[float, float]:
-    """(median scan seconds, median FP-forward seconds) with model and data in memory."""
+def in_process(
+    model: torch.nn.Module, batches: list[dict], repeats: int
+) -> tuple[float, float, dict[str, float]]:
+    """(median scan seconds, median FP-forward seconds, median seconds per scan phase) with model and data
+    in memory."""
     from sensitivity import ScanOptions, scan
 
-    scans, fps = [], []
+    scans, fps, phases = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -47,9 +51,13 @@ def in_process(model: torch.nn.Module, batches: list[dict], repeats: int) -> tup
                 model(batch)
         fps.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        scan(model, batches, ScanOptions(outputs=("pred_dicts",)))
+        result = scan(model, batches, ScanOptions(outputs=("pred_dicts",)))
         scans.append(time.perf_counter() - t0)
-    return sorted(scans)[len(scans) // 2], sorted(fps)[len(fps) // 2]
+        phases.append(result.timings)
+    per_phase = {
+        k.removesuffix("_s"): statistics.median(p[k] for p in phases) for k in phases[0] if k != "total_s"
+    }
+    return statistics.median(scans), statistics.median(fps), per_phase
 
 
 def main() -> None:
@@ -83,7 +91,7 @@ def main() -> None:
                     "pred_dicts"]  # fmt: skip
         base = compare({"one-at-a-time": base_cmd}, repeats=1, warmup=0)["one-at-a-time"]
     a, b = res["scan"], res["fp-forward"]
-    scan_s, fp_s = in_process(model, batches, args.repeats)
+    scan_s, fp_s, per_phase = in_process(model, batches, args.repeats)
     print(
         f"CenterPoint-shaped model, {args.frames} real frames (mean {voxels:.0f} voxels), batch 1, "
         f"torch threads {args.threads}, medians of {args.repeats} runs"
@@ -95,6 +103,10 @@ def main() -> None:
     print(f"    one-at-a-time baseline wall {base.wall:7.2f} s: the scan is {base.wall / a.wall:.1f}x faster")
     print("  in process (model and frames in memory):")
     print(f"    scan() {scan_s:.2f} s, FP forward over the frames {fp_s:.3f} s: ratio {scan_s / fp_s:.1f}x")
+    print(
+        "    per phase, in FP forwards over the frames: "
+        + ", ".join(f"{k} {v / fp_s:.2f}x" for k, v in per_phase.items())
+    )
 
 
 if __name__ == "__main__":
