@@ -288,9 +288,12 @@ def test_dynamic_and_im2col_modes_are_scored() -> None:
     assert t.loc["mid", "iso_sqi_rel_l1"] < t.loc["mid", "iso_naive_rel_l1"]
     assert "no im2col form" in t.loc["fc1", "sqi_refused"]
     assert (t["decision"] != "fp").all()
+    # policy v1 (isolated errors): `mid`'s SmoothQuant gain at the outputs, about 2e-5, sits at policy v2's
+    # floor for a worthwhile gain, where the probes' random signs decide
     dyn = scan(
-        OutlierChannelsNet(), _batches(), ScanOptions(sq_mode="dynamic", alphas=(0.5,), max_fp_layers=0)
-    )
+        OutlierChannelsNet(), _batches(),
+        ScanOptions(sq_mode="dynamic", alphas=(0.5,), max_fp_layers=0, policy="thresholds"),
+    )  # fmt: skip
     assert dyn.table.loc["mid", "decision"] == "smoothquant"
     assert dyn.quant_state.layers["mid"].mode == "dynamic"
     comp = dyn.comparison.set_index("config")

@@ -29,7 +29,7 @@ from sensitivity.capture.outputs import (
 )
 from sensitivity.capture.pass_result import PassResult
 from sensitivity.capture.pieces import held_pieces, over_budget, probe_pieces, split_copies
-from sensitivity.capture.probe_signs import piece_generator
+from sensitivity.capture.probe_signs import ProbeSigns
 from sensitivity.capture.probes import OnForward, ProbeGrads, probe_gradients
 from sensitivity.capture.recorded import RecordedForward, recomputable, release_graph_
 from sensitivity.capture.split_grads import GradParts, SplitGrads, grad_absmax, grad_dots, lines_up
@@ -84,7 +84,7 @@ class _Compare:
     ) -> RecordedForward | None:  # fmt: skip
         """This piece's probe gradients (for `fp_hook`) and its recorded forward."""
         self.grads = probe_gradients(
-            fp_model, batch, self.names, select, probes, piece_generator(seed, batch), index, self.energy,
+            fp_model, batch, self.names, select, probes, ProbeSigns(seed, batch), index, self.energy,
             record=True, written=self.written, on_forward=on_forward, out_written=self.out_written,
             variants=self.variants, recompute=self.recompute,
         )  # fmt: skip
@@ -100,7 +100,7 @@ class _Compare:
         grads = []
         for part in parts:
             got = probe_gradients(
-                fp_model, part, self.names, select, probes, piece_generator(seed, part), index, self.energy,
+                fp_model, part, self.names, select, probes, ProbeSigns(seed, part), index, self.energy,
                 written=self.written, out_written=self.out_written, variants=self.variants,
             )  # fmt: skip
             if not lines_up(got):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from sensitivity.capture.input_dots import InputDots, VariantDots
 from sensitivity.capture.outputs import OutputEnergy, OutputSelector, as_tensor
-from sensitivity.capture.probe_signs import probe_loss
+from sensitivity.capture.probe_signs import ProbeSigns, probe_loss
 from sensitivity.capture.recorded import RecordedCall, RecordedForward, detached, versions
 from sensitivity.io.batches import Batch, batch_len, batch_map, run_checked
 from sensitivity.methods.ranges import InputVariants
@@ -302,7 +302,7 @@ def probe_gradients(
     names: Sequence[str],
     select: OutputSelector,
     probes: int,
-    gen: torch.Generator,
+    signs: ProbeSigns,
     index: int = 0,
     energy: OutputEnergy | None = None,
     record: bool = False,
@@ -344,7 +344,7 @@ def probe_gradients(
             out_written.update(new_out_writes)
         del out, flat, rec
         return probe_gradients(
-            model, batch, names, select, probes, gen, index, energy, record, written, on_forward, out_written,
+            model, batch, names, select, probes, signs, index, energy, record, written, on_forward, out_written,
             variants, recompute,
         )  # fmt: skip
     if record:
@@ -355,7 +355,7 @@ def probe_gradients(
     try:
         for k in range(probes):
             with torch.enable_grad():
-                loss = probe_loss(flat, gen, energy)
+                loss = probe_loss(flat, signs, energy)
             if loss is None or not taps or not loss.requires_grad:
                 break
             torch.autograd.grad(loss, [rec.anchor], retain_graph=k < probes - 1, allow_unused=True)

@@ -78,8 +78,8 @@ class ScanOptions:
     #: where the passes run ("cpu", "cuda", "cuda:1"); batches are moved there one at a time
     device: str = "cpu"
     #: held-out batches are scanned in pieces whose stored FP outputs fit this many MiB (tensor batches of
-    #: per-sample models: the same errors up to float rounding, bounded memory; the output probes' estimates
-    #: move within their sampling error, their random signs being drawn per piece); 0 = whole batches
+    #: per-sample models: the same errors and output probes' estimates up to float rounding, the probes'
+    #: random signs being drawn per sample; bounded memory); 0 = whole batches
     #: (`--stored-mb`). Larger pieces cost less per sample: on the edge shapes of benchmarks/edge_speed.py,
     #: 512 MiB ran 12-28% faster in process and took the peak to 2.0-2.9x a plain forward's; 128 kept it
     #: within 2x (benchmarks/README.md, "Memory for time")

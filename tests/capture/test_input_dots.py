@@ -9,6 +9,7 @@ from torch import nn
 
 from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.probe_signs import ProbeSigns
 from sensitivity.capture.probes import probe_gradients
 from sensitivity.methods.ranges import InputVariants
 from sensitivity.quant.quantizer import TensorQuantizer
@@ -55,10 +56,8 @@ def test_dots_in_the_backward_equal_the_kept_gradients_dotted_after(probes: int)
     model, x = _Net().eval(), torch.randn(4, 3, 8, 8)
     names = ["a", "b", "c"]
     variants = _variants(model, x, names)
-    kept = probe_gradients(model, x, names, OutputSelector(), probes, torch.Generator().manual_seed(1))
-    dotted = probe_gradients(
-        model, x, names, OutputSelector(), probes, torch.Generator().manual_seed(1), variants=variants
-    )
+    kept = probe_gradients(model, x, names, OutputSelector(), probes, ProbeSigns(1, x))
+    dotted = probe_gradients(model, x, names, OutputSelector(), probes, ProbeSigns(1, x), variants=variants)
     inputs = {
         "a": x,
         "b": torch.relu(model.a(x)),
@@ -88,11 +87,11 @@ def test_no_input_gradient_is_kept_and_unlisted_layers_still_get_output_gradient
     model, x = _Net().eval(), torch.randn(4, 3, 8, 8)
     variants = {"c": _variants(model, x, ["c"])["c"]}
     grads = probe_gradients(
-        model, x, ["a", "b", "c"], OutputSelector(), 2, torch.Generator().manual_seed(1), variants=variants
+        model, x, ["a", "b", "c"], OutputSelector(), 2, ProbeSigns(1, x), variants=variants
     )
     assert not any(grads.inp.values())
     assert set(grads.inp_dots) == {"c"}
-    plain = probe_gradients(model, x, ["a", "b", "c"], OutputSelector(), 2, torch.Generator().manual_seed(1))
+    plain = probe_gradients(model, x, ["a", "b", "c"], OutputSelector(), 2, ProbeSigns(1, x))
     for n in ("a", "b", "c"):
         g, ref = grads.take(n)[0], plain.take(n)[0]
         assert g is not None and ref is not None and torch.equal(g, ref)

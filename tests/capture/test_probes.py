@@ -10,6 +10,7 @@ from torch import nn
 
 from sensitivity.capture.dots import sample_dots
 from sensitivity.capture.outputs import OutputSelector
+from sensitivity.capture.probe_signs import ProbeSigns
 from sensitivity.capture.probes import probe_gradients
 
 
@@ -54,9 +55,7 @@ def test_probe_estimate_matches_the_exact_jacobian(inplace: bool) -> None:
     model = _Mlp(inplace).eval()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
     probes = 100
-    grads = probe_gradients(
-        model, x, ["a", "b", "c"], OutputSelector(), probes, torch.Generator().manual_seed(2)
-    )
+    grads = probe_gradients(model, x, ["a", "b", "c"], OutputSelector(), probes, ProbeSigns(2, x))
     y = model(x)
     norm2 = float((y.double() ** 2).sum())
     for layer in ("a", "b", "c"):
@@ -81,7 +80,7 @@ def test_input_gradient_is_the_layer_input_gradient() -> None:
     """g at the op input = Wᵀ g at the output for a Linear layer (what the calibrator ranges are dotted with)."""
     model = _Mlp().eval()
     x = torch.randn(8, 6)
-    grads = probe_gradients(model, x, ["b"], OutputSelector(), 2, torch.Generator().manual_seed(0))
+    grads = probe_gradients(model, x, ["b"], OutputSelector(), 2, ProbeSigns(0, x))
     g_out, g_in = grads.take("b")
     assert g_out is not None and g_in is not None
     assert g_in.shape[0] == g_out.shape[0] == 2  # [K, *shape]: one row per probe
@@ -109,9 +108,8 @@ def test_blocked_layers_get_no_or_zero_gradient() -> None:
     model = _Blocked().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    grads = probe_gradients(
-        model, torch.randn(5, 4), ["a", "b", "c", "d"], OutputSelector(), 1, torch.Generator()
-    )
+    x = torch.randn(5, 4)
+    grads = probe_gradients(model, x, ["a", "b", "c", "d"], OutputSelector(), 1, ProbeSigns(0, x))
     assert grads.take("a")[0] is None
     g_b = grads.take("b")[0]
     assert g_b is not None and not any(g.any() for g in g_b)

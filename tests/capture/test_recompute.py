@@ -14,6 +14,7 @@ from torch.multiprocessing.reductions import StorageWeakRef  # storage liveness,
 from sensitivity.capture import passes
 from sensitivity.capture.outputs import OutputSelector
 from sensitivity.capture.passes import PassResult, compare_pass
+from sensitivity.capture.probe_signs import ProbeSigns
 from sensitivity.capture.probes import probe_gradients
 from sensitivity.capture.recorded import RecordedForward, recomputable
 from tests.capture.test_replay import scan_setup
@@ -102,7 +103,7 @@ def _probe(recompute: frozenset[str]) -> tuple[dict[str, bool], RecordedForward,
 
     x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     grads = probe_gradients(
-        model, x, ["a", "b", "same"], OutputSelector(), 2, torch.Generator().manual_seed(2), record=True,
+        model, x, ["a", "b", "same"], OutputSelector(), 2, ProbeSigns(2, x), record=True,
         on_forward=on_forward, out_written={"b"}, recompute=recompute,
     )  # fmt: skip
     assert not grads.failed and grads.forward is not None

@@ -235,6 +235,7 @@ class WritesPlainInput(nn.Module):
 
 def _grads(model: nn.Module, written: set[str], out_written: set[str] | None = None) -> tuple[Any, list[int]]:
     from sensitivity.capture.outputs import OutputSelector
+    from sensitivity.capture.probe_signs import ProbeSigns
     from sensitivity.capture.probes import probe_gradients
 
     runs: list[int] = []
@@ -242,7 +243,7 @@ def _grads(model: nn.Module, written: set[str], out_written: set[str] | None = N
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     grads = probe_gradients(
-        model, x, names, OutputSelector(), 2, torch.Generator().manual_seed(5), written=written,
+        model, x, names, OutputSelector(), 2, ProbeSigns(5, x), written=written,
         out_written=out_written,
     )  # fmt: skip
     handle.remove()
