@@ -17,7 +17,7 @@ Per real model (`output_models.py`), in one run:
    budget spent greedily on the layers with the largest exact alone errors, the rest naive).
 
     .venv/bin/python benchmarks/output_sensitivity.py [--models digits,mobilenet,yolo] [--spec W8A8]
-        [--cost-pairs 3]
+        [--cost-pairs 3] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -73,9 +73,11 @@ def measure_on_test(
     return err, metric
 
 
-def run_case(case: Case, spec: str, probes: int | None = None, pairs: int = 3) -> dict[str, Any]:
+def run_case(
+    case: Case, spec: str, probes: int | None = None, pairs: int = 3, seed: int = 0
+) -> dict[str, Any]:
     model = case.model
-    base: dict[str, Any] = {"spec": QuantSpec.parse(spec)}
+    base: dict[str, Any] = {"spec": QuantSpec.parse(spec), "seed": seed}
     probed = {} if probes is None else {"probes": probes}
     with run_context(model):
         scan(model, case.calib[:2], ScanOptions(**{**case.options, "probes": 0, **base}))  # warm-up, untimed
@@ -167,10 +169,40 @@ def main() -> None:
         "--cost-pairs", type=int, default=3,
         help="interleaved rounds timed: without scores / with them / with them and the calibrator choice",
     )  # fmt: skip
+    parser.add_argument(
+        "--seeds", default="0",
+        help="comma-separated scan seeds (the output probes' signs); with several, a summary over them",
+    )  # fmt: skip
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
+    results: dict[str, list[dict[str, Any]]] = {}
     for name in args.models.split(","):
-        report(run_case(MODELS[name](), args.spec, args.probes, args.cost_pairs))
+        for seed in seeds:
+            if len(seeds) > 1:
+                print(f"\n# seed {seed}")
+            results.setdefault(name, []).append(
+                run_case(MODELS[name](), args.spec, args.probes, args.cost_pairs, seed)
+            )
+            report(results[name][-1])
+    if len(seeds) > 1:
+        summary(results, seeds)
+
+
+def summary(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> None:
+    """Per model over the seeds: how the probes' random signs move the ranking and the verified policy."""
+    print(f"\n## over seeds {','.join(map(str, seeds))}")
+    print(
+        "| model | Spearman median (min) | top-5 min | policy v2 / oracle median (max) | seeds above 1.10 |"
+    )
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        rho = [r["rho"] for r in runs]
+        ratio = [r["rows"]["policy v2"][0] / r["rows"]["oracle"][0] for r in runs]
+        print(
+            f"| {name} | {statistics.median(rho):.3f} ({min(rho):.3f}) | {min(r['top5'] for r in runs)}/5 | "
+            f"{statistics.median(ratio):.3f} ({max(ratio):.3f}) | {sum(v > 1.10 for v in ratio)} of {len(runs)} |"
+        )
 
 
 if __name__ == "__main__":
