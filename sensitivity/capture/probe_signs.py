@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sensitivity.capture.outputs import OutputEnergy
-from sensitivity.io.batches import Batch, batch_len, batch_tensors, split_batch
+from sensitivity.io.batches import Batch, batch_tensors, split_batch
 
 __all__ = ["ProbeSigns", "probe_loss"]
 
@@ -37,9 +37,8 @@ class ProbeSigns:
 
     def __init__(self, seed: int, batch: Batch) -> None:
         self.piece = _generator(seed, batch)
-        samples = split_batch(batch, 1)
-        many = len(samples) > 1 and len(samples) == batch_len(batch)
-        self.samples = [_generator(seed, s) for s in samples] if many else None
+        samples = split_batch(batch, 1)  # one per sample, or the batch whole where it does not split
+        self.samples = [_generator(seed, s) for s in samples] if len(samples) > 1 else None
 
     def draw(self, y: Tensor) -> Tensor:
         """±1 in y's shape and dtype: each sample's row from its own generator where y's dim 0 is the
