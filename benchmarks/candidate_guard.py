@@ -18,7 +18,7 @@ import statistics
 
 import torch
 from output_models import MODELS
-from output_sensitivity import _exact_alone, measure_on_test
+from output_sensitivity import _exact_alone, measure_on_test, oracle_configs
 
 from sensitivity import ScanOptions, scan
 from sensitivity.io.batches import split_batch, split_holdout
@@ -45,9 +45,7 @@ def guarded(name: str, seed: int) -> tuple[float, float, bool] | None:
     fp = {n for n, c in policy.items() if c.method == "fp"}
     plain = {n: LayerQuant("fp") if n in fp else naive[n] for n in naive}
     keep = all(ref.measure(q, policy) < ref.measure(q, plain) for ref in halves)
-    exact = _exact_alone(v2, fit, held, select)
-    oracle_fp = set(sorted(exact, key=lambda n: -exact[n])[: v2.options.fp_layer_budget(len(v2.table))])
-    oracle = {n: LayerQuant("fp") if n in oracle_fp else naive[n] for n in naive}
+    oracle, _ = oracle_configs(v2, _exact_alone(v2, fit, held, select))
     err = {k: measure_on_test(v2, c, case, select)[0] for k, c in {"v2": policy, "oracle": oracle}.items()}
     mine = err["v2"] if keep else measure_on_test(v2, plain, case, select)[0]
     return err["v2"] / err["oracle"], mine / err["oracle"], keep

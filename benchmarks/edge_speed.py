@@ -142,7 +142,7 @@ def in_process(
     row.decisions = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     if result.first_nonfinite:
         row.errors.append(f"naive first non-finite at {result.first_nonfinite}")
-    row.floor = dense_floor(model, batches, ScanOptions(stored_activation_mb=stored[0]))
+    row.floor = dense_floor(model, batches, ScanOptions(stored_activation_mb=stored[0]), warm=True)
 
 
 def whole_process(row: Row, model: nn.Module, arch: str, side: int, args: argparse.Namespace) -> None:

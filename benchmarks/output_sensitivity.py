@@ -73,6 +73,14 @@ def measure_on_test(
     return err, metric
 
 
+def oracle_configs(result: Any, exact: dict[str, float]) -> tuple[dict[str, LayerQuant], list[str]]:
+    """The oracle: the scan's FP budget spent on the layers with the largest exact alone errors, every other
+    layer naive; and those FP layers."""
+    fp = sorted(exact, key=lambda n: -exact[n])[: result.options.fp_layer_budget(len(result.table))]
+    naive = result.layer_configs("naive")
+    return {n: LayerQuant("fp") if n in fp else naive[n] for n in naive}, fp
+
+
 def run_case(
     case: Case, spec: str, probes: int | None = None, pairs: int = 3, seed: int = 0
 ) -> dict[str, Any]:
@@ -104,9 +112,8 @@ def run_case(
         top_pred = set(sorted(est, key=lambda n: -table.loc[n, "out_naive_err"])[:5])
         top_exact = set(sorted(est, key=lambda n: -exact[n])[:5])
         budget = v2.options.fp_layer_budget(len(table))
-        oracle_fp = sorted(exact, key=lambda n: -exact[n])[:budget]
+        oracle, oracle_fp = oracle_configs(v2, exact)
         naive = v2.layer_configs("naive")
-        oracle = {n: LayerQuant("fp") if n in oracle_fp else naive[n] for n in naive}
         configs = {
             "all-naive": naive,
             "policy v1": _as_v2_model(v1, v2),
